@@ -1,0 +1,26 @@
+r"""PS-KD: progressive self-knowledge distillation (Kim et al., ICCV 2021), alpha_T = 0.8.
+
+Default: the paper's CIFAR-100 protocol (PreAct ResNet-18, 300 epochs, batch 128, SGD with Nesterov
+momentum, lr 0.1 / 10 at epochs 150 and 225, weight decay 5e-4). Needs CIFAR-100 through TFDS
+(internet on first use).
+
+  python -m skd_jax.main --config=configs/pskd.py --workdir=/tmp/pskd
+
+Expected (official PS-KD README, best epoch): top-1 error 20.82%, i.e. top-1 ~79.2%, top-5 error
+5.10, NLL 0.76, ECE 1.77, AURC 52.10.
+
+Offline Fashion-MNIST (small ResNet, 4 epochs, under 5 minutes on a 2-core CPU):
+
+  python -m skd_jax.main --config=configs/pskd.py:quick --workdir=/tmp/pskd_quick
+
+Expected: top-1 >= 90%.
+"""
+
+from skd_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, quick=False)
+  config = config_lib.base_config(arg.quick)
+  config.loss.pskd = dict(weight=1.0, alpha_T=0.8)
+  return config

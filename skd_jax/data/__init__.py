@@ -1,0 +1,92 @@
+"""Whole-split image-classification data held in host memory as numpy.
+
+`load_split` reads an entire (small) split into a `Dataset`; the trainer puts
+it on the accelerator as uint8. Every example's stable integer index in its
+split is its row in `Dataset.images` and `Dataset.labels`: index i is row i,
+the same on every run and in every process, so per-example state (for example
+past predictions kept by self-distillation losses) can be keyed by it.
+
+Importing this package is cheap: TFDS is only imported by `load_split` when a
+'tfds' source is requested.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from skd_jax.data.idx import FASHION_MNIST_DIR
+from skd_jax.data.idx import FASHION_MNIST_NUM_CLASSES
+from skd_jax.data.idx import load_fashion_mnist
+from skd_jax.data.idx import read_idx
+from skd_jax.errors import ConfigError
+
+__all__ = [
+    'Dataset',
+    'FASHION_MNIST_DIR',
+    'load_fashion_mnist',
+    'load_split',
+    'read_idx',
+]
+
+
+class Dataset(NamedTuple):
+  """One whole split; row i of both arrays is the example with index i.
+
+  Attributes:
+    images: uint8 [N, H, W, C] (C == 1 for grayscale).
+    labels: int32 [N], in [0, num_classes).
+    num_classes: number of classes.
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+
+
+def load_split(data_config, split: str) -> Dataset:
+  """Loads a whole split as described by the `data` config section.
+
+  Args:
+    data_config: ConfigDict with fields `source` ('idx' or 'tfds'), `name`
+      (must be 'fashion_mnist' for 'idx'; a TFDS name for 'tfds'), `dir` (the
+      idx folder, default `FASHION_MNIST_DIR`; or the TFDS data_dir, empty for
+      TFDS's default) and `download` (tfds only: download and prepare a
+      missing dataset).
+    split: 'train' or 'test' for 'idx'; any TFDS split expression such as
+      'train[:90%]' for 'tfds'.
+
+  Returns:
+    The split, with example index i at row i.
+
+  Raises:
+    ConfigError: an invalid config or missing/corrupt data.
+  """
+  source = data_config.get('source')
+  name = data_config.get('name')
+  if source == 'idx':
+    if name != 'fashion_mnist':
+      raise ConfigError(
+          f"data.name: source 'idx' only supports 'fashion_mnist', got"
+          f" {name!r}; use data.source='tfds' for other datasets"
+      )
+    images, labels = load_fashion_mnist(
+        data_config.get('dir') or FASHION_MNIST_DIR, split
+    )
+    return Dataset(images, labels, FASHION_MNIST_NUM_CLASSES)
+  if source == 'tfds':
+    if not name or not isinstance(name, str):
+      raise ConfigError(
+          f'data.name: expected a TFDS dataset name such as cifar10, got'
+          f' {name!r}'
+      )
+    # Imported here so that `import skd_jax.data` never pulls in TFDS.
+    from skd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+    images, labels, num_classes = tfds_source.load_tfds(
+        name,
+        split,
+        data_dir=data_config.get('dir') or None,
+        download=bool(data_config.get('download', False)),
+    )
+    return Dataset(images, labels, num_classes)
+  raise ConfigError(f"data.source: expected 'idx' or 'tfds', got {source!r}")

@@ -1,0 +1,84 @@
+"""Model registry.
+
+All models share one calling convention:
+
+    logits, outputs = model.apply(variables, x, train=train, mutable=...)
+
+where `logits` is float32 [batch, num_classes] and `outputs` holds the named
+intermediates `'stem'`, `'stage1'`, ..., `'features'` (see `resnet`).
+"""
+
+import inspect
+from typing import Any, Callable, Dict
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from skd_jax.errors import ConfigError
+from skd_jax.models.resnet import BasicBlock
+from skd_jax.models.resnet import cifar_resnet18
+from skd_jax.models.resnet import preact_resnet18
+from skd_jax.models.resnet import PreActBlock
+from skd_jax.models.resnet import PreActResNet
+from skd_jax.models.resnet import ResNet
+from skd_jax.models.resnet import small_resnet
+
+# Name -> constructor taking keyword arguments `num_classes`, `dtype` and any
+# architecture options.
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    'cifar_resnet18': cifar_resnet18,
+    'preact_resnet18': preact_resnet18,
+    'small_resnet': small_resnet,
+}
+
+
+def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
+              **kwargs: Any) -> nn.Module:
+  """Builds the model registered under `name`.
+
+  Args:
+    name: A key of `MODELS`.
+    num_classes: Number of logits.
+    dtype: Computation dtype; parameters stay float32.
+    **kwargs: Architecture options of that constructor (e.g. `widths` and
+      `blocks_per_stage` for `'small_resnet'`).
+
+  Returns:
+    The (unbound) Flax module.
+
+  Raises:
+    ConfigError: If the name is unknown, an option is not accepted by that
+      model, or an option value is invalid.
+  """
+  if name not in MODELS:
+    raise ConfigError(f'model.name: unknown model {name!r}; expected one of '
+                      f'{", ".join(sorted(MODELS))}')
+  constructor = MODELS[name]
+  accepted = set(inspect.signature(constructor).parameters)
+  for key in kwargs:
+    if key not in accepted:
+      options = sorted(accepted - {'num_classes', 'dtype'})
+      raise ConfigError(
+          f'model.{key}: not an option of model {name!r}; expected one of '
+          f'{", ".join(options) or "(no options)"}')
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ConfigError(
+        f'model.num_classes: expected a positive integer, got {num_classes!r}')
+  try:
+    return constructor(num_classes=num_classes, dtype=dtype, **kwargs)
+  except ValueError as e:
+    # Constructors phrase their errors as "<option>: <expectation>".
+    raise ConfigError(f'model.{e}') from e
+
+
+__all__ = [
+    'BasicBlock',
+    'MODELS',
+    'PreActBlock',
+    'PreActResNet',
+    'ResNet',
+    'cifar_resnet18',
+    'get_model',
+    'preact_resnet18',
+    'small_resnet',
+]

@@ -1,0 +1,135 @@
+"""Loss functions against closed forms and invariances (METHODS.md section 5)."""
+
+import chex
+import jax
+from jax import test_util as jtu
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from skd_jax import losses
+
+
+def _one_hot(labels, c):
+  return jax.nn.one_hot(jnp.asarray(labels), c)
+
+
+def test_soft_target_cross_entropy_closed_form():
+  # Two classes, logits (a, 0), target (q, 1-q): H = -q log s(a) - (1-q) log(1 - s(a)).
+  a, q = 1.3, 0.7
+  s = 1 / (1 + np.exp(-a))
+  expected = -q * np.log(s) - (1 - q) * np.log(1 - s)
+  got = losses.soft_target_cross_entropy(jnp.array([[a, 0.0]]), jnp.array([[q, 1 - q]]))
+  chex.assert_shape(got, (1,))
+  np.testing.assert_allclose(got[0], expected, rtol=1e-6)
+
+
+def test_cross_entropy_of_identical_distributions_is_entropy():
+  logits = jax.random.normal(jax.random.key(0), (5, 7))
+  p = jax.nn.softmax(logits)
+  entropy = -jnp.sum(p * jnp.log(p), -1)
+  np.testing.assert_allclose(losses.soft_target_cross_entropy(logits, p), entropy, rtol=1e-5)
+
+
+def test_label_smoothing_variants():
+  y = _one_hot([2], 5)
+  np.testing.assert_allclose(losses.label_smoothing_targets(y, epsilon=0.1)[0],
+                             [0.02, 0.02, 0.92, 0.02, 0.02], rtol=1e-6)
+  np.testing.assert_allclose(losses.label_smoothing_targets(y, epsilon=0.1, variant='non_target')[0],
+                             [0.025, 0.025, 0.9, 0.025, 0.025], rtol=1e-6)
+  with pytest.raises(ValueError, match='variant'):
+    losses.label_smoothing_targets(y, epsilon=0.1, variant='zipf')
+
+
+def test_label_smoothing_zero_epsilon_is_cross_entropy():
+  logits = jax.random.normal(jax.random.key(1), (4, 6))
+  y = _one_hot([0, 1, 5, 3], 6)
+  np.testing.assert_array_equal(losses.label_smoothing_cross_entropy(logits, y, epsilon=0.0),
+                                losses.soft_target_cross_entropy(logits, y))
+
+
+def test_pskd_alpha_schedule():
+  alphas = losses.pskd_alpha(jnp.arange(4), alpha_T=0.8, num_epochs=4)
+  np.testing.assert_allclose(alphas, [0.2, 0.4, 0.6, 0.8], rtol=1e-6)
+
+
+def test_pskd_closed_form():
+  # Two classes: y = (1, 0), past = (0.3, 0.7), alpha = 0.5 -> target (0.65, 0.35).
+  logits = jnp.array([[2.0, -1.0]])
+  got = losses.pskd_cross_entropy(logits, _one_hot([0], 2), jnp.array([[0.3, 0.7]]), alpha=0.5)
+  log_p = np.log(np.exp([2.0, -1.0]) / np.exp([2.0, -1.0]).sum())
+  np.testing.assert_allclose(got[0], -(0.65 * log_p[0] + 0.35 * log_p[1]), rtol=1e-6)
+
+
+def test_pskd_zero_alpha_is_cross_entropy_and_one_hot_history_is_cross_entropy():
+  logits = jax.random.normal(jax.random.key(2), (8, 10))
+  y = _one_hot(np.arange(8), 10)
+  past = jax.nn.softmax(jax.random.normal(jax.random.key(3), (8, 10)))
+  ce = losses.soft_target_cross_entropy(logits, y)
+  np.testing.assert_array_equal(losses.pskd_cross_entropy(logits, y, past, alpha=0.0), ce)
+  # Epoch 0: the history holds the labels, so any alpha gives cross-entropy.
+  np.testing.assert_allclose(losses.pskd_cross_entropy(logits, y, y, alpha=0.8), ce, rtol=1e-6)
+
+
+def test_pskd_per_example_alpha_and_stopped_history_gradient():
+  logits = jax.random.normal(jax.random.key(4), (3, 4))
+  y = _one_hot([0, 1, 2], 4)
+  past = jax.nn.softmax(jax.random.normal(jax.random.key(5), (3, 4)))
+  per_example = losses.pskd_cross_entropy(logits, y, past, alpha=jnp.array([0.0, 0.5, 1.0]))
+  for i, a in enumerate([0.0, 0.5, 1.0]):
+    np.testing.assert_allclose(
+        per_example[i], losses.pskd_cross_entropy(logits[i:i + 1], y[i:i + 1], past[i:i + 1],
+                                                  alpha=a)[0], rtol=1e-6)
+  grad_past = jax.grad(lambda p: losses.pskd_cross_entropy(logits, y, p, alpha=0.5).sum())(past)
+  np.testing.assert_array_equal(grad_past, 0.0)
+
+
+def test_gradient_of_soft_cross_entropy_is_softmax_minus_target():
+  logits = jax.random.normal(jax.random.key(6), (2, 5))
+  target = jax.nn.softmax(jax.random.normal(jax.random.key(7), (2, 5)))
+  grad = jax.grad(lambda z: losses.soft_target_cross_entropy(z, target).sum())(logits)
+  np.testing.assert_allclose(grad, jax.nn.softmax(logits) - target, atol=1e-6)
+  jtu.check_grads(lambda z: losses.soft_target_cross_entropy(z, target), (logits,), order=2,
+                  modes=['rev'])
+
+
+LOSSES = {
+    'soft_ce': lambda z, y, p: losses.soft_target_cross_entropy(z, y),
+    'label_smoothing': lambda z, y, p: losses.label_smoothing_cross_entropy(z, y, epsilon=0.1),
+    'pskd': lambda z, y, p: losses.pskd_cross_entropy(z, y, p, alpha=0.8),
+}
+
+
+@pytest.mark.parametrize('name', sorted(LOSSES))
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_large_logits_are_finite_with_finite_gradients(name, dtype):
+  fn = LOSSES[name]
+  logits = (50.0 * jnp.sign(jax.random.normal(jax.random.key(8), (4, 10)))).astype(dtype)
+  y = _one_hot([0, 3, 5, 9], 10)
+  past = jax.nn.softmax(logits.astype(jnp.float32) * 3)  # saturated: exact zeros in rows
+  value, grad = jax.value_and_grad(lambda z: fn(z, y, past).sum())(logits)
+  assert value.dtype == jnp.float32
+  assert np.isfinite(value) and np.all(np.isfinite(np.asarray(grad, np.float32)))
+
+
+@pytest.mark.parametrize('name', sorted(LOSSES))
+def test_jit_matches_eager_and_output_is_per_example(name):
+  fn = LOSSES[name]
+  logits = jax.random.normal(jax.random.key(9), (6, 5))
+  y = _one_hot([0, 1, 2, 3, 4, 0], 5)
+  past = jax.nn.softmax(jax.random.normal(jax.random.key(10), (6, 5)))
+  eager = fn(logits, y, past)
+  chex.assert_shape(eager, (6,))
+  np.testing.assert_allclose(jax.jit(fn)(logits, y, past), eager, rtol=1e-6)
+
+
+def test_integer_logits_are_rejected():
+  with pytest.raises(TypeError, match='floating'):
+    losses.soft_target_cross_entropy(jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)))
+
+
+def test_losses_import_without_tfds_orbax_or_tensorflow():
+  import subprocess, sys
+  code = ('import sys, skd_jax.losses; bad = [m for m in sys.modules if m.split(".")[0] in '
+          '("tensorflow", "tensorflow_datasets", "orbax")]; assert not bad, bad')
+  subprocess.run([sys.executable, '-c', code], check=True)

@@ -1,0 +1,287 @@
+"""Tests for skd_jax.metrics: hand-computed values for every metric."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from skd_jax import metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# per_example_stats
+# ----------------------------------------------------------------------------------------------
+
+
+def _log_sum_exp(values):
+  return math.log(sum(math.exp(v) for v in values))
+
+
+def test_per_example_stats_three_classes_by_hand():
+  logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+  labels = jnp.array([0, 2])
+  stats = metrics.per_example_stats(logits, labels)
+
+  assert set(stats) == {'confidence', 'correct', 'top5', 'nll'}
+  for value in stats.values():
+    assert value.shape == (2,)
+    assert value.dtype == jnp.float32
+
+  # Row 0: argmax 0 == label; p_max = e^2 / (e^2 + e + 1); nll = lse - 2.
+  # Row 1: argmax 1 != label 2; p_max = e^3 / (1 + e^3 + e); nll = lse - 1.
+  lse0 = _log_sum_exp([2.0, 1.0, 0.0])
+  lse1 = _log_sum_exp([0.0, 3.0, 1.0])
+  np.testing.assert_allclose(stats['confidence'], [math.exp(2 - lse0), math.exp(3 - lse1)],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(stats['correct'], [1.0, 0.0])
+  # C = 3 < 5, so k = 3 and every label is in the "top 5".
+  np.testing.assert_array_equal(stats['top5'], [1.0, 1.0])
+  np.testing.assert_allclose(stats['nll'], [lse0 - 2.0, lse1 - 1.0], rtol=1e-6)
+
+
+def test_per_example_stats_ten_classes_top5():
+  ascending = jnp.arange(10, dtype=jnp.float32)
+  logits = jnp.stack([ascending, ascending, ascending[::-1], ascending])
+  # Top-5 of `ascending` is classes 5..9; of the reversed row, classes 0..4.
+  labels = jnp.array([5, 4, 0, 9])
+  stats = metrics.per_example_stats(logits, labels)
+
+  np.testing.assert_array_equal(stats['top5'], [1.0, 0.0, 1.0, 1.0])
+  np.testing.assert_array_equal(stats['correct'], [0.0, 0.0, 1.0, 1.0])
+  lse = _log_sum_exp(range(10))
+  np.testing.assert_allclose(stats['nll'], [lse - 5, lse - 4, lse - 9, lse - 9], rtol=1e-6)
+  np.testing.assert_allclose(stats['confidence'], [math.exp(9 - lse)] * 4, rtol=1e-6)
+
+
+def test_per_example_stats_jit_matches_eager():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(16, 10)) * 3.0, dtype=jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, size=16))
+  eager = metrics.per_example_stats(logits, labels)
+  jitted = jax.jit(metrics.per_example_stats)(logits, labels)
+  for key in eager:
+    np.testing.assert_allclose(jitted[key], eager[key], rtol=1e-6, atol=1e-7)
+
+  # And against a hand-rolled numpy reference.
+  z = np.asarray(logits, dtype=np.float64)
+  y = np.asarray(labels)
+  log_probs = z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+  np.testing.assert_allclose(eager['nll'], -log_probs[np.arange(16), y], rtol=1e-5)
+  np.testing.assert_allclose(eager['confidence'], np.exp(log_probs.max(axis=1)), rtol=1e-5)
+  np.testing.assert_array_equal(eager['correct'], (z.argmax(axis=1) == y).astype(np.float32))
+  top5 = np.argsort(-z, axis=1)[:, :5]
+  np.testing.assert_array_equal(eager['top5'], np.any(top5 == y[:, None], axis=1))
+
+
+def test_per_example_stats_low_precision_input_is_float32():
+  logits = jnp.array([[2.0, 1.0, 0.0]], dtype=jnp.bfloat16)
+  stats = metrics.per_example_stats(logits, jnp.array([1]))
+  for value in stats.values():
+    assert value.dtype == jnp.float32
+  np.testing.assert_allclose(stats['nll'], [_log_sum_exp([2.0, 1.0, 0.0]) - 1.0], rtol=1e-6)
+
+
+def test_per_example_stats_large_logits_are_stable():
+  # log(softmax) would hit log(0) for the -50 entries; log_softmax must not.
+  logits = jnp.array([[50.0, -50.0, -50.0], [-50.0, 50.0, -50.0]])
+  labels = jnp.array([1, 1])
+  stats = jax.jit(metrics.per_example_stats)(logits, labels)
+  assert np.all(np.isfinite(stats['nll']))
+  # nll = logsumexp(z) - z_y = 50 + log(1 + 2e^-100) - z_y.
+  np.testing.assert_allclose(stats['nll'], [100.0, 0.0], atol=1e-5)
+  np.testing.assert_allclose(stats['confidence'], [1.0, 1.0], atol=1e-6)
+
+
+def test_per_example_stats_rejects_bad_shapes():
+  with pytest.raises(ValueError, match='logits'):
+    metrics.per_example_stats(jnp.zeros((4,)), jnp.zeros((4,), jnp.int32))
+  with pytest.raises(ValueError, match='labels'):
+    metrics.per_example_stats(jnp.zeros((4, 3)), jnp.zeros((3,), jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# expected_calibration_error
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ece_by_hand_with_right_closed_boundary():
+  # Bins (10 of width 0.1, right-closed):
+  #   0.0  -> first bin (0, 0.1]   (zero is put in the first bin): acc 0, conf 0   -> gap 0
+  #   0.3  -> (0.2, 0.3], 0.25 -> (0.2, 0.3]: acc 1/2, conf 0.275 -> |gap| 0.225, n 2
+  #   0.95, 1.0 -> (0.9, 1.0]:               acc 1,   conf 0.975 -> |gap| 0.025, n 2
+  # ECE = (2 * 0.225 + 2 * 0.025) / 5 = 0.1 -> 10 %.
+  # (Had 0.3 gone to (0.3, 0.4], ECE would be (0.25 + 0.7 + 0.05) / 5 = 0.2 -> 20 %.)
+  confidence = np.array([0.3, 0.25, 0.95, 0.0, 1.0])
+  correct = np.array([1, 0, 1, 0, 1])
+  assert metrics.expected_calibration_error(confidence, correct) == pytest.approx(10.0)
+
+
+def test_ece_float32_boundary_stays_in_lower_bin():
+  # float32(0.3) is slightly above 0.3 in float64; it must still be read as the 0.3 edge.
+  confidence = np.array([0.3, 0.25, 0.95, 0.0, 1.0], dtype=np.float32)
+  correct = np.array([1, 0, 1, 0, 1], dtype=np.float32)
+  assert metrics.expected_calibration_error(confidence, correct) == pytest.approx(10.0, abs=1e-5)
+
+
+def test_ece_separate_bins_and_num_bins():
+  # 10 bins: each example alone in its bin, ECE = (0.1 + 0.8 + 0.3 + 0.6) / 4 = 0.45 -> 45 %.
+  confidence = np.array([0.9, 0.8, 0.7, 0.6])
+  correct = np.array([1, 0, 1, 0])
+  assert metrics.expected_calibration_error(confidence, correct) == pytest.approx(45.0)
+  # 1 bin: |mean acc - mean conf| = |0.5 - 0.75| = 0.25 -> 25 %.
+  assert metrics.expected_calibration_error(confidence, correct, num_bins=1) == pytest.approx(25.0)
+  # 2 bins: (0, 0.5] empty; (0.5, 1] holds everything -> same 25 %.
+  assert metrics.expected_calibration_error(confidence, correct, num_bins=2) == pytest.approx(25.0)
+
+
+def test_ece_perfectly_calibrated_is_zero():
+  # Two bins, each with acc == conf: (0.4, 0.5] acc 1/2 conf 0.5; (0.9, 1.0] acc 1 conf 1.
+  confidence = np.array([0.5, 0.5, 1.0])
+  correct = np.array([1, 0, 1])
+  assert metrics.expected_calibration_error(confidence, correct) == pytest.approx(0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# aurc / eaurc
+# ----------------------------------------------------------------------------------------------
+
+
+def test_aurc_by_hand():
+  # Sorted by confidence: 0.9 (ok), 0.8 (err), 0.7 (ok), 0.6 (err); given shuffled.
+  # Risks at k = 1..4: 0/1, 1/2, 1/3, 2/4. AURC = (0 + 1/2 + 1/3 + 1/2) / 4 = 1/3 -> 333.33.
+  confidence = np.array([0.7, 0.9, 0.6, 0.8])
+  correct = np.array([1, 1, 0, 0])
+  assert metrics.aurc(confidence, correct) == pytest.approx(1000.0 / 3.0)
+  # AURC_opt (N=4, r=2) = (1/4) * (1/3 + 2/4) = 5/24; E-AURC = 1/3 - 5/24 = 1/8 -> 125.
+  assert metrics.eaurc(confidence, correct) == pytest.approx(125.0)
+
+
+def test_aurc_ties_use_stable_order():
+  # Equal confidences keep input order: errors [1, 0] -> risks 1, 1/2 -> 0.75.
+  assert metrics.aurc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(750.0)
+  # Errors [0, 1] -> risks 0, 1/2 -> 0.25.
+  assert metrics.aurc(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(250.0)
+
+
+def test_aurc_extremes():
+  confidence = np.array([0.9, 0.6, 0.3])
+  assert metrics.aurc(confidence, np.ones(3)) == 0.0
+  assert metrics.eaurc(confidence, np.ones(3)) == 0.0
+  # All wrong: every risk is 1, AURC = 1000; the optimum is also all ones, so E-AURC = 0.
+  assert metrics.aurc(confidence, np.zeros(3)) == pytest.approx(1000.0)
+  assert metrics.eaurc(confidence, np.zeros(3)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_eaurc_zero_for_perfect_ranking_positive_otherwise():
+  correct = np.array([1, 1, 1, 0, 0])
+  perfect = np.array([0.9, 0.8, 0.7, 0.6, 0.5])  # Errors last.
+  assert metrics.eaurc(perfect, correct) == pytest.approx(0.0, abs=1e-9)
+  # AURC of the perfect ranking = (1/5) * (1/4 + 2/5) = 0.13 -> 130.
+  assert metrics.aurc(perfect, correct) == pytest.approx(130.0)
+
+  swapped = np.array([0.9, 0.8, 0.6, 0.7, 0.5])  # One error ranked above a correct one.
+  # Errors in order [0, 0, 1, 0, 1]: risks 0, 0, 1/3, 1/4, 2/5 -> AURC = 59/300.
+  assert metrics.aurc(swapped, correct) == pytest.approx(1000.0 * 59.0 / 300.0)
+  assert metrics.eaurc(swapped, correct) == pytest.approx(1000.0 * (59.0 / 300.0 - 0.13))
+  assert metrics.eaurc(swapped, correct) > 0.0
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_aurc_opt_formula_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  n = 200
+  correct = (rng.random(n) < 0.7).astype(np.float64)
+  confidence = rng.random(n)
+  # Ideal ranking: every correct example more confident than every error.
+  ideal = correct + 0.5 * rng.random(n)
+  aurc_opt_brute = metrics.aurc(ideal, correct)
+
+  r = int(n - correct.sum())
+  j = np.arange(1, r + 1)
+  aurc_opt_formula = 1000.0 * np.sum(j / (n - r + j)) / n
+  assert aurc_opt_brute == pytest.approx(aurc_opt_formula, rel=1e-12)
+
+  assert metrics.eaurc(ideal, correct) == pytest.approx(0.0, abs=1e-9)
+  assert metrics.eaurc(confidence, correct) == pytest.approx(
+      metrics.aurc(confidence, correct) - aurc_opt_brute, rel=1e-12)
+  assert metrics.eaurc(confidence, correct) > 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('fn', [metrics.expected_calibration_error, metrics.aurc, metrics.eaurc])
+def test_host_metrics_validate_inputs(fn):
+  with pytest.raises(ValueError, match='1-D'):
+    fn(np.zeros((2, 2)), np.zeros(4))
+  with pytest.raises(ValueError, match='1-D'):
+    fn(np.zeros(4), np.zeros((2, 2)))
+  with pytest.raises(ValueError, match='same length'):
+    fn(np.zeros(4), np.zeros(3))
+  with pytest.raises(ValueError, match='at least one'):
+    fn(np.zeros(0), np.zeros(0))
+
+
+def test_ece_rejects_bad_num_bins():
+  with pytest.raises(ValueError, match='num_bins'):
+    metrics.expected_calibration_error(np.array([0.5]), np.array([1]), num_bins=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# summarize
+# ----------------------------------------------------------------------------------------------
+
+
+def test_summarize_by_hand():
+  stats = {
+      'confidence': np.array([0.9, 0.8, 0.7, 0.6], dtype=np.float32),
+      'correct': np.array([1, 0, 1, 0], dtype=np.float32),
+      'top5': np.array([1, 1, 1, 0], dtype=np.float32),
+      'nll': np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32),
+  }
+  summary = metrics.summarize(stats)
+  assert set(summary) == {'top1', 'top5', 'nll', 'ece', 'aurc', 'eaurc'}
+  for value in summary.values():
+    assert type(value) is float
+  assert summary['top1'] == pytest.approx(50.0)
+  assert summary['top5'] == pytest.approx(75.0)
+  assert summary['nll'] == pytest.approx(0.25, rel=1e-6)
+  # Each example alone in its bin: (0.1 + 0.8 + 0.3 + 0.6) / 4 = 0.45 -> 45 %.
+  assert summary['ece'] == pytest.approx(45.0, rel=1e-6)
+  # Same ranking as test_aurc_by_hand: AURC = 1/3, AURC_opt = 5/24.
+  assert summary['aurc'] == pytest.approx(1000.0 / 3.0)
+  assert summary['eaurc'] == pytest.approx(125.0)
+
+
+def test_summarize_end_to_end_from_per_example_stats():
+  logits = jnp.array([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.5]])
+  labels = jnp.array([0, 0, 0, 2])
+  stats = jax.device_get(jax.jit(metrics.per_example_stats)(logits, labels))
+  summary = metrics.summarize(stats)
+  assert summary['top1'] == pytest.approx(75.0)
+  assert summary['top5'] == pytest.approx(100.0)
+  expected_nll = np.mean([
+      _log_sum_exp([3, 0, 0]) - 3, _log_sum_exp([0, 2, 0]) - 0,
+      _log_sum_exp([1, 0, 0]) - 1, _log_sum_exp([0, 0, 0.5]) - 0.5])
+  assert summary['nll'] == pytest.approx(expected_nll, rel=1e-6)
+  conf = np.asarray(stats['confidence'])
+  corr = np.asarray(stats['correct'])
+  assert summary['ece'] == pytest.approx(metrics.expected_calibration_error(conf, corr))
+  assert summary['aurc'] == pytest.approx(metrics.aurc(conf, corr))
+  assert summary['eaurc'] == pytest.approx(metrics.eaurc(conf, corr))
+
+
+def test_summarize_validates():
+  good = {key: np.ones(3) for key in ('confidence', 'correct', 'top5', 'nll')}
+  with pytest.raises(ValueError, match='missing'):
+    metrics.summarize({key: v for key, v in good.items() if key != 'nll'})
+  with pytest.raises(ValueError, match='same length'):
+    metrics.summarize({**good, 'top5': np.ones(2)})
+  with pytest.raises(ValueError, match='1-D'):
+    metrics.summarize({**good, 'nll': np.ones((3, 1))})
+  with pytest.raises(ValueError, match='at least one'):
+    metrics.summarize({key: np.ones(0) for key in good})
