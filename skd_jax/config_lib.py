@@ -34,7 +34,8 @@ def base_config(quick: bool) -> ml_collections.ConfigDict:
   Without ``quick``: the PS-KD paper's CIFAR-100 protocol (PreAct ResNet-18, 300 epochs, batch
   128, SGD with Nesterov momentum 0.9, lr 0.1 divided by 10 at epochs 150 and 225, weight decay
   5e-4, random crop with 4 pixels of padding and horizontal flips). With ``quick``: Fashion-MNIST
-  from the Debian package ``dataset-fashion-mnist``, a small ResNet, a few epochs, cosine decay.
+  from the Debian package ``dataset-fashion-mnist``, a small ResNet (first stage at half
+  resolution, ~2,000 img/s on a 2-core CPU), 8 epochs, cosine decay.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -82,7 +83,9 @@ def base_config(quick: bool) -> ml_collections.ConfigDict:
     c.data.download = False
     c.data.crop_padding = 2
     c.model.name = 'small_resnet'
-    c.num_epochs = 4
+    c.model.widths = (16, 32, 64)
+    c.model.strides = (2, 2, 2)
+    c.num_epochs = 8
     c.optim.schedule = 'cosine'
     c.optim.boundaries = ()
     c.optim.warmup_epochs = 0

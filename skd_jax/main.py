@@ -11,6 +11,7 @@ last good checkpoint.
 
 import json
 import logging as pylogging
+import re
 import sys
 
 from absl import app
@@ -32,13 +33,34 @@ def _fail(message: str, status: int):
   sys.exit(status)
 
 
+def _one_line(error: Exception) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  if any(line.startswith('Traceback') for line in lines):
+    # get_config raised: its own message is the traceback's last line, after the class name.
+    return re.sub(r'^[\w.]+: ', '', lines[-1])
+  return lines[0]
+
+
 def _parse_flags(argv):
   try:
     argv = flags.FLAGS(argv)
-  except (flags.Error, ConfigError, KeyError, AttributeError, ValueError, TypeError) as e:
-    # Unknown --config.KEY, a bad value, a missing or broken config file: one line, status 2.
-    _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 2)
-  if _CONFIG.value is None:
+    config = _CONFIG.value
+    config.keys()  # the file loads lazily, on first use: make it load here
+  except OSError as e:
+    # A missing or broken config file: the useful part is the last line of the message.
+    _fail(f'--config: cannot load {flags.FLAGS["config"].config_filename} '
+          f'({str(e).strip().splitlines()[-1].strip()})', 2)
+  except (KeyError, AttributeError) as e:
+    # ConfigDict reports an unknown --config.KEY as a KeyError (wrapped in an AttributeError).
+    key = re.search(r"'(\w+)'", str(e))
+    _fail(f"--config: unknown key '{key.group(1) if key else e}'; the config file lists the keys",
+          2)
+  except (flags.Error, ConfigError, ValueError, TypeError) as e:
+    # An unknown --config.KEY, a bad value, an error raised by get_config: one line, status 2.
+    _fail(_one_line(e), 2)
+  if config is None:
     _fail('--config: expected a config file, e.g. --config=configs/pskd.py:quick', 2)
   if not _WORKDIR.value:
     _fail('--workdir: expected a directory for checkpoints and metrics', 2)

@@ -311,7 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               batch_size=config.batch_size)
   terms = terms_lib.build(config.loss, context)
   dtype = jnp.dtype(config.model.dtype)
-  model = models.get_model(config.model.name, num_classes=num_classes, dtype=dtype)
+  options = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
+  model = models.get_model(config.model.name, num_classes=num_classes, dtype=dtype, **options)
   # Everything is validated: from here on the workdir may be written.
   workdir = workdir_lib.Workdir(workdir, config, is_main=jax.process_index() == 0)
 

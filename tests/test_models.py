@@ -159,15 +159,13 @@ def test_train_updates_batch_stats_and_eval_is_deterministic(
     name, small_variables):
   # preact_resnet18 is exercised with tiny widths to keep the test fast; the
   # block wiring is the same as in the full model.
+  x = _images(MNIST_SHAPE)
   if name == 'small_resnet':
     model = models.get_model(name, num_classes=10)
+    variables = small_variables
   else:
     model = models.PreActResNet(num_classes=10, stage_sizes=(1, 1),
                                 widths=(8, 16), strides=(1, 2))
-  x = _images(MNIST_SHAPE)
-  if name == 'small_resnet':
-    variables = small_variables
-  else:
     variables = _init(model, x)
   # Jitted, as the trainer calls the model.
   train_apply = jax.jit(functools.partial(model.apply, train=True,

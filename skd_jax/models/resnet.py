@@ -229,9 +229,9 @@ def preact_resnet18(*, num_classes: int,
 
 
 def small_resnet(*, num_classes: int, widths: Sequence[int] = (16, 32, 64),
-                 blocks_per_stage: int = 1,
+                 blocks_per_stage: int = 1, strides: Sequence[int] = (1, 2, 2),
                  dtype: Dtype = jnp.float32) -> ResNet:
-  """Small 3-stage ResNet (strides 1/2/2) that trains fast on a CPU.
+  """Small 3-stage ResNet (strides 1/2/2 by default) that trains fast on a CPU.
 
   Meant for 28x28x1 Fashion-MNIST; 77,754 parameters with the defaults and 10
   classes.
@@ -240,6 +240,8 @@ def small_resnet(*, num_classes: int, widths: Sequence[int] = (16, 32, 64),
     num_classes: Number of logits.
     widths: Channels of the three stages; the stem uses `widths[0]`.
     blocks_per_stage: BasicBlocks in each stage.
+    strides: Strides of the three stages; (2, 2, 2) runs the first stage at
+      half resolution, about 3x cheaper on 28x28 inputs.
     dtype: Computation dtype.
 
   Raises:
@@ -252,5 +254,8 @@ def small_resnet(*, num_classes: int, widths: Sequence[int] = (16, 32, 64),
   if not isinstance(blocks_per_stage, int) or blocks_per_stage < 1:
     raise ValueError(
         f'blocks_per_stage: expected a positive integer, got {blocks_per_stage}')
+  strides = tuple(strides)
+  if len(strides) != 3:
+    raise ValueError(f'strides: expected 3 stage strides, got {strides}')
   return ResNet(num_classes=num_classes, stage_sizes=(blocks_per_stage,) * 3,
-                widths=widths, strides=(1, 2, 2), dtype=dtype)
+                widths=widths, strides=strides, dtype=dtype)

@@ -1,0 +1,85 @@
+"""Config files, their validation, and the learning-rate schedules."""
+
+import importlib
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from skd_jax import config_lib
+from skd_jax import terms as terms_lib
+from skd_jax import train
+from skd_jax.errors import ConfigError
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+CONFIGS = ['baseline', 'label_smoothing', 'pskd']
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('arg', [None, 'quick'])
+def test_configs_are_valid_and_build_their_terms(name, arg):
+  config = importlib.import_module(f'configs.{name}').get_config(arg)
+  config_lib.validate(config, device_count=8)
+  terms = terms_lib.build(config.loss, terms_lib.Context(10, config.num_epochs, 128))
+  assert len(terms) == 1
+  assert importlib.import_module(f'configs.{name}').__doc__.count('python -m skd_jax.main') >= 2
+
+
+def test_paper_protocol_defaults():
+  config = importlib.import_module('configs.pskd').get_config()
+  assert (config.data.name, config.model.name, config.num_epochs, config.batch_size) == (
+      'cifar100', 'preact_resnet18', 300, 128)
+  assert tuple(config.optim.boundaries) == (150, 225) and config.optim.nesterov
+  assert config.loss.pskd.alpha_T == 0.8
+  quick = importlib.import_module('configs.pskd').get_config('quick')
+  assert (quick.data.source, quick.data.name) == ('idx', 'fashion_mnist')
+
+
+def test_unknown_config_argument_is_a_config_error():
+  with pytest.raises(ConfigError, match="unknown option 'fast'"):
+    importlib.import_module('configs.pskd').get_config('fast')
+
+
+def test_unknown_term_is_a_config_error():
+  config = importlib.import_module('configs.pskd').get_config('quick')
+  config.loss.no_such_term = {'weight': 1.0}
+  with pytest.raises(ConfigError, match='loss.no_such_term: unknown loss term'):
+    terms_lib.build(config.loss, terms_lib.Context(10, 4, 128))
+
+
+def test_step_schedule_with_warmup():
+  config = importlib.import_module('configs.pskd').get_config()
+  config.optim.warmup_epochs = 2
+  schedule = train.make_schedule(config.optim, steps_per_epoch=10, num_epochs=300)
+  lr = lambda step: float(schedule(step))
+  assert lr(0) == 0.0 and lr(10) == pytest.approx(0.05) and lr(20) == pytest.approx(0.1)
+  assert lr(1499) == pytest.approx(0.1) and lr(1500) == pytest.approx(0.01)
+  assert lr(2249) == pytest.approx(0.01) and lr(2250) == pytest.approx(0.001)
+
+
+def test_step_schedule_without_warmup_matches_multistep_lr():
+  config = importlib.import_module('configs.pskd').get_config()
+  schedule = train.make_schedule(config.optim, steps_per_epoch=391, num_epochs=300)
+  epochs = np.array([0, 149, 150, 224, 225, 299])
+  np.testing.assert_allclose([float(schedule(e * 391)) for e in epochs],
+                             [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_cosine_schedule_with_warmup():
+  config = importlib.import_module('configs.pskd').get_config('quick')
+  config.optim.warmup_epochs = 1
+  schedule = train.make_schedule(config.optim, steps_per_epoch=10, num_epochs=4)
+  assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(0.1)
+  assert float(schedule(25)) == pytest.approx(0.05, rel=1e-5)
+  assert float(schedule(40)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_weight_decay_is_added_to_the_gradient_before_momentum():
+  config = importlib.import_module('configs.pskd').get_config()
+  tx = train.make_optimizer(config.optim, lambda step: 0.1)
+  params = {'w': jax.numpy.array([2.0])}
+  updates, _ = tx.update({'w': jax.numpy.array([1.0])}, tx.init(params), params)
+  # Nesterov: d = g + wd*w = 1.001; buf = d; update = -lr * (d + 0.9 * buf) = -0.1 * 1.9019.
+  np.testing.assert_allclose(updates['w'], [-0.1 * 1.001 * 1.9], rtol=1e-6)
