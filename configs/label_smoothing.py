@@ -11,7 +11,7 @@ Offline Fashion-MNIST:
 
   python -m skd_jax.main --config=configs/label_smoothing.py:quick --workdir=/tmp/ls_quick
 
-Expected: top-1 about 91%.
+Runs in about 4 minutes on a 2-core CPU.
 """
 
 from skd_jax import config_lib

@@ -9,11 +9,12 @@ momentum, lr 0.1 / 10 at epochs 150 and 225, weight decay 5e-4). Needs CIFAR-100
 Expected (official PS-KD README, best epoch): top-1 error 20.82%, i.e. top-1 ~79.2%, top-5 error
 5.10, NLL 0.76, ECE 1.77, AURC 52.10.
 
-Offline Fashion-MNIST (small ResNet, 4 epochs, under 5 minutes on a 2-core CPU):
+Offline Fashion-MNIST (`quick`: small ResNet, 8 epochs, under 5 minutes on a 2-core CPU):
 
   python -m skd_jax.main --config=configs/pskd.py:quick --workdir=/tmp/pskd_quick
 
-Expected: top-1 >= 90%.
+Measured (2-core CPU, 252 s wall): top-1 90.84%, NLL 0.268, ECE 3.93, AURC 13.6. With only 8
+epochs alpha_t reaches 0.8 while the model is still learning; PS-KD's gains need the long schedule.
 """
 
 from skd_jax import config_lib

@@ -16,13 +16,12 @@ every process:
 """
 
 import functools
-import os
+import logging
 import signal
 import time
 from typing import Any
 
-import logging
-
+from flax import struct
 import flax.training.train_state
 import jax
 from jax.experimental import multihost_utils
@@ -66,7 +65,7 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 # ---------------------------------------------------------------------------------------------
 
 
-class DeviceData(flax.struct.PyTreeNode):
+class DeviceData(struct.PyTreeNode):
   """A split on every device: uint8 images ``[N, H, W, C]`` and int32 labels ``[N]``."""
   images: jax.Array
   labels: jax.Array
@@ -126,12 +125,10 @@ def init_state(model, tx, terms, train: DeviceData, image_shape, *, seed: int,
   state = init_model()
   num_rows = example_rows.padded_rows(train.labels.shape[0], mesh)
   labels = jnp.pad(train.labels, (0, num_rows - train.labels.shape[0]))
-  rows = {}
-  for term in terms:
-    init_rows = jax.jit(term.init_rows, out_shardings=example_rows.sharding(mesh))
-    if jax.eval_shape(term.init_rows, labels) is not None:
-      rows[term.name] = init_rows(labels)
-  return state.replace(rows=rows)
+  stateful = [t for t in terms if jax.eval_shape(t.init_rows, labels) is not None]
+  return state.replace(rows={
+      t.name: jax.jit(t.init_rows, out_shardings=example_rows.sharding(mesh))(labels)
+      for t in stateful})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,14 +359,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     epoch = start // spe
     order = order_fn(order_key, epoch)
     pending, result = [], None
-    is_main = jax.process_index() == 0
-    bar = tqdm.tqdm(total=spe, initial=start % spe, disable=not is_main,
-                    desc=f'epoch {epoch + 1}/{config.num_epochs}', dynamic_ncols=True)
+    progress = lambda epoch, initial=0: tqdm.tqdm(
+        total=spe, initial=initial, desc=f'epoch {epoch + 1}/{config.num_epochs}',
+        disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = progress(epoch, start % spe)
     with StopRequest() as stop:
       for step in range(start, total_steps):
         if stop.reached(step):
           _flush(pending, workdir, epoch, bar, log=False)
-          manager.save(step, args=ocp.args.StandardSave(state), force=True)
+          if step not in manager.all_steps():  # a signal before the first step after resuming
+            manager.save(step, args=ocp.args.StandardSave(state), force=True)
           manager.wait_until_finished()
           bar.close()
           raise Preempted(f'{stop.signal or "preemption"}: saved a checkpoint at step {step}; '
@@ -389,13 +388,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         result['train_seconds'] = seconds_before + time.time() - run_start
         workdir.log({'kind': 'eval', 'step': done, 'epoch': epoch, **result})
         log.info('epoch %d/%d: %s', epoch, config.num_epochs,
-                     ', '.join(f'{k} {v:.4g}' for k, v in result.items()))
+                 ', '.join(f'{k} {v:.4g}' for k, v in result.items()))
         if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
           manager.save(done, args=ocp.args.StandardSave(state))
         if done < total_steps:
           order = order_fn(order_key, epoch)
-          bar = tqdm.tqdm(total=spe, disable=not is_main, dynamic_ncols=True,
-                          desc=f'epoch {epoch + 1}/{config.num_epochs}')
+          bar = progress(epoch)
   finally:
     manager.wait_until_finished()
     manager.close()

@@ -128,6 +128,8 @@ def test_resume_after_preemption_is_bit_identical(tmp_path, monkeypatch):
     _run(_config(), tmp_path / 'resumed')
   assert _restore(tmp_path / 'resumed')[0] == 7
   assert not os.path.exists(tmp_path / 'resumed' / 'summary.json')
+  with pytest.raises(train.Preempted, match='step 7'):  # again, before the first step
+    _run(_config(), tmp_path / 'resumed')
   monkeypatch.setattr(train.StopRequest, 'reached', real_reached)
   resumed = _run(_config(), tmp_path / 'resumed')
   assert {k: v for k, v in resumed.items() if k != 'train_seconds'} == {
