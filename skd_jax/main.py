@@ -58,7 +58,7 @@ def _parse_flags(argv):
     _fail(f"--config: unknown key '{key.group(1) if key else e}'; the config file lists the keys",
           2)
   except (flags.Error, ConfigError, ValueError, TypeError) as e:
-    # An unknown --config.KEY, a bad value, an error raised by get_config: one line, status 2.
+    # A bad --config.KEY value or an error raised by get_config: one line, status 2.
     _fail(_one_line(e), 2)
   if config is None:
     _fail('--config: expected a config file, e.g. --config=configs/pskd.py:quick', 2)
