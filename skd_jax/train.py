@@ -19,7 +19,7 @@ import functools
 import logging
 import signal
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from flax import struct
 import flax.training.train_state
@@ -46,7 +46,12 @@ log = logging.getLogger(__name__)
 
 
 class TrainState(flax.training.train_state.TrainState):
-  """Parameters and optimizer state, plus BatchNorm statistics and the loss terms' state."""
+  """Parameters and optimizer state, plus BatchNorm statistics and the loss terms' state.
+
+  ``params`` and ``batch_stats`` hold the backbone under ``'backbone'`` and each training-only
+  head under its name (``skd_jax.models.WithHeads``); evaluation and export use the backbone's
+  subtrees alone.
+  """
   batch_stats: Any
   rows: dict[str, jax.Array]  # term name -> per-example table, sharded along examples
   carry: dict[str, Any]  # term name -> step-to-step state, replicated
@@ -109,9 +114,12 @@ def make_optimizer(optim: ml_collections.ConfigDict,
                      optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov))
 
 
-def init_state(model, tx, terms, train: DeviceData, image_shape, *, seed: int,
-               mesh) -> TrainState:
-  """The initial state, created on the devices with its final shardings."""
+def init_state(model, tx, method: terms_lib.Combined, train: DeviceData, image_shape, *,
+               seed: int, mesh) -> TrainState:
+  """The initial state, created on the devices with its final shardings.
+
+  ``model`` is the training model (backbone with heads); ``method`` creates the terms' state.
+  """
   replicated = NamedSharding(mesh, P())
 
   @functools.partial(jax.jit, out_shardings=replicated)
@@ -120,15 +128,13 @@ def init_state(model, tx, terms, train: DeviceData, image_shape, *, seed: int,
                            jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                              batch_stats=variables.get('batch_stats', {}), rows={},
-                             carry={t.name: t.init_carry() for t in terms})
+                             carry=method.init_carry())
 
   state = init_model()
   num_rows = example_rows.padded_rows(train.labels.shape[0], mesh)
   labels = jnp.pad(train.labels, (0, num_rows - train.labels.shape[0]))
-  stateful = [t for t in terms if jax.eval_shape(t.init_rows, labels) is not None]
-  return state.replace(rows={
-      t.name: jax.jit(t.init_rows, out_shardings=example_rows.sharding(mesh))(labels)
-      for t in stateful})
+  return state.replace(
+      rows=jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))(labels))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,12 +142,20 @@ def init_state(model, tx, terms, train: DeviceData, image_shape, *, seed: int,
 # ---------------------------------------------------------------------------------------------
 
 
-def train_step(state: TrainState, order: jax.Array, train: DeviceData, *, terms, mesh, seed: int,
-               steps_per_epoch: int, batch_size: int, crop_padding: int, flip: bool, mean, std,
-               dtype, schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on the global batch; returns the new state and scalar measurements."""
-  step = state.step
-  epoch = step // steps_per_epoch
+class Batch(NamedTuple):
+  """One step's global batch: example ``index`` and ``valid`` (False on padding slots) ``[B]``,
+  the model's input ``x`` ``[B * V, H, W, C]`` (V views per example, example-major) and ``labels``
+  ``[B]``."""
+  index: jax.Array
+  valid: jax.Array
+  x: jax.Array
+  labels: jax.Array
+
+
+def training_batch(step: jax.Array, order: jax.Array, train: DeviceData, *,
+                   method: terms_lib.Combined, mesh, seed: int, steps_per_epoch: int,
+                   batch_size: int, crop_padding: int, flip: bool, mean, std, dtype) -> Batch:
+  """Selects, augments, expands into views and normalises step ``step``'s batch on the device."""
   num_examples = train.labels.shape[0]
   index, valid = pipeline.batch_slots(order, step % steps_per_epoch, num_examples=num_examples,
                                       batch_size=batch_size)
@@ -150,36 +164,44 @@ def train_step(state: TrainState, order: jax.Array, train: DeviceData, *, terms,
   labels = jax.lax.with_sharding_constraint(train.labels[index], batch_sharding)
   aug_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), step)
   images = pipeline.augment(aug_key, images, crop_padding=crop_padding, flip=flip)
-  x = pipeline.normalize(images, mean, std, dtype)
-  rows = {name: example_rows.gather(table, index, mesh) for name, table in state.rows.items()}
-  weights = valid.astype(jnp.float32) / jnp.sum(valid)
+  # Views are built per example and laid out example-major, so they stay on the example's device.
+  x = pipeline.normalize(method.views(images), mean, std, dtype)
+  return Batch(index, valid, jax.lax.with_sharding_constraint(x, batch_sharding), labels)
+
+
+def train_step(state: TrainState, order: jax.Array, train: DeviceData, *,
+               method: terms_lib.Combined, mesh, schedule, steps_per_epoch: int,
+               **batch_options) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on the global batch; returns the new state and scalar measurements.
+
+  ``batch_options`` are :func:`training_batch`'s keyword arguments.
+  """
+  step = state.step
+  epoch = step // steps_per_epoch
+  batch = training_batch(step, order, train, method=method, mesh=mesh,
+                         steps_per_epoch=steps_per_epoch, **batch_options)
+  rows = {name: example_rows.gather(table, batch.index, mesh)
+          for name, table in state.rows.items()}
+  weights = batch.valid.astype(jnp.float32) / jnp.sum(batch.valid)
+  average = lambda v: jnp.sum(weights * v) if jnp.ndim(v) else v
 
   def loss_fn(params):
     (logits, outputs), new_model_state = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+        {'params': params, 'batch_stats': state.batch_stats}, batch.x, train=True,
         mutable=['batch_stats'])
-    logits = logits.astype(jnp.float32)
-    inputs = terms_lib.TermInputs(
-        logits=logits, outputs=outputs, labels=labels,
-        one_hot=jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32), epoch=epoch)
-    total, new_rows, new_carry, measured = 0.0, {}, {}, {}
-    for term in terms:
-      out = term(inputs, rows.get(term.name), state.carry[term.name])
-      total = total + term.weight * out.loss
-      measured[f'loss/{term.name}'] = jnp.sum(weights * out.loss)
-      measured.update(out.metrics)
-      if out.rows is not None:
-        new_rows[term.name] = out.rows
-      new_carry[term.name] = out.carry
-    measured['accuracy'] = jnp.sum(weights * (jnp.argmax(logits, -1) == labels))
-    return jnp.sum(weights * total), (new_model_state['batch_stats'], new_rows, new_carry,
-                                      measured)
+    inputs = terms_lib.TermInputs.from_forward(logits, outputs, batch.labels, epoch,
+                                               num_views=method.num_views)
+    out = method(inputs, rows, state.carry)
+    measured = {f'loss/{name}': average(v) for name, v in out.losses.items()}
+    measured.update({k: average(v) for k, v in out.metrics.items()})
+    measured['accuracy'] = average(jnp.argmax(inputs.logits, -1) == batch.labels)
+    return average(out.loss), (new_model_state['batch_stats'], out.rows, out.carry, measured)
 
   (loss, (batch_stats, new_rows, carry, measured)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats, carry=carry)
   state = state.replace(rows={
-      name: example_rows.scatter(table, index, new_rows[name], valid, mesh)
+      name: example_rows.scatter(table, batch.index, new_rows[name], batch.valid, mesh)
       for name, table in state.rows.items()})
   return state, {'loss': loss, 'lr': schedule(step), 'grad_norm': optax.global_norm(grads),
                  **measured}
@@ -192,14 +214,19 @@ def train_step(state: TrainState, order: jax.Array, train: DeviceData, *, terms,
 
 def eval_step(params, batch_stats, test: DeviceData, batch: jax.Array, *, apply_fn, mesh,
               batch_size: int, mean, std, dtype) -> dict[str, jax.Array]:
-  """Per-example statistics of test batch ``batch`` (``valid`` marks the real examples)."""
+  """Per-example statistics of test batch ``batch`` (``valid`` marks the real examples).
+
+  ``apply_fn`` is the backbone's: it sees only the ``'backbone'`` subtrees of the training
+  ``params`` and ``batch_stats``, so auxiliary heads play no part in evaluation.
+  """
   num_examples = test.labels.shape[0]
   position = batch * batch_size + jnp.arange(batch_size)
   valid = position < num_examples
   index = jax.lax.with_sharding_constraint(jnp.minimum(position, num_examples - 1),
                                            NamedSharding(mesh, P(example_rows.AXIS)))
   x = pipeline.normalize(test.images[index], mean, std, dtype)
-  logits, _ = apply_fn({'params': params, 'batch_stats': batch_stats}, x, train=False)
+  logits, _ = apply_fn({'params': params['backbone'], 'batch_stats': batch_stats['backbone']}, x,
+                       train=False)
   return {**metrics_lib.per_example_stats(logits, test.labels[index]), 'valid': valid}
 
 
@@ -254,6 +281,17 @@ def abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def export_model(state: TrainState, path: str) -> None:
+  """Saves the inference model: the backbone's parameters and BatchNorm statistics only.
+
+  Restore with ``orbax.checkpoint.StandardCheckpointer().restore(path)`` and apply with the
+  backbone (``skd_jax.models.get_model``) as ``model.apply(variables, x, train=False)``.
+  """
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, {'params': state.params['backbone'],
+                             'batch_stats': state.batch_stats['backbone']}, force=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Train loop
 # ---------------------------------------------------------------------------------------------
@@ -284,20 +322,25 @@ def _flush(pending, workdir, epoch, bar, *, log=True):
   pending.clear()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None) -> dict[str, Any]:
-  """Trains, evaluates each epoch, checkpoints, and returns the summary.
+class Job(NamedTuple):
+  """Everything a run is built from its config: compiled functions, data and the initial state."""
+  state: TrainState
+  step_fn: Any  # (state, order, train) -> (state, measurements), jitted, donates the state
+  eval_fn: Any  # (params, batch_stats, test, batch) -> per-example statistics
+  order_fn: Any  # (key, epoch) -> the epoch's example order
+  order_key: jax.Array
+  train: DeviceData
+  test: DeviceData
+  steps_per_epoch: int
 
-  Args:
-    config: see ``skd_jax.config_lib.base_config``.
-    workdir: directory for config.json, metrics.jsonl, checkpoints and summary.json; a workdir
-      with a checkpoint is resumed.
-    devices: devices to train on (default: all devices of all processes).
+
+def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
+  """Validates ``config``, loads the data onto the devices, builds the model and the loss.
+
+  Writes nothing.
 
   Raises:
-    ConfigError: invalid configuration or data, before anything is written to ``workdir``.
-    FloatingPointError: a non-finite loss; the last good checkpoint is kept.
-    Preempted: a signal stopped the run; a checkpoint at the current step was saved.
+    ConfigError: invalid configuration or data.
   """
   mesh = make_mesh(devices)
   config_lib.validate(config, device_count=mesh.size)
@@ -305,41 +348,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   test_set = data_lib.load_split(config.data, config.data.test_split)
   num_classes = train_set.num_classes
   context = terms_lib.Context(num_classes=num_classes, num_epochs=config.num_epochs,
-                              batch_size=config.batch_size)
-  terms = terms_lib.build(config.loss, context)
+                              batch_size=config.batch_size,
+                              image_shape=train_set.images.shape[1:])
+  method = terms_lib.build(config.loss, context)
   dtype = jnp.dtype(config.model.dtype)
   options = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
-  model = models.get_model(config.model.name, num_classes=num_classes, dtype=dtype, **options)
-  # Everything is validated: from here on the workdir may be written.
-  workdir = workdir_lib.Workdir(workdir, config, is_main=jax.process_index() == 0)
+  backbone = models.get_model(config.model.name, num_classes=num_classes, dtype=dtype, **options)
+  model = models.WithHeads(backbone, method.heads(backbone))
 
   num_train = len(train_set.labels)
   spe = pipeline.steps_per_epoch(num_train, config.batch_size)
-  total_steps = config.num_epochs * spe
   mean, std = pipeline.channel_stats(train_set.images)
   schedule = make_schedule(config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs)
   train, test = to_devices(train_set, mesh), to_devices(test_set, mesh)
-  state = init_state(model, make_optimizer(config.optim, schedule), terms, train,
+  state = init_state(model, make_optimizer(config.optim, schedule), method, train,
                      train_set.images.shape[1:], seed=config.seed, mesh=mesh)
-  del train_set, test_set
 
   replicated = NamedSharding(mesh, P())
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = jax.jit(
       functools.partial(
-          train_step, terms=terms, mesh=mesh, seed=config.seed, steps_per_epoch=spe,
+          train_step, method=method, mesh=mesh, seed=config.seed, steps_per_epoch=spe,
           batch_size=config.batch_size, crop_padding=config.data.crop_padding,
           flip=config.data.flip, mean=mean, std=std, dtype=dtype, schedule=schedule),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   eval_fn = jax.jit(
-      functools.partial(eval_step, apply_fn=model.apply, mesh=mesh,
+      functools.partial(eval_step, apply_fn=backbone.apply, mesh=mesh,
                         batch_size=config.eval_batch_size, mean=mean, std=std, dtype=dtype),
       out_shardings=replicated)
   order_fn = jax.jit(
       functools.partial(pipeline.epoch_order, num_examples=num_train,
                         batch_size=config.batch_size),
       out_shardings=replicated)
-  order_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+  return Job(state, step_fn, eval_fn, order_fn,
+             jax.random.fold_in(jax.random.key(config.seed), 2), train, test, spe)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices=None) -> dict[str, Any]:
+  """Trains, evaluates each epoch, checkpoints, and returns the summary.
+
+  Args:
+    config: see ``skd_jax.config_lib.base_config``.
+    workdir: directory for config.json, metrics.jsonl, checkpoints, summary.json and the exported
+      model; a workdir with a checkpoint is resumed.
+    devices: devices to train on (default: all devices of all processes).
+
+  Raises:
+    ConfigError: invalid configuration or data, before anything is written to ``workdir``.
+    FloatingPointError: a non-finite loss; the last good checkpoint is kept.
+    Preempted: a signal stopped the run; a checkpoint at the current step was saved.
+  """
+  job = build_job(config, devices)
+  # Everything is validated: from here on the workdir may be written.
+  workdir = workdir_lib.Workdir(workdir, config, is_main=jax.process_index() == 0)
+  state, step_fn, eval_fn, order_fn, order_key, train, test, spe = job
+  total_steps = config.num_epochs * spe
 
   manager = ocp.CheckpointManager(
       workdir.checkpoints,
@@ -409,5 +473,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                     'train_seconds')}
   summary.update(best_top1=best['top1'], best_epoch=best['epoch'], epochs=config.num_epochs,
                  steps=total_steps)
+  export_model(state, workdir.model)
   workdir.write_summary(summary)
   return summary

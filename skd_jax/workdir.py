@@ -7,6 +7,8 @@
   reads as one uninterrupted run.
 * ``summary.json`` -- final metrics, written once at the end.
 * ``checkpoints/`` -- orbax checkpoints (see ``skd_jax.train``).
+* ``model/`` -- the trained inference model, an orbax checkpoint of ``{'params', 'batch_stats'}``
+  of the backbone alone (no training-only heads, no optimizer or loss state), written at the end.
 
 Whole files are replaced atomically (write to a temporary file, then rename), so an interrupted
 run never leaves a half-written one.
@@ -36,6 +38,7 @@ class Workdir:
     self.path = os.path.abspath(path)
     self.is_main = is_main
     self.checkpoints = os.path.join(self.path, 'checkpoints')
+    self.model = os.path.join(self.path, 'model')
     self._metrics = os.path.join(self.path, 'metrics.jsonl')
     config_json = config.to_json_best_effort(sort_keys=True, indent=2)
     config_path = os.path.join(self.path, 'config.json')

@@ -14,7 +14,7 @@ from skd_jax import train
 from skd_jax.errors import ConfigError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-CONFIGS = ['baseline', 'label_smoothing', 'pskd']
+CONFIGS = ['baseline', 'drg', 'dsr', 'label_smoothing', 'lightskd', 'lsskd', 'pskd', 'pskd_dsr_drg']
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -22,9 +22,18 @@ CONFIGS = ['baseline', 'label_smoothing', 'pskd']
 def test_configs_are_valid_and_build_their_terms(name, arg):
   config = importlib.import_module(f'configs.{name}').get_config(arg)
   config_lib.validate(config, device_count=8)
-  terms = terms_lib.build(config.loss, terms_lib.Context(10, config.num_epochs, 128))
-  assert len(terms) == 1
+  method = terms_lib.build(config.loss, terms_lib.Context(10, config.num_epochs, 128))
+  assert [t.name for t in method.terms] == sorted(config.loss)
   assert importlib.import_module(f'configs.{name}').__doc__.count('python -m skd_jax.main') >= 2
+
+
+def test_quick_variants_share_the_baselines_setup():
+  """Quick runs differ from the baseline's only in the loss, so their numbers compare."""
+  baseline = importlib.import_module('configs.baseline').get_config('quick')
+  for name in CONFIGS:
+    quick = importlib.import_module(f'configs.{name}').get_config('quick')
+    quick.loss = baseline.loss
+    assert quick.to_dict() == baseline.to_dict(), name
 
 
 def test_paper_protocol_defaults():
@@ -35,6 +44,14 @@ def test_paper_protocol_defaults():
   assert config.loss.pskd.alpha_T == 0.8
   quick = importlib.import_module('configs.pskd').get_config('quick')
   assert (quick.data.source, quick.data.name) == ('idx', 'fashion_mnist')
+  lightskd = importlib.import_module('configs.lightskd').get_config()
+  assert (lightskd.model.name, lightskd.num_epochs, tuple(lightskd.optim.boundaries)) == (
+      'cifar_resnet18', 200, (60, 120, 160))
+  assert (lightskd.loss.drg.alpha, lightskd.loss.drg.temperature, lightskd.loss.dsr.weight,
+          lightskd.loss.dsr.temperature) == (0.2, 4.0, 1.0, 4.0)
+  lsskd = importlib.import_module('configs.lsskd').get_config()
+  assert (lsskd.optim.warmup_epochs, tuple(lsskd.optim.boundaries)) == (5, (100, 150))
+  assert lsskd.loss.lsskd.temperature == 3.0
 
 
 def test_unknown_config_argument_is_a_config_error():

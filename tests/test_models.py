@@ -2,6 +2,7 @@
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,3 +246,229 @@ def test_bad_options_raise_config_error(kwargs, match):
 def test_bad_num_classes_raises_config_error():
   with pytest.raises(ConfigError, match=r'^model\.num_classes: '):
     models.get_model('small_resnet', num_classes=0)
+
+
+# Auxiliary heads (skd_jax.models.heads and ResNet.later_stages_head).
+
+
+def _small_backbone():
+  """A 3-stage ResNet that reaches 4x4 on 28x28 inputs, for the head tests."""
+  return models.small_resnet(num_classes=10, widths=(16, 32, 64),
+                             strides=(2, 2, 2))
+
+
+def _count(tree):
+  return sum(leaf.size for leaf in jax.tree.leaves(tree))
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda leaf: leaf.shape, tree)
+
+
+def test_drg_head_shapes_and_dtypes():
+  # Parameters depend on neither the spatial size nor the computation dtype,
+  # so one init serves every case.
+  variables = _init(models.DRGHead(num_outputs=10), _images((2, 8, 8, 32)))
+  for leaf in jax.tree.leaves(variables):
+    assert leaf.dtype == jnp.float32
+  # 7x7 -> 4x4 -> 7x7: the attention map is resized to the input, not doubled.
+  for size in (7, 8):
+    x = _images((2, size, size, 32))
+    for dtype in (jnp.float32, jnp.bfloat16):
+      head = models.DRGHead(num_outputs=10, dtype=dtype)
+      (logits, features), _ = jax.jit(functools.partial(
+          head.apply, train=True, mutable=['batch_stats']))(variables, x)
+      assert logits.shape == (2, 10)
+      assert logits.dtype == jnp.float32
+      assert features.shape == (2, 4 * 32)
+      assert features.dtype == dtype
+      assert np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize('name,shape,channels', [
+    ('small_resnet', MNIST_SHAPE, 32),
+    ('cifar_resnet18', CIFAR_SHAPE, 128),
+])
+def test_drg_head_input_width_follows_backbone(name, shape, channels):
+  backbone = models.get_model(name, num_classes=10)
+  model = models.WithHeads(
+      backbone, heads=(models.Head('drg', 'stage2', models.DRGHead(40)),))
+  params = _abstract_variables(model, shape)['params']['drg']
+  attention = params['attention_sepconv']
+  assert attention['depthwise1']['kernel'].shape == (3, 3, 1, channels)
+  assert set(attention['depthwise1']) == {'kernel'}
+  assert attention['pointwise2']['kernel'].shape == (1, 1, channels, channels)
+  assert params['sepconv1']['pointwise2']['kernel'].shape == (
+      1, 1, channels, 2 * channels)
+  assert params['sepconv2']['depthwise1']['kernel'].shape == (
+      3, 3, 1, 2 * channels)
+  assert params['sepconv2']['pointwise2']['kernel'].shape == (
+      1, 1, 2 * channels, 4 * channels)
+  _, outputs = _abstract_apply(model, _abstract_variables(model, shape), shape)
+  assert outputs['drg'].shape == (shape[0], 40)
+  assert outputs['drg/features'].shape == (shape[0], 4 * channels)
+
+
+def _identity_block_params(width):
+  """Parameters of a stride-1 width->width Basic/PreAct block.
+
+  Two 3x3 convs (2 * 9 * width^2) and two BNs on `width` channels (4 * width);
+  no projection shortcut.
+  """
+  return 18 * width * width + 4 * width
+
+
+@pytest.mark.parametrize('name,stage', [
+    ('small', 1), ('small', 2), ('small', 3),
+    ('preact_resnet18', 1), ('preact_resnet18', 2), ('preact_resnet18', 3),
+    ('preact_resnet18', 4),
+])
+def test_later_stages_head_shapes_and_param_counts(name, stage):
+  num_classes = 10
+  if name == 'small':
+    backbone, shape, num_stages = _small_backbone(), MNIST_SHAPE, 3
+  else:
+    backbone = models.preact_resnet18(num_classes=num_classes)
+    shape, num_stages = CIFAR_SHAPE, 4
+  assert backbone.num_stages == num_stages
+  backbone_variables = _abstract_variables(backbone, shape)
+  backbone_params = backbone_variables['params']
+  _, outputs = _abstract_apply(backbone, backbone_variables, shape)
+  x = outputs[f'stage{stage}']
+
+  head = backbone.later_stages_head(stage, 4 * num_classes)
+  head_variables = _abstract_variables(head, x.shape)
+  head_params = head_variables['params']
+  logits, features = _abstract_apply(head, head_variables, x.shape)
+  width = backbone.widths[-1]
+  assert logits.shape == (shape[0], 4 * num_classes)
+  assert logits.dtype == jnp.float32
+  assert features.shape == (shape[0], width)
+
+  dense = width * 4 * num_classes + 4 * num_classes
+  final_bn = 2 * width if name == 'preact_resnet18' else 0
+  if stage < num_stages:
+    # The head's blocks are copies of the backbone's later stages: same
+    # names, same shapes.
+    later = {key: value for key, value in backbone_params.items()
+             if key.startswith('stage') and int(key[5]) > stage}
+    head_blocks = {key: value for key, value in head_params.items()
+                   if key.startswith('stage')}
+    assert _shapes(head_blocks) == _shapes(later)
+    expected = _count(later) + final_bn + dense
+  else:
+    # One extra stride-1 stage of the last width (HSAKD's CIFAR ResNets).
+    assert sorted(key for key in head_params if key.startswith('stage')) == [
+        f'stage{num_stages + 1}_block{j}'
+        for j in range(1, backbone.stage_sizes[-1] + 1)]
+    expected = (backbone.stage_sizes[-1] * _identity_block_params(width)
+                + final_bn + dense)
+  assert _count(head_params) == expected
+
+
+@pytest.mark.parametrize('stage', [0, 4, '2', True])
+def test_later_stages_head_rejects_bad_stage(stage):
+  with pytest.raises(ValueError, match=r'^stage: expected 1\.\.3, got '):
+    _small_backbone().later_stages_head(stage, 40)
+
+
+def _with_heads(backbone):
+  return models.WithHeads(backbone, heads=(
+      models.Head('drg', 'stage2', models.DRGHead(40)),
+      models.Head('aux1', 'stage1', backbone.later_stages_head(1, 40)),
+      models.Head('aux3', 'stage3', backbone.later_stages_head(3, 40)),
+  ))
+
+
+@pytest.fixture(scope='module')
+def heads_variables():
+  """`_with_heads(_small_backbone())` variables; shared since init compiles slowly."""
+  return _init(_with_heads(_small_backbone()), _images(MNIST_SHAPE))
+
+
+def test_with_heads_keeps_the_backbone_variables_apart(heads_variables):
+  backbone = _small_backbone()
+  model = _with_heads(backbone)
+  x = _images(MNIST_SHAPE)
+  variables = heads_variables
+  for collection in ('params', 'batch_stats'):
+    assert set(variables[collection]) == {'backbone', 'drg', 'aux1', 'aux3'}
+  # The inference model has exactly the backbone's parameters.
+  alone = _abstract_variables(backbone, MNIST_SHAPE)
+  for collection in ('params', 'batch_stats'):
+    assert (jax.tree.structure(variables[collection]['backbone'])
+            == jax.tree.structure(alone[collection]))
+    assert _shapes(variables[collection]['backbone']) == _shapes(
+        alone[collection])
+  assert _count(variables['params']['backbone']) == _count(alone['params'])
+  assert _count(variables['params']) > _count(alone['params'])
+
+  logits, outputs = jax.jit(functools.partial(model.apply, train=False))(
+      variables, x)
+  assert set(outputs) == {'stem', 'stage1', 'stage2', 'stage3', 'features',
+                          'drg', 'drg/features', 'aux1', 'aux1/features',
+                          'aux3', 'aux3/features'}
+  for name in ('drg', 'aux1', 'aux3'):
+    assert outputs[name].shape == (2, 40)
+    assert outputs[name].dtype == jnp.float32
+  assert outputs['drg/features'].shape == (2, 4 * 32)
+  assert outputs['aux1/features'].shape == (2, 64)
+  # The backbone alone, on the 'backbone' subtrees, gives the same logits.
+  backbone_logits, backbone_outputs = jax.jit(functools.partial(
+      backbone.apply, train=False))(
+          {'params': variables['params']['backbone'],
+           'batch_stats': variables['batch_stats']['backbone']}, x)
+  np.testing.assert_allclose(backbone_logits, logits, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(backbone_outputs['stage2'], outputs['stage2'],
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_with_heads_names_ignore_preserve_adopted_names():
+  # With this Flax option a named backbone would otherwise keep its own name.
+  backbone = _small_backbone().clone(name='resnet')
+  flax.config.update('flax_preserve_adopted_names', True)
+  try:
+    params = _abstract_variables(_with_heads(backbone), MNIST_SHAPE)['params']
+  finally:
+    flax.config.update('flax_preserve_adopted_names', False)
+  assert set(params) == {'backbone', 'drg', 'aux1', 'aux3'}
+
+
+def test_head_gradients_reach_the_backbone_up_to_the_head_stage(
+    heads_variables):
+  model = _with_heads(_small_backbone())
+  x = _images(MNIST_SHAPE)
+  variables = heads_variables
+
+  def head_loss(params, name):
+    (_, outputs), _ = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']}, x,
+        train=True, mutable=['batch_stats'])
+    return -jnp.mean(jax.nn.log_softmax(outputs[name])[:, 0])
+
+  # One compilation for both heads.
+  grads = jax.jit(lambda params: {
+      name: jax.grad(head_loss)(params, name)['backbone']
+      for name in ('drg', 'aux1')})(variables['params'])
+  for name, stage in (('drg', 2), ('aux1', 1)):
+    for key, subtree in grads[name].items():
+      reached = key.startswith('stem') or (
+          key.startswith('stage') and int(key[5]) <= stage)
+      # Every parameter up to the head's stage gets a gradient; nothing
+      # after it influences the head.
+      for leaf in jax.tree.leaves(subtree):
+        assert np.any(leaf != 0) == reached, (name, key)
+
+
+@pytest.mark.parametrize('heads,match', [
+    ([('a', 'stage9')], r"^heads: head 'a' reads 'stage9', not an output"),
+    ([('a', 'stage1'), ('a', 'stage2')], r"^heads: duplicate head names \['a'\]"),
+    ([('stage1', 'stage2')], r"^heads: head 'stage1' would overwrite"),
+    ([('features', 'stage2')], r"^heads: head 'features' would overwrite"),
+    ([('backbone', 'stage2')], r"^heads: the name 'backbone' is reserved"),
+])
+def test_with_heads_rejects_bad_heads(heads, match):
+  model = models.WithHeads(_small_backbone(), heads=tuple(
+      models.Head(name, stage, models.DRGHead(10)) for name, stage in heads))
+  with pytest.raises(ValueError, match=match):
+    _abstract_variables(model, MNIST_SHAPE)

@@ -7,6 +7,12 @@ Flax modules, TFDS, TensorFlow or orbax, so the functions drop into any JAX code
   per_example = losses.pskd_cross_entropy(logits, one_hot, history_rows, alpha=0.4)
 """
 
+from skd_jax.losses._distillation import aggregate_joint_logits
+from skd_jax.losses._distillation import distillation_kl
+from skd_jax.losses._distillation import drg_loss
+from skd_jax.losses._distillation import dsr_loss
+from skd_jax.losses._distillation import lsskd_loss
+from skd_jax.losses._distillation import rotation_joint_labels
 from skd_jax.losses._soft_targets import label_smoothing_cross_entropy
 from skd_jax.losses._soft_targets import label_smoothing_targets
 from skd_jax.losses._soft_targets import pskd_alpha
@@ -15,10 +21,16 @@ from skd_jax.losses._soft_targets import pskd_targets
 from skd_jax.losses._soft_targets import soft_target_cross_entropy
 
 __all__ = [
+    'aggregate_joint_logits',
+    'distillation_kl',
+    'drg_loss',
+    'dsr_loss',
     'label_smoothing_cross_entropy',
     'label_smoothing_targets',
+    'lsskd_loss',
     'pskd_alpha',
     'pskd_cross_entropy',
     'pskd_targets',
+    'rotation_joint_labels',
     'soft_target_cross_entropy',
 ]

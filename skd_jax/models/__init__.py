@@ -6,6 +6,9 @@ All models share one calling convention:
 
 where `logits` is float32 [batch, num_classes] and `outputs` holds the named
 intermediates `'stem'`, `'stage1'`, ..., `'features'` (see `resnet`).
+`WithHeads` (see `heads`) wraps a backbone with training-only auxiliary heads
+that add their logits to `outputs`; its variables hold the backbone's own under
+`'backbone'`.
 """
 
 import inspect
@@ -15,6 +18,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from skd_jax.errors import ConfigError
+from skd_jax.models.heads import DRGHead
+from skd_jax.models.heads import Head
+from skd_jax.models.heads import SepConv
+from skd_jax.models.heads import WithHeads
 from skd_jax.models.resnet import BasicBlock
 from skd_jax.models.resnet import cifar_resnet18
 from skd_jax.models.resnet import preact_resnet18
@@ -73,10 +80,14 @@ def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
 
 __all__ = [
     'BasicBlock',
+    'DRGHead',
+    'Head',
     'MODELS',
     'PreActBlock',
     'PreActResNet',
     'ResNet',
+    'SepConv',
+    'WithHeads',
     'cifar_resnet18',
     'get_model',
     'preact_resnet18',

@@ -17,12 +17,16 @@ Architectures:
   * `PreActResNet`: pre-activation ResNet (He et al. 2016, "Identity Mappings
     in Deep Residual Networks") as used by PS-KD; `preact_resnet18` builds it.
 
+Both have `num_stages` and `later_stages_head(stage, num_outputs)`, which
+builds an HSAKD/LSSKD auxiliary head (the later stages again, pooled, Dense)
+for use with `heads.WithHeads`.
+
 BatchNorm uses no `axis_name`: under `jax.jit` with a data-sharded batch the
 statistics are those of the global batch.
 """
 
 import functools
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -33,21 +37,21 @@ Dtype = Any
 
 # Kaiming normal (untruncated, std sqrt(2 / fan_out)), as torchvision
 # initializes ResNet convolutions.
-_CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 # Convolutions feed BatchNorm (or are summed before one), so a bias would be
 # redundant with the BN shift.
-_Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_CONV_INIT)
+_Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=CONV_INIT)
 
 # Explicit symmetric padding: 'SAME' pads stride-2 convs on even inputs only at
 # the bottom/right, which would shift the sampling grid relative to the
 # PyTorch reference (padding=1).
-_PAD_3X3 = ((1, 1), (1, 1))
+PAD_3X3 = ((1, 1), (1, 1))
 
 
 def _conv3x3(features: int, strides: int, dtype: Dtype, name: str) -> nn.Conv:
   """3x3 convolution with padding 1 and no bias."""
-  return _Conv(features, (3, 3), strides=(strides, strides), padding=_PAD_3X3,
+  return _Conv(features, (3, 3), strides=(strides, strides), padding=PAD_3X3,
                dtype=dtype, name=name)
 
 
@@ -57,13 +61,13 @@ def _conv1x1(features: int, strides: int, dtype: Dtype, name: str) -> nn.Conv:
                dtype=dtype, name=name)
 
 
-def _batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
   """BatchNorm matching PyTorch's defaults (momentum 0.1 there is 0.9 here)."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                       dtype=dtype, name=name)
 
 
-def _classifier(num_classes: int, dtype: Dtype, pooled: Array) -> Array:
+def classifier(num_classes: int, dtype: Dtype, pooled: Array) -> Array:
   """Final Dense layer; logits are returned in float32.
 
   The Dense keeps Flax's default init (lecun normal kernel, zero bias) rather
@@ -84,6 +88,28 @@ def _check_stages(stage_sizes: Sequence[int], widths: Sequence[int],
         f'{len(stage_sizes)}/{len(widths)}/{len(strides)}')
 
 
+def apply_stages(block: Any, x: Array, *, train: bool,
+                 stages: Sequence[Tuple[int, int, int]], first_stage: int,
+                 dtype: Dtype) -> List[Array]:
+  """Applies residual stages to `x`; call it inside an `nn.compact` method.
+
+  Stage `first_stage + k` is `stages[k] = (num_blocks, width, stride)`:
+  `num_blocks` blocks of `width` channels, the first with `stride`. Blocks are
+  named `stage<i>_block<j>` (1-based), so the backbone and the heads that
+  re-instantiate its later stages name their parameters alike.
+
+  Returns:
+    Each stage's output feature map, in order.
+  """
+  outputs = []
+  for i, (size, width, stride) in enumerate(stages, start=first_stage):
+    for j in range(size):
+      x = block(width, stride if j == 0 else 1, dtype=dtype,
+                name=f'stage{i}_block{j + 1}')(x, train=train)
+    outputs.append(x)
+  return outputs
+
+
 class BasicBlock(nn.Module):
   """Post-activation residual block: conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU.
 
@@ -97,13 +123,13 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     out = _conv3x3(self.features, self.strides, self.dtype, 'conv1')(x)
-    out = nn.relu(_batch_norm(train, self.dtype, 'bn1')(out))
+    out = nn.relu(batch_norm(train, self.dtype, 'bn1')(out))
     out = _conv3x3(self.features, 1, self.dtype, 'conv2')(out)
-    out = _batch_norm(train, self.dtype, 'bn2')(out)
+    out = batch_norm(train, self.dtype, 'bn2')(out)
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = _conv1x1(self.features, self.strides, self.dtype,
                           'shortcut_conv')(x)
-      shortcut = _batch_norm(train, self.dtype, 'shortcut_bn')(shortcut)
+      shortcut = batch_norm(train, self.dtype, 'shortcut_bn')(shortcut)
     else:
       shortcut = x
     return nn.relu(out + shortcut)
@@ -121,19 +147,102 @@ class PreActBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    preact = nn.relu(_batch_norm(train, self.dtype, 'bn1')(x))
+    preact = nn.relu(batch_norm(train, self.dtype, 'bn1')(x))
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = _conv1x1(self.features, self.strides, self.dtype,
                           'shortcut_conv')(preact)
     else:
       shortcut = x
     out = _conv3x3(self.features, self.strides, self.dtype, 'conv1')(preact)
-    out = nn.relu(_batch_norm(train, self.dtype, 'bn2')(out))
+    out = nn.relu(batch_norm(train, self.dtype, 'bn2')(out))
     out = _conv3x3(self.features, 1, self.dtype, 'conv2')(out)
     return out + shortcut
 
 
-class ResNet(nn.Module):
+class _StagedNet:
+  """Stage count and HSAKD-style head constructor shared by the ResNets.
+
+  Subclasses are Linen modules with `stage_sizes`, `widths`, `strides` and
+  `dtype` fields and set `_BLOCK` (their residual block) and `_FINAL_BN`
+  (whether a BN + ReLU follows the last stage). This mixin is not a Module, so
+  Linen does not wrap its methods and they work on unbound backbones.
+  """
+
+  @property
+  def num_stages(self) -> int:
+    """Number of residual stages; `outputs` has `'stage1'` ... `'stage<N>'`."""
+    return len(self.stage_sizes)
+
+  def later_stages_head(self, stage: int, num_outputs: int) -> 'LaterStagesHead':
+    """Auxiliary head on stage `stage`'s output (HSAKD/LSSKD).
+
+    The head re-instantiates stages `stage + 1` ... `N` with this backbone's
+    block type, stage sizes, widths, strides and dtype. For `stage == N` it
+    instead applies one extra stage of `stage_sizes[-1]` blocks of width
+    `widths[-1]` and stride 1, as HSAKD's CIFAR ResNets do. Then, for the
+    pre-activation ResNet, the final BN + ReLU; then global average pooling
+    and a Dense layer with `num_outputs` outputs.
+
+    Args:
+      stage: 1-based stage whose output the head reads, in 1..`num_stages`.
+      num_outputs: Number of logits (4 * num_classes for HSAKD's joint
+        class x rotation task).
+
+    Returns:
+      An unbound module called as `logits, features = head(x, train=train)`
+      with float32 `logits` [batch, num_outputs] and the pooled `features`
+      [batch, widths[-1]].
+
+    Raises:
+      ValueError: If `stage` is not in 1..`num_stages`.
+    """
+    n = self.num_stages
+    if (isinstance(stage, bool) or not isinstance(stage, int)
+        or not 1 <= stage <= n):
+      raise ValueError(f'stage: expected 1..{n}, got {stage!r}')
+    if stage < n:
+      stages = tuple(zip(self.stage_sizes, self.widths, self.strides))[stage:]
+    else:
+      stages = ((self.stage_sizes[-1], self.widths[-1], 1),)
+    return LaterStagesHead(block=self._BLOCK, stages=stages,
+                           first_stage=stage + 1, final_bn=self._FINAL_BN,
+                           num_outputs=num_outputs, dtype=self.dtype)
+
+
+class LaterStagesHead(nn.Module):
+  """Residual stages, optional final BN + ReLU, global average pool, Dense.
+
+  Built by `ResNet.later_stages_head` / `PreActResNet.later_stages_head`.
+  Blocks are named `stage<i>_block<j>` from `first_stage` on, like the
+  backbone's blocks for the same stages.
+
+  Attributes:
+    block: Residual block class, called as `block(width, stride, dtype=...)`.
+    stages: `(num_blocks, width, stride)` of each stage.
+    first_stage: 1-based number of the first stage, used in block names.
+    final_bn: Whether a BN + ReLU follows the last stage (pre-activation).
+    num_outputs: Number of logits.
+    dtype: Computation dtype; parameters stay float32.
+  """
+  block: Any
+  stages: Sequence[Tuple[int, int, int]]
+  first_stage: int
+  final_bn: bool
+  num_outputs: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Tuple[Array, Array]:
+    """Returns float32 logits [batch, num_outputs] and pooled features."""
+    x = apply_stages(self.block, x, train=train, stages=self.stages,
+                     first_stage=self.first_stage, dtype=self.dtype)[-1]
+    if self.final_bn:
+      x = nn.relu(batch_norm(train, self.dtype, 'final_bn')(x))
+    pooled = jnp.mean(x, axis=(1, 2))
+    return classifier(self.num_outputs, self.dtype, pooled), pooled
+
+
+class ResNet(_StagedNet, nn.Module):
   """Post-activation ResNet of BasicBlocks without a max-pool.
 
   Stem: 3x3 stride-1 conv with `widths[0]` filters, BN, ReLU. Then stage `i`
@@ -154,26 +263,30 @@ class ResNet(nn.Module):
   strides: Sequence[int]
   dtype: Dtype = jnp.float32
 
+  _BLOCK = BasicBlock
+  _FINAL_BN = False
+
   @nn.compact
   def __call__(self, x: Array, *,
                train: bool) -> Tuple[Array, Dict[str, Array]]:
     _check_stages(self.stage_sizes, self.widths, self.strides)
     outputs = {}
     x = _conv3x3(self.widths[0], 1, self.dtype, 'stem_conv')(x)
-    x = nn.relu(_batch_norm(train, self.dtype, 'stem_bn')(x))
+    x = nn.relu(batch_norm(train, self.dtype, 'stem_bn')(x))
     outputs['stem'] = x
-    for i, (size, width, stride) in enumerate(
-        zip(self.stage_sizes, self.widths, self.strides), start=1):
-      for j in range(size):
-        x = BasicBlock(width, stride if j == 0 else 1, dtype=self.dtype,
-                       name=f'stage{i}_block{j + 1}')(x, train=train)
-      outputs[f'stage{i}'] = x
+    stage_outputs = apply_stages(
+        self._BLOCK, x, train=train,
+        stages=tuple(zip(self.stage_sizes, self.widths, self.strides)),
+        first_stage=1, dtype=self.dtype)
+    for i, stage_output in enumerate(stage_outputs, start=1):
+      outputs[f'stage{i}'] = stage_output
+    x = stage_outputs[-1]
     pooled = jnp.mean(x, axis=(1, 2))
     outputs['features'] = pooled
-    return _classifier(self.num_classes, self.dtype, pooled), outputs
+    return classifier(self.num_classes, self.dtype, pooled), outputs
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(_StagedNet, nn.Module):
   """Pre-activation ResNet (PS-KD's PreAct ResNet-18 by default).
 
   Stem: a bare 3x3 stride-1 conv with `widths[0]` filters. Then stages of
@@ -194,6 +307,9 @@ class PreActResNet(nn.Module):
   strides: Sequence[int] = (1, 2, 2, 2)
   dtype: Dtype = jnp.float32
 
+  _BLOCK = PreActBlock
+  _FINAL_BN = True
+
   @nn.compact
   def __call__(self, x: Array, *,
                train: bool) -> Tuple[Array, Dict[str, Array]]:
@@ -201,16 +317,17 @@ class PreActResNet(nn.Module):
     outputs = {}
     x = _conv3x3(self.widths[0], 1, self.dtype, 'stem_conv')(x)
     outputs['stem'] = x
-    for i, (size, width, stride) in enumerate(
-        zip(self.stage_sizes, self.widths, self.strides), start=1):
-      for j in range(size):
-        x = PreActBlock(width, stride if j == 0 else 1, dtype=self.dtype,
-                        name=f'stage{i}_block{j + 1}')(x, train=train)
-      outputs[f'stage{i}'] = x
-    x = nn.relu(_batch_norm(train, self.dtype, 'final_bn')(x))
+    stage_outputs = apply_stages(
+        self._BLOCK, x, train=train,
+        stages=tuple(zip(self.stage_sizes, self.widths, self.strides)),
+        first_stage=1, dtype=self.dtype)
+    for i, stage_output in enumerate(stage_outputs, start=1):
+      outputs[f'stage{i}'] = stage_output
+    x = stage_outputs[-1]
+    x = nn.relu(batch_norm(train, self.dtype, 'final_bn')(x))
     pooled = jnp.mean(x, axis=(1, 2))
     outputs['features'] = pooled
-    return _classifier(self.num_classes, self.dtype, pooled), outputs
+    return classifier(self.num_classes, self.dtype, pooled), outputs
 
 
 def cifar_resnet18(*, num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:

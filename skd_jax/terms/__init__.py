@@ -8,15 +8,28 @@ The trainer imports ``skd_jax.terms.<name>`` and calls its ``make(settings, cont
 method is a new module here plus a config file; the trainer does not change.
 
 A term is pure: it maps :class:`TermInputs` (what the forward pass produced for the batch) plus its
-own state to per-example losses and its next state. Two kinds of state exist, both created by the
-term, stored in the train state and in every checkpoint:
+own state to per-example losses and its next state. It declares what it needs beyond the final
+logits:
 
-* ``rows``: one row per training example (e.g. PS-KD's history of past predictions, ``[N, C]``).
-  The trainer keeps the table sharded along examples with the data, hands the term the rows of the
-  batch's examples, and writes back the rows the term returns (skipping padding and duplicate
-  indices), moving only ``O(batch x classes)`` per step.
-* ``carry``: a small pytree carried from one step to the next (e.g. the previous batch's sorted
-  logits), replicated on every device.
+* named intermediates of the backbone (``inputs.outputs['stage2']``), always there;
+* training-only auxiliary heads (:meth:`LossTerm.heads`), attached at named stages; their logits
+  appear in ``inputs.outputs`` under the head's name, and the evaluated and exported model never
+  contains them;
+* extra views of the batch (:attr:`LossTerm.num_views`, :meth:`LossTerm.make_views`), e.g. LSSKD's
+  four rotations: the model then sees ``B * V`` images, ``inputs.logits`` / ``inputs.outputs``
+  hold the original view and ``inputs.views`` every view;
+* state, of two kinds, both created by the term, stored in the train state and in every
+  checkpoint:
+
+  * ``rows``: one row per training example (e.g. PS-KD's history of past predictions,
+    ``[N, C]``). The trainer keeps the table sharded along examples with the data, hands the term
+    the rows of the batch's examples, and writes back the rows the term returns (skipping padding
+    and duplicate indices), moving only ``O(batch x classes)`` per step.
+  * ``carry``: a small pytree carried from one step to the next (e.g. DSR's previous sorted
+    logits), replicated on every device.
+
+:class:`Combined` sums weighted terms (``optax.chain``'s role for losses): it is what the trainer
+uses, and other JAX code can call it, or any single term, on plain arrays.
 """
 
 import abc
@@ -25,31 +38,59 @@ import importlib
 from typing import Any, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from skd_jax.errors import ConfigError
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TermInputs:
-  """What a term sees of one training step.
+  """What a term sees of one training step (a pytree, so it passes through ``jax.jit``).
 
   Attributes:
-    logits: ``[B, C]`` final-head logits (float32).
-    outputs: the model's named intermediates (stage features, auxiliary-head logits).
+    logits: ``[B, C]`` final-head logits of the original view.
     labels: ``[B]`` integer labels.
-    one_hot: ``[B, C]`` float32 one-hot labels.
-    epoch: 0-based epoch, an int32 scalar.
+    outputs: the model's named intermediates (stage features, auxiliary-head logits) of the
+      original view, ``[B, ...]`` each.
+    epoch: 0-based epoch (an int32 scalar in the trainer).
+    views: ``'logits'`` and every output for every view of the batch, ``[B, V, ...]`` each (view 0
+      is the original). Defaults to the single view ``logits`` / ``outputs``.
   """
   logits: jax.Array
-  outputs: Mapping[str, jax.Array]
   labels: jax.Array
-  one_hot: jax.Array
-  epoch: jax.Array
+  outputs: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
+  epoch: Any = 0
+  views: Mapping[str, jax.Array] | None = None
+
+  def __post_init__(self):
+    if self.views is None:
+      single = {'logits': self.logits, **self.outputs}
+      object.__setattr__(self, 'views', {k: v[:, None] for k, v in single.items()})
+
+  @property
+  def one_hot(self) -> jax.Array:
+    """``[B, C]`` float32 one-hot labels."""
+    return jax.nn.one_hot(self.labels, self.logits.shape[-1], dtype=jnp.float32)
+
+  @classmethod
+  def from_forward(cls, logits: jax.Array, outputs: Mapping[str, jax.Array], labels: jax.Array,
+                   epoch: Any, num_views: int) -> 'TermInputs':
+    """Inputs from a forward pass over ``B * num_views`` images laid out example-major."""
+    batch = labels.shape[0]
+    views = {k: v.reshape(batch, num_views, *v.shape[1:])
+             for k, v in {'logits': logits.astype(jnp.float32), **outputs}.items()}
+    return cls(logits=views['logits'][:, 0], labels=labels,
+               outputs={k: views[k][:, 0] for k in outputs}, epoch=epoch, views=views)
 
 
 class TermOutput(NamedTuple):
-  """A term's result: per-example ``loss`` ``[B]``, next ``rows`` and ``carry``, and metrics."""
+  """A term's result: per-example ``loss`` ``[B]``, next ``rows`` and ``carry``, and metrics.
+
+  A metric is a scalar, or a ``[B]`` per-example value that the trainer averages over the real
+  examples of the batch.
+  """
   loss: jax.Array
   rows: Any = None
   carry: Any = None
@@ -62,15 +103,19 @@ class Context:
   num_classes: int
   num_epochs: int
   batch_size: int
+  image_shape: tuple[int, ...] | None = None  # (H, W, channels) of one example
 
 
 class LossTerm(abc.ABC):
   """Base class of loss terms. Subclasses are frozen dataclasses with a ``weight`` field.
 
-  Override ``init_rows`` / ``init_carry`` for stateful terms and ``__call__`` always.
+  Override ``__call__`` always; ``init_rows`` / ``init_carry`` for stateful terms; ``heads`` for
+  terms that need auxiliary heads; ``num_views`` and ``make_views`` for terms that need extra
+  views of each example.
   """
   name: str
   weight: float
+  num_views: int = 1
 
   def init_rows(self, labels: jax.Array) -> jax.Array | None:
     """Initial per-example state from the ``[N]`` training labels, or None."""
@@ -81,12 +126,101 @@ class LossTerm(abc.ABC):
     """Initial step-to-step state (arrays of static shape), or None."""
     return None
 
+  def heads(self, backbone) -> tuple[Any, ...]:
+    """Training-only heads (``skd_jax.models.Head``) this term needs on ``backbone``.
+
+    Raises:
+      ConfigError: when the backbone cannot carry them.
+    """
+    del backbone
+    return ()
+
+  def make_views(self, images: jax.Array) -> jax.Array:
+    """``[B, num_views, ...]`` views of ``[B, ...]`` images; view 0 must be the images."""
+    return images[:, None]
+
   @abc.abstractmethod
-  def __call__(self, inputs: TermInputs, rows: Any, carry: Any) -> TermOutput:
+  def __call__(self, inputs: TermInputs, rows: Any = None, carry: Any = None) -> TermOutput:
     """Per-example losses for the batch, with the batch's new rows and the next carry."""
 
 
-def build(loss_config: ml_collections.ConfigDict, context: Context) -> tuple[LossTerm, ...]:
+class CombinedOutput(NamedTuple):
+  """:class:`Combined`'s result.
+
+  Attributes:
+    loss: ``[B]`` weighted sum of the terms' per-example losses.
+    losses: term name -> its unweighted ``[B]`` loss.
+    rows: term name -> the batch's new rows (stateful terms only).
+    carry: term name -> next carry.
+    metrics: the terms' metrics.
+  """
+  loss: jax.Array
+  losses: dict[str, jax.Array]
+  rows: dict[str, Any]
+  carry: dict[str, Any]
+  metrics: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Combined:
+  """A weighted sum of loss terms: ``L_i = sum_t weight_t * L_t,i``.
+
+  Rows and carries are dicts keyed by term name. At most one term may add views of the batch;
+  every term then sees the same ``B * V`` forward pass.
+  """
+  terms: tuple[LossTerm, ...]
+
+  def __post_init__(self):
+    names = [t.name for t in self.terms]
+    if len(set(names)) != len(names):
+      raise ValueError(f'terms: names must be unique, got {names}')
+    viewers = [t.name for t in self.terms if t.num_views > 1]
+    if len(viewers) > 1:
+      raise ValueError(f'terms: {" and ".join(viewers)} both add views of the batch; at most '
+                       'one term may')
+
+  @property
+  def num_views(self) -> int:
+    return max([t.num_views for t in self.terms], default=1)
+
+  def views(self, images: jax.Array) -> jax.Array:
+    """``[B * V, ...]`` images, example-major (the ``V`` views of example ``i`` are adjacent)."""
+    viewer = next((t for t in self.terms if t.num_views > 1), None)
+    if viewer is None:
+      return images
+    views = viewer.make_views(images)
+    return views.reshape(-1, *views.shape[2:])
+
+  def heads(self, backbone) -> tuple[Any, ...]:
+    heads = tuple(h for t in self.terms for h in t.heads(backbone))
+    names = [h.name for h in heads]
+    if len(set(names)) != len(names):
+      raise ConfigError(f'loss: two terms attach heads with the same name: {names}')
+    return heads
+
+  def init_rows(self, labels: jax.Array) -> dict[str, jax.Array]:
+    rows = {t.name: t.init_rows(labels) for t in self.terms}
+    return {k: v for k, v in rows.items() if v is not None}
+
+  def init_carry(self) -> dict[str, Any]:
+    return {t.name: t.init_carry() for t in self.terms}
+
+  def __call__(self, inputs: TermInputs, rows: Mapping[str, Any] | None = None,
+               carry: Mapping[str, Any] | None = None) -> CombinedOutput:
+    rows, carry = rows or {}, carry or {}
+    total, per_term, new_rows, new_carry, metrics = 0.0, {}, {}, {}, {}
+    for term in self.terms:
+      out = term(inputs, rows.get(term.name), carry.get(term.name))
+      total = total + term.weight * out.loss
+      per_term[term.name] = out.loss
+      if out.rows is not None:
+        new_rows[term.name] = out.rows
+      new_carry[term.name] = out.carry
+      metrics.update(out.metrics)
+    return CombinedOutput(total, per_term, new_rows, new_carry, metrics)
+
+
+def build(loss_config: ml_collections.ConfigDict, context: Context) -> Combined:
   """Builds the terms named in ``config.loss``, in a fixed (sorted) order.
 
   Raises:
@@ -99,16 +233,37 @@ def build(loss_config: ml_collections.ConfigDict, context: Context) -> tuple[Los
       module = importlib.import_module(f'{__name__}.{name}')
     except ModuleNotFoundError:
       raise ConfigError(f'loss.{name}: unknown loss term; expected a module of skd_jax.terms '
-                        f'such as cross_entropy, label_smoothing, pskd') from None
+                        f'such as cross_entropy, pskd, drg, dsr, lsskd') from None
     if 'weight' not in settings or settings.weight < 0:
       raise ConfigError(f'loss.{name}.weight: expected a non-negative number')
-    terms.append(module.make(settings, context))
-  return tuple(terms)
+    term = module.make(settings, context)
+    # Context facts come from the run, not from the settings.
+    known = ({f.name for f in dataclasses.fields(term)} - {'name'}
+             - {f.name for f in dataclasses.fields(Context)})
+    for key in settings:
+      if key not in known:
+        raise ConfigError(f'loss.{name}.{key}: unknown setting; expected one of '
+                          f'{", ".join(sorted(known))}')
+    terms.append(term)
+  try:
+    return Combined(tuple(terms))
+  except ValueError as e:
+    raise ConfigError(f'loss: {str(e).removeprefix("terms: ")}') from None
 
 
-def check_range(settings, key: str, low: float, high: float, term: str) -> float:
-  """Returns ``settings[key]`` after checking it lies in ``[low, high]``."""
-  value = settings.get(key)
+def check_range(settings, key: str, low: float, high: float, term: str,
+                default: float | None = None) -> float:
+  """Returns ``settings[key]`` (or ``default``) after checking it lies in ``[low, high]``."""
+  value = settings.get(key, default)
   if not isinstance(value, (int, float)) or not low <= value <= high:
     raise ConfigError(f'loss.{term}.{key}: expected a number in [{low}, {high}], got {value!r}')
   return float(value)
+
+
+def check_choice(settings, key: str, choices: tuple[str, ...], term: str, default: str) -> str:
+  """Returns ``settings[key]`` (or ``default``) after checking it is one of ``choices``."""
+  value = settings.get(key, default)
+  if value not in choices:
+    raise ConfigError(f'loss.{term}.{key}: expected one of {", ".join(map(repr, choices))}, '
+                      f'got {value!r}')
+  return value

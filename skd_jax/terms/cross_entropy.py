@@ -12,7 +12,7 @@ class CrossEntropy(terms.LossTerm):
   weight: float = 1.0
   name: str = 'cross_entropy'
 
-  def __call__(self, inputs, rows, carry):
+  def __call__(self, inputs, rows=None, carry=None):
     return terms.TermOutput(losses.soft_target_cross_entropy(inputs.logits, inputs.one_hot))
 
 

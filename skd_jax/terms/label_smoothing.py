@@ -2,7 +2,6 @@
 
 import dataclasses
 
-from skd_jax import errors
 from skd_jax import losses
 from skd_jax import terms
 
@@ -15,17 +14,15 @@ class LabelSmoothing(terms.LossTerm):
   variant: str = 'uniform'
   name: str = 'label_smoothing'
 
-  def __call__(self, inputs, rows, carry):
+  def __call__(self, inputs, rows=None, carry=None):
     return terms.TermOutput(losses.label_smoothing_cross_entropy(
         inputs.logits, inputs.one_hot, epsilon=self.epsilon, variant=self.variant))
 
 
 def make(settings, context):
   del context
-  variant = settings.get('variant', 'uniform')
-  if variant not in ('uniform', 'non_target'):
-    raise errors.ConfigError(
-        f"loss.label_smoothing.variant: expected 'uniform' or 'non_target', got {variant!r}")
+  variant = terms.check_choice(settings, 'variant', ('uniform', 'non_target'), 'label_smoothing',
+                               'uniform')
   return LabelSmoothing(weight=float(settings.weight),
                         epsilon=terms.check_range(settings, 'epsilon', 0, 1, 'label_smoothing'),
                         variant=variant)

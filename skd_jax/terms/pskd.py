@@ -29,7 +29,7 @@ class PSKD(terms.LossTerm):
   def init_rows(self, labels):
     return jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
 
-  def __call__(self, inputs, rows, carry):
+  def __call__(self, inputs, rows=None, carry=None):
     alpha = losses.pskd_alpha(inputs.epoch, alpha_T=self.alpha_T, num_epochs=self.num_epochs)
     loss = losses.pskd_cross_entropy(inputs.logits, inputs.one_hot, rows, alpha=alpha)
     new_rows = jax.lax.stop_gradient(jax.nn.softmax(inputs.logits.astype(jnp.float32)))

@@ -1,0 +1,59 @@
+"""DRG: LightSKD's distillation with reverse guidance (Xu et al., arXiv 2305.09183).
+
+A light auxiliary head (attention + separable convolutions, ``skd_jax.models.DRGHead``) on an
+intermediate stage is trained with cross-entropy, and its detached softened prediction teaches
+the final head: the shallow branch guides the deep one. The head's input width follows the
+backbone's stage (the official code hard-codes 512 channels, which breaks on ResNet-18's stage 2).
+The head exists only in training; evaluation and export use the backbone alone.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from skd_jax import errors
+from skd_jax import losses
+from skd_jax import models
+from skd_jax import terms
+
+
+@dataclasses.dataclass(frozen=True)
+class DRG(terms.LossTerm):
+  """``weight * [H(y, z^a) + alpha T^2 KL(softmax(sg(z^a)/T) || softmax(z/T))]``.
+
+  ``z^a`` is ``inputs.outputs['drg']``, the head on ``stage<stage>``.
+  """
+  num_classes: int
+  weight: float = 1.0
+  alpha: float = 0.2
+  temperature: float = 4.0
+  stage: int = 2
+  name: str = 'drg'
+
+  def heads(self, backbone):
+    num_stages = getattr(backbone, 'num_stages', None)
+    if num_stages is None:
+      raise errors.ConfigError(f'loss.drg: model {type(backbone).__name__} has no numbered stages')
+    if not 1 <= self.stage <= num_stages:
+      raise errors.ConfigError(f'loss.drg.stage: expected a stage in 1..{num_stages}, got '
+                               f'{self.stage}')
+    return (models.Head(self.name, f'stage{self.stage}',
+                        models.DRGHead(self.num_classes, dtype=backbone.dtype)),)
+
+  def __call__(self, inputs, rows=None, carry=None):
+    aux = inputs.outputs[self.name]
+    loss = losses.drg_loss(inputs.logits, aux, inputs.one_hot, alpha=self.alpha,
+                           temperature=self.temperature)
+    accuracy = (jnp.argmax(aux, -1) == inputs.labels).astype(jnp.float32)
+    return terms.TermOutput(loss, metrics={'drg/head_accuracy': accuracy})
+
+
+def make(settings, context):
+  stage = settings.get('stage', 2)
+  if not isinstance(stage, int):
+    raise errors.ConfigError(f'loss.drg.stage: expected a stage number, got {stage!r}')
+  return DRG(num_classes=context.num_classes, weight=float(settings.weight),
+             alpha=terms.check_range(settings, 'alpha', 0, 1e3, 'drg', DRG.alpha),
+             temperature=terms.check_range(settings, 'temperature', 1e-3, 1e3, 'drg',
+                                           DRG.temperature),
+             stage=stage)

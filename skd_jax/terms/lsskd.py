@@ -1,0 +1,95 @@
+"""LSSKD: layered self-supervised self-distillation (Dahri et al., arXiv 2506.07055).
+
+Every training example is expanded, on the device, into its four rotations (0, 90, 180, 270
+degrees of the augmented image); the model sees all ``4 B`` images, so BatchNorm statistics cover
+the whole expanded batch, while the final classifier's cross-entropy (a separate
+``cross_entropy`` term) uses only the unrotated copies. One auxiliary head per backbone stage
+(HSAKD's design: the later stages re-instantiated, the last stage's head one extra stride-1
+stage, then ``4 C`` outputs) learns the joint label ``4 y + k``; deeper heads teach shallower
+ones and the deepest head's aggregated class scores teach the final classifier. The loss, the
+pairing (``'deepest'``, HSAKD's, or ``'adjacent'``), the weights and the optional feature
+alignment are described in :func:`skd_jax.losses.lsskd_loss`. Gradients of the heads flow into the
+backbone (self-distillation: the heads' task shapes the shared features). Heads exist only in
+training.
+"""
+
+import dataclasses
+import re
+
+import jax.numpy as jnp
+
+from skd_jax import errors
+from skd_jax import losses
+from skd_jax import models
+from skd_jax import terms
+
+NUM_ROTATIONS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LSSKD(terms.LossTerm):
+  """``weight * lsskd_loss(z, [s_1 .. s_L], y)`` with heads ``lsskd1`` .. ``lsskdL``."""
+  num_classes: int
+  weight: float = 1.0
+  temperature: float = 3.0
+  pairing: str = 'deepest'
+  head_ce_weight: float = 1.0
+  head_kd_weight: float = 1.0
+  main_kd_weight: float = 1.0
+  aggregation: str = 'matched'
+  feature_weight: float = 0.0
+  name: str = 'lsskd'
+  num_views = NUM_ROTATIONS
+
+  def heads(self, backbone):
+    num_stages = getattr(backbone, 'num_stages', None)
+    if num_stages is None or not hasattr(backbone, 'later_stages_head'):
+      raise errors.ConfigError(f'loss.lsskd: model {type(backbone).__name__} cannot '
+                               're-instantiate its later stages as heads')
+    return tuple(
+        models.Head(f'{self.name}{l}', f'stage{l}',
+                    backbone.later_stages_head(l, NUM_ROTATIONS * self.num_classes))
+        for l in range(1, num_stages + 1))
+
+  def make_views(self, images):
+    # Quarter turns in the image plane; images are square (checked in make()).
+    return jnp.stack([jnp.rot90(images, k, axes=(1, 2)) for k in range(NUM_ROTATIONS)], axis=1)
+
+  def _head_names(self, views):
+    pattern = re.compile(rf'{re.escape(self.name)}(\d+)')
+    found = [(int(m.group(1)), k) for k in views if (m := pattern.fullmatch(k))]
+    return [k for _, k in sorted(found)]
+
+  def __call__(self, inputs, rows=None, carry=None):
+    names = self._head_names(inputs.views)
+    head_logits = [inputs.views[k] for k in names]
+    features = ([inputs.views[f'{k}/features'] for k in names] if self.feature_weight else None)
+    loss = losses.lsskd_loss(
+        inputs.logits, head_logits, inputs.one_hot, temperature=self.temperature,
+        pairing=self.pairing, head_ce_weight=self.head_ce_weight,
+        head_kd_weight=self.head_kd_weight, main_kd_weight=self.main_kd_weight,
+        aggregation=self.aggregation, head_features=features, feature_weight=self.feature_weight)
+    metrics = {
+        f'{k}/accuracy':
+            (jnp.argmax(losses.aggregate_joint_logits(s), -1) == inputs.labels).astype(jnp.float32)
+        for k, s in zip(names, head_logits)}
+    return terms.TermOutput(loss, metrics=metrics)
+
+
+def make(settings, context):
+  shape = context.image_shape
+  if shape is not None and shape[0] != shape[1]:
+    raise errors.ConfigError(f'loss.lsskd: rotations need square images, got {shape[0]}x'
+                             f'{shape[1]}')
+  check = lambda key, low, high: terms.check_range(settings, key, low, high, 'lsskd',
+                                                   getattr(LSSKD, key))
+  return LSSKD(
+      num_classes=context.num_classes, weight=float(settings.weight),
+      temperature=check('temperature', 1e-3, 1e3),
+      pairing=terms.check_choice(settings, 'pairing', ('deepest', 'adjacent'), 'lsskd',
+                                 'deepest'),
+      head_ce_weight=check('head_ce_weight', 0, 1e3), head_kd_weight=check('head_kd_weight', 0, 1e3),
+      main_kd_weight=check('main_kd_weight', 0, 1e3),
+      aggregation=terms.check_choice(settings, 'aggregation', ('matched', 'sum'), 'lsskd',
+                                     'matched'),
+      feature_weight=check('feature_weight', 0, 1e3))

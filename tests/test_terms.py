@@ -1,0 +1,149 @@
+"""Loss terms on plain arrays: composition, state, views, heads and config errors."""
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from skd_jax import losses
+from skd_jax import models
+from skd_jax import terms as terms_lib
+from skd_jax.errors import ConfigError
+from skd_jax.terms import cross_entropy, drg, dsr, lsskd, pskd
+
+CONTEXT = terms_lib.Context(num_classes=5, num_epochs=4, batch_size=3, image_shape=(8, 8, 1))
+
+
+def _inputs(key=0, batch=3, classes=5, **outputs):
+  logits = jax.random.normal(jax.random.key(key), (batch, classes)) * 2
+  labels = jnp.arange(batch) % classes
+  return terms_lib.TermInputs(logits=logits, labels=labels, outputs=outputs, epoch=1)
+
+
+def _build(**loss):
+  return terms_lib.build(ml_collections.ConfigDict(loss), CONTEXT)
+
+
+def test_zero_weight_terms_leave_the_cross_entropy_baseline_exactly():
+  inputs = _inputs(drg=jax.random.normal(jax.random.key(1), (3, 5)))
+  baseline = _build(cross_entropy=dict(weight=1.0))
+  method = _build(cross_entropy=dict(weight=1.0), drg=dict(weight=0.0), dsr=dict(weight=0.0))
+  carry = method(inputs, carry=method.init_carry()).carry  # DSR active from here on
+
+  def loss_and_grad(m, c):
+    return jax.value_and_grad(lambda z: m(terms_lib.TermInputs(
+        z, inputs.labels, inputs.outputs), carry=c).loss.sum())(inputs.logits)
+
+  for got, want in zip(loss_and_grad(method, carry), loss_and_grad(baseline, None)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_combined_is_the_weighted_sum_of_its_terms():
+  inputs = _inputs(drg=jax.random.normal(jax.random.key(2), (3, 5)))
+  method = _build(pskd=dict(weight=0.5, alpha_T=0.8), drg=dict(weight=2.0),
+                  dsr=dict(weight=3.0))
+  rows = {'pskd': jax.nn.softmax(jax.random.normal(jax.random.key(3), (3, 5)))}
+  carry = {'dsr': {'sorted_logits': jnp.sort(jax.random.normal(jax.random.key(4), (3, 5)), -1),
+                   'has_previous': jnp.ones((), bool)}, 'drg': None, 'pskd': None}
+  out = method(inputs, rows, carry)
+  separately = (0.5 * pskd.PSKD(num_classes=5, num_epochs=4)(inputs, rows['pskd']).loss
+                + 2.0 * drg.DRG(num_classes=5)(inputs).loss
+                + 3.0 * dsr.DSR(num_classes=5, batch_size=3)(inputs, carry=carry['dsr']).loss)
+  np.testing.assert_allclose(out.loss, separately, rtol=1e-6)
+  assert set(out.losses) == {'pskd', 'drg', 'dsr'} and set(out.rows) == {'pskd'}
+
+
+def test_dsr_carries_the_previous_steps_sorted_logits():
+  term = dsr.DSR(num_classes=5, batch_size=3)
+  first, second = _inputs(5), _inputs(6)
+  out = term(first, carry=term.init_carry())
+  np.testing.assert_array_equal(out.loss, 0.0)  # no previous step yet
+  np.testing.assert_array_equal(out.carry['sorted_logits'], jnp.sort(first.logits, -1))
+  out2 = term(second, carry=out.carry)
+  np.testing.assert_allclose(out2.loss, losses.dsr_loss(second.logits, jnp.sort(first.logits, -1)),
+                             rtol=1e-6)
+  # Jitted over steps as the trainer does: the carry has a fixed shape and dtype.
+  jitted = jax.jit(term.__call__)
+  np.testing.assert_allclose(jitted(second, carry=out.carry).loss, out2.loss, rtol=1e-6)
+  assert jax.tree.map(jnp.shape, term.init_carry()) == jax.tree.map(jnp.shape, out2.carry)
+
+
+def test_lsskd_views_are_the_four_rotations_example_major():
+  images = jnp.arange(2 * 3 * 3 * 1, dtype=jnp.uint8).reshape(2, 3, 3, 1)
+  method = _build(cross_entropy=dict(weight=1.0), lsskd=dict(weight=1.0))
+  assert method.num_views == 4
+  x = method.views(images)
+  assert x.shape == (8, 3, 3, 1)
+  for i in range(2):
+    for k in range(4):
+      np.testing.assert_array_equal(x[4 * i + k], np.rot90(images[i], k, axes=(0, 1)))
+
+
+def test_lsskd_term_reads_its_heads_from_the_views():
+  batch, classes = 2, 5
+  key = iter(jax.random.split(jax.random.key(7), 8))
+  views = {'logits': jax.random.normal(next(key), (batch, 4, classes))}
+  heads = [jax.random.normal(next(key), (batch, 4, 4 * classes)) for _ in range(3)]
+  views.update({f'lsskd{l + 1}': h for l, h in enumerate(heads)})
+  inputs = terms_lib.TermInputs(logits=views['logits'][:, 0], labels=jnp.array([1, 3]),
+                                views=views)
+  term = lsskd.LSSKD(num_classes=classes, pairing='adjacent')
+  expected = losses.lsskd_loss(inputs.logits, heads, inputs.one_hot, pairing='adjacent')
+  out = term(inputs)
+  np.testing.assert_allclose(out.loss, expected, rtol=1e-6)
+  assert set(out.metrics) == {'lsskd1/accuracy', 'lsskd2/accuracy', 'lsskd3/accuracy'}
+
+
+def test_heads_attach_at_the_backbones_stages():
+  backbone = models.small_resnet(num_classes=5, widths=(4, 8, 16), strides=(2, 2, 2))
+  (drg_head,) = drg.DRG(num_classes=5, stage=2).heads(backbone)
+  assert (drg_head.name, drg_head.stage) == ('drg', 'stage2')
+  lsskd_heads = lsskd.LSSKD(num_classes=5).heads(backbone)
+  assert [(h.name, h.stage) for h in lsskd_heads] == [('lsskd1', 'stage1'), ('lsskd2', 'stage2'),
+                                                      ('lsskd3', 'stage3')]
+  with pytest.raises(ConfigError, match=r'loss.drg.stage: expected a stage in 1..3, got 4'):
+    drg.DRG(num_classes=5, stage=4).heads(backbone)
+  method = _build(drg=dict(weight=1.0), lsskd=dict(weight=1.0))
+  assert len(method.heads(backbone)) == 4
+
+
+@pytest.mark.parametrize('loss, message', [
+    (dict(drg=dict(weight=1.0, temprature=4.0)), r'loss.drg.temprature: unknown setting'),
+    (dict(dsr=dict(weight=1.0, temperature=0.0)), r'loss.dsr.temperature: expected a number'),
+    (dict(lsskd=dict(weight=1.0, pairing='random')), r'loss.lsskd.pairing: expected one of'),
+    (dict(drg=dict(weight=1.0, stage='stage2')), r'loss.drg.stage: expected a stage number'),
+    (dict(pskd=dict(weight=-1.0)), r'loss.pskd.weight: expected a non-negative number'),
+])
+def test_invalid_settings_are_config_errors(loss, message):
+  with pytest.raises(ConfigError, match=message):
+    _build(**loss)
+
+
+def test_lsskd_needs_square_images():
+  context = terms_lib.Context(5, 4, 3, image_shape=(8, 6, 3))
+  with pytest.raises(ConfigError, match='loss.lsskd: rotations need square images, got 8x6'):
+    terms_lib.build(ml_collections.ConfigDict({'lsskd': {'weight': 1.0}}), context)
+
+
+def test_two_terms_adding_views_are_refused():
+  with pytest.raises(ValueError, match='a and b both add views'):
+    terms_lib.Combined((lsskd.LSSKD(num_classes=5, name='a'), lsskd.LSSKD(num_classes=5, name='b')))
+  with pytest.raises(ValueError, match='names must be unique'):
+    terms_lib.Combined((cross_entropy.CrossEntropy(), cross_entropy.CrossEntropy()))
+
+
+def test_readme_example_runs():
+  """The README's "Using the losses and terms in your own code" block, executed as written."""
+  with open(os.path.join(os.path.dirname(__file__), '..', 'README.md')) as f:
+    readme = f.read()
+  section = readme[readme.index('## Using the losses and terms in your own code'):]
+  blocks = re.findall(r'```python\n(.*?)```', section, re.S)
+  assert blocks
+  namespace = {}
+  exec(compile(blocks[0], 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
+  assert namespace['step1'].loss.shape == (2,)
+  assert float(namespace['step2'].loss.sum()) > 0
