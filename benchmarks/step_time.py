@@ -5,7 +5,7 @@ the steps in interleaved rounds (baseline, method 1, method 2, ..., baseline, ..
 noise hits every method alike. Prints the median seconds per step, images per second and the
 ratio to the baseline's median.
 
-  python benchmarks/step_time.py                       # quick configs (Fashion-MNIST, CPU-sized)
+  pip install -e . && python benchmarks/step_time.py  # quick configs (Fashion-MNIST, CPU-sized)
   python benchmarks/step_time.py --steps=20 --rounds=5 --configs=baseline,drg,lsskd
   python benchmarks/step_time.py --arg='' --configs=baseline,lightskd   # paper setups, CIFAR-100
 """

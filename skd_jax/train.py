@@ -143,9 +143,14 @@ def init_state(model, tx, method: terms_lib.Combined, train: DeviceData, image_s
 
 
 class Batch(NamedTuple):
-  """One step's global batch: example ``index`` and ``valid`` (False on padding slots) ``[B]``,
-  the model's input ``x`` ``[B * V, H, W, C]`` (V views per example, example-major) and ``labels``
-  ``[B]``."""
+  """One step's global batch.
+
+  Attributes:
+    index: ``[B]`` example indices into the training split.
+    valid: ``[B]`` False on the padding slots of an epoch's last batch.
+    x: ``[B * V, H, W, C]`` the model's input: ``V`` views per example, example-major.
+    labels: ``[B]`` integer labels.
+  """
   index: jax.Array
   valid: jax.Array
   x: jax.Array

@@ -173,6 +173,24 @@ class _StagedNet:
     """Number of residual stages; `outputs` has `'stage1'` ... `'stage<N>'`."""
     return len(self.stage_sizes)
 
+  def _stages_to_logits(self, x: Array, outputs: Dict[str, Array], *,
+                        train: bool) -> Tuple[Array, Dict[str, Array]]:
+    """From the stem's output: the stages, the final BN + ReLU (pre-activation
+    only), pooling and the classifier; adds `'stage<i>'` and `'features'` to
+    `outputs`. Called inside the subclass's compact `__call__`."""
+    stage_outputs = apply_stages(
+        self._BLOCK, x, train=train,
+        stages=tuple(zip(self.stage_sizes, self.widths, self.strides)),
+        first_stage=1, dtype=self.dtype)
+    for i, stage_output in enumerate(stage_outputs, start=1):
+      outputs[f'stage{i}'] = stage_output
+    x = stage_outputs[-1]
+    if self._FINAL_BN:
+      x = nn.relu(batch_norm(train, self.dtype, 'final_bn')(x))
+    pooled = jnp.mean(x, axis=(1, 2))
+    outputs['features'] = pooled
+    return classifier(self.num_classes, self.dtype, pooled), outputs
+
   def later_stages_head(self, stage: int, num_outputs: int) -> 'LaterStagesHead':
     """Auxiliary head on stage `stage`'s output (HSAKD/LSSKD).
 
@@ -274,16 +292,7 @@ class ResNet(_StagedNet, nn.Module):
     x = _conv3x3(self.widths[0], 1, self.dtype, 'stem_conv')(x)
     x = nn.relu(batch_norm(train, self.dtype, 'stem_bn')(x))
     outputs['stem'] = x
-    stage_outputs = apply_stages(
-        self._BLOCK, x, train=train,
-        stages=tuple(zip(self.stage_sizes, self.widths, self.strides)),
-        first_stage=1, dtype=self.dtype)
-    for i, stage_output in enumerate(stage_outputs, start=1):
-      outputs[f'stage{i}'] = stage_output
-    x = stage_outputs[-1]
-    pooled = jnp.mean(x, axis=(1, 2))
-    outputs['features'] = pooled
-    return classifier(self.num_classes, self.dtype, pooled), outputs
+    return self._stages_to_logits(x, outputs, train=train)
 
 
 class PreActResNet(_StagedNet, nn.Module):
@@ -317,17 +326,7 @@ class PreActResNet(_StagedNet, nn.Module):
     outputs = {}
     x = _conv3x3(self.widths[0], 1, self.dtype, 'stem_conv')(x)
     outputs['stem'] = x
-    stage_outputs = apply_stages(
-        self._BLOCK, x, train=train,
-        stages=tuple(zip(self.stage_sizes, self.widths, self.strides)),
-        first_stage=1, dtype=self.dtype)
-    for i, stage_output in enumerate(stage_outputs, start=1):
-      outputs[f'stage{i}'] = stage_output
-    x = stage_outputs[-1]
-    x = nn.relu(batch_norm(train, self.dtype, 'final_bn')(x))
-    pooled = jnp.mean(x, axis=(1, 2))
-    outputs['features'] = pooled
-    return classifier(self.num_classes, self.dtype, pooled), outputs
+    return self._stages_to_logits(x, outputs, train=train)
 
 
 def cifar_resnet18(*, num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:
