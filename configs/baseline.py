@@ -13,7 +13,7 @@ Offline Fashion-MNIST (`quick`: small ResNet, 8 epochs, ~4 min on a 2-core CPU):
 
   python -m skd_jax.main --config=configs/baseline.py:quick --workdir=/tmp/baseline_quick
 
-Measured (2-core CPU, 238 s): top-1 91.38%, NLL 0.232, ECE 0.37, AURC 11.6.
+Measured (2-core CPU, 259 s): top-1 91.56%, NLL 0.226, ECE 0.46, AURC 11.0.
 """
 
 from skd_jax import config_lib

@@ -5,7 +5,8 @@ r"""PS-KD + DSR + DRG in one run: three self-distillation signals composed from 
     + beta T^2 KL(sg(sort z_{t-1}) -> sort z_t)            DSR (rank-shape regularization)
 
 PS-KD replaces the plain cross-entropy (its target contains the label). Each term is computed as
-it would be alone and the weighted sum is the loss; tests/test_composition.py checks this.
+it would be alone and the weighted sum is the loss (tests/test_train.py checks this in the
+trainer).
 
 Default: the PS-KD paper's CIFAR-100 protocol (PreAct ResNet-18, 300 epochs, batch 128, SGD with
 Nesterov momentum, lr 0.1 / 10 at epochs 150 and 225, weight decay 5e-4). Needs CIFAR-100.
@@ -17,6 +18,9 @@ Expected: no published number for this combination.
 Offline Fashion-MNIST (`quick`, the baseline's setup):
 
   python -m skd_jax.main --config=configs/pskd_dsr_drg.py:quick --workdir=/tmp/pskd_dsr_drg_quick
+
+Measured (2-core CPU, 428 s wall; baseline 259 s on the same machine): top-1 90.37%, NLL 0.280,
+ECE 2.57, AURC 16.5 (baseline 91.56%; PS-KD alone 90.84%); steps take 1.82x the baseline's.
 """
 
 from skd_jax import config_lib

@@ -192,6 +192,7 @@ class Combined:
     return views.reshape(-1, *views.shape[2:])
 
   def heads(self, backbone) -> tuple[Any, ...]:
+    """Every term's heads on ``backbone``; names must not collide."""
     heads = tuple(h for t in self.terms for h in t.heads(backbone))
     names = [h.name for h in heads]
     if len(set(names)) != len(names):
@@ -199,14 +200,17 @@ class Combined:
     return heads
 
   def init_rows(self, labels: jax.Array) -> dict[str, jax.Array]:
+    """Initial per-example tables of the stateful terms, by term name."""
     rows = {t.name: t.init_rows(labels) for t in self.terms}
     return {k: v for k, v in rows.items() if v is not None}
 
   def init_carry(self) -> dict[str, Any]:
+    """Initial carry of every term (None for terms without one), by term name."""
     return {t.name: t.init_carry() for t in self.terms}
 
   def __call__(self, inputs: TermInputs, rows: Mapping[str, Any] | None = None,
                carry: Mapping[str, Any] | None = None) -> CombinedOutput:
+    """Calls every term on the same inputs with its own rows and carry; sums weighted losses."""
     rows, carry = rows or {}, carry or {}
     total, per_term, new_rows, new_carry, metrics = 0.0, {}, {}, {}, {}
     for term in self.terms:
