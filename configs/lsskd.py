@@ -19,6 +19,10 @@ Offline Fashion-MNIST (`quick`, the baseline's setup; each step runs 4 x 128 ima
 backbone and three heads, so it is several times slower than the baseline):
 
   python -m skd_jax.main --config=configs/lsskd.py:quick --workdir=/tmp/lsskd_quick
+
+Measured (2-core CPU): top-1 91.81%, NLL 0.226, ECE 0.66, AURC 11.0 (baseline 91.56%, ECE 0.46).
+Train steps take 8.0x the baseline's (benchmarks/step_time.py); 2,091 s wall, about half of it
+while other jobs shared the CPU.
 """
 
 from skd_jax import config_lib
