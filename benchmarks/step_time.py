@@ -40,14 +40,14 @@ def _config(name):
 
 def main(argv):
   del argv
+  configs = {name: _config(name) for name in _CONFIGS.value}
   jobs, states, orders = {}, {}, {}
-  for name in _CONFIGS.value:
-    jobs[name] = train.build_job(_config(name))
+  for name, config in configs.items():
+    jobs[name] = train.build_job(config)
     orders[name] = jobs[name].order_fn(jobs[name].order_key, 0)
     state, measured = jobs[name].step_fn(jobs[name].state, orders[name], jobs[name].train)
     jax.block_until_ready(measured)  # compiled and warm
     states[name] = state
-  batch = _config(_CONFIGS.value[0]).batch_size
   times = {name: [] for name in jobs}
   for _ in range(_ROUNDS.value):
     for name, job in jobs.items():
@@ -59,12 +59,13 @@ def main(argv):
       times[name].append((time.perf_counter() - start) / _STEPS.value)
       states[name] = state
   reference = statistics.median(times[_CONFIGS.value[0]])
-  print(f'{jax.device_count()} x {jax.devices()[0].device_kind}, batch {batch}, '
+  print(f'{jax.device_count()} x {jax.devices()[0].device_kind}, '
         f'{_ROUNDS.value} rounds x {_STEPS.value} steps')
   print(f'{"config":<14} {"s/step":>8} {"img/s":>8} {"ratio":>6}')
   for name, samples in times.items():
     median = statistics.median(samples)
-    print(f'{name:<14} {median:8.4f} {batch / median:8.0f} {median / reference:6.2f}')
+    print(f'{name:<14} {median:8.4f} {configs[name].batch_size / median:8.0f} '
+          f'{median / reference:6.2f}')
 
 
 if __name__ == '__main__':
