@@ -22,8 +22,10 @@ import jax
 from skd_jax import train
 
 _CONFIGS = flags.DEFINE_list(
-    'configs', ['baseline', 'drg', 'dsr', 'lightskd', 'pskd_dsr_drg', 'lsskd'],
-    'Config files in configs/ to time; the first is the reference.')
+    'configs',
+    ['baseline', 'drg', 'dsr', 'lightskd', 'pskd_dsr_drg', 'lsskd'],
+    'Config files in configs/ to time; the first is the reference.',
+)
 _ARG = flags.DEFINE_string('arg', 'quick', 'Argument passed to every get_config.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed block.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; the median block counts.')
@@ -59,13 +61,17 @@ def main(argv):
       times[name].append((time.perf_counter() - start) / _STEPS.value)
       states[name] = state
   reference = statistics.median(times[_CONFIGS.value[0]])
-  print(f'{jax.device_count()} x {jax.devices()[0].device_kind}, '
-        f'{_ROUNDS.value} rounds x {_STEPS.value} steps')
+  print(
+      f'{jax.device_count()} x {jax.devices()[0].device_kind}, '
+      f'{_ROUNDS.value} rounds x {_STEPS.value} steps'
+  )
   print(f'{"config":<14} {"s/step":>8} {"img/s":>8} {"ratio":>6}')
   for name, samples in times.items():
     median = statistics.median(samples)
-    print(f'{name:<14} {median:8.4f} {configs[name].batch_size / median:8.0f} '
-          f'{median / reference:6.2f}')
+    print(
+        f'{name:<14} {median:8.4f} {configs[name].batch_size / median:8.0f} '
+        f'{median / reference:6.2f}'
+    )
 
 
 if __name__ == '__main__':

@@ -32,7 +32,14 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, quick=False)
   config = config_lib.base_config(arg.quick, protocol='selfkd_lib')
   config.loss.cross_entropy = dict(weight=1.0)
-  config.loss.lsskd = dict(weight=1.0, temperature=3.0, pairing='deepest', head_ce_weight=1.0,
-                           head_kd_weight=1.0, main_kd_weight=1.0, aggregation='matched',
-                           feature_weight=0.0)
+  config.loss.lsskd = dict(
+      weight=1.0,
+      temperature=3.0,
+      pairing='deepest',
+      head_ce_weight=1.0,
+      head_kd_weight=1.0,
+      main_kd_weight=1.0,
+      aggregation='matched',
+      feature_weight=0.0,
+  )
   return config

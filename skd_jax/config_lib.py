@@ -22,8 +22,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       continue
     key, _, value = token.partition('=')
     if key not in defaults:
-      raise ConfigError(f'--config argument: unknown option {key!r}; expected one of '
-                        f'{sorted(defaults)}')
+      raise ConfigError(
+          f'--config argument: unknown option {key!r}; expected one of ' f'{sorted(defaults)}'
+      )
     parsed[key] = type(defaults[key])(value) if value else True
   return parsed
 
@@ -125,33 +126,65 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
   Raises:
     ConfigError: naming the first invalid field and what it expects.
   """
+
   def check(ok, field, expectation):
     if not ok:
       raise ConfigError(f'{field}: {expectation}')
 
-  check(config.data.source in ('tfds', 'idx'), 'data.source',
-        f"expected 'tfds' or 'idx', got {config.data.source!r}")
-  check(isinstance(config.num_epochs, int) and config.num_epochs > 0, 'num_epochs',
-        f'expected a positive integer, got {config.num_epochs!r}')
-  check(isinstance(config.batch_size, int) and config.batch_size > 0, 'batch_size',
-        f'expected a positive integer, got {config.batch_size!r}')
-  check(config.batch_size % device_count == 0, 'batch_size',
-        f'{config.batch_size} is not divisible by the {device_count} devices')
-  check(config.eval_batch_size > 0 and config.eval_batch_size % device_count == 0,
-        'eval_batch_size', f'expected a positive multiple of the {device_count} devices, '
-        f'got {config.eval_batch_size}')
-  check(config.model.dtype in _DTYPES, 'model.dtype',
-        f'expected one of {_DTYPES}, got {config.model.dtype!r}')
-  check(config.optim.schedule in ('step', 'cosine'), 'optim.schedule',
-        f"expected 'step' or 'cosine', got {config.optim.schedule!r}")
+  check(
+      config.data.source in ('tfds', 'idx'),
+      'data.source',
+      f"expected 'tfds' or 'idx', got {config.data.source!r}",
+  )
+  check(
+      isinstance(config.num_epochs, int) and config.num_epochs > 0,
+      'num_epochs',
+      f'expected a positive integer, got {config.num_epochs!r}',
+  )
+  check(
+      isinstance(config.batch_size, int) and config.batch_size > 0,
+      'batch_size',
+      f'expected a positive integer, got {config.batch_size!r}',
+  )
+  check(
+      config.batch_size % device_count == 0,
+      'batch_size',
+      f'{config.batch_size} is not divisible by the {device_count} devices',
+  )
+  check(
+      config.eval_batch_size > 0 and config.eval_batch_size % device_count == 0,
+      'eval_batch_size',
+      f'expected a positive multiple of the {device_count} devices, '
+      f'got {config.eval_batch_size}',
+  )
+  check(
+      config.model.dtype in _DTYPES,
+      'model.dtype',
+      f'expected one of {_DTYPES}, got {config.model.dtype!r}',
+  )
+  check(
+      config.optim.schedule in ('step', 'cosine'),
+      'optim.schedule',
+      f"expected 'step' or 'cosine', got {config.optim.schedule!r}",
+  )
   check(config.optim.lr > 0, 'optim.lr', f'expected > 0, got {config.optim.lr}')
-  check(0 <= config.optim.warmup_epochs < config.num_epochs, 'optim.warmup_epochs',
-        f'expected in [0, num_epochs), got {config.optim.warmup_epochs}')
-  check(all(0 < b < config.num_epochs for b in config.optim.boundaries), 'optim.boundaries',
-        f'expected epochs in (0, num_epochs={config.num_epochs}), got {config.optim.boundaries}')
-  check(config.data.crop_padding >= 0, 'data.crop_padding',
-        f'expected >= 0, got {config.data.crop_padding}')
+  check(
+      0 <= config.optim.warmup_epochs < config.num_epochs,
+      'optim.warmup_epochs',
+      f'expected in [0, num_epochs), got {config.optim.warmup_epochs}',
+  )
+  check(
+      all(0 < b < config.num_epochs for b in config.optim.boundaries),
+      'optim.boundaries',
+      f'expected epochs in (0, num_epochs={config.num_epochs}), got {config.optim.boundaries}',
+  )
+  check(
+      config.data.crop_padding >= 0,
+      'data.crop_padding',
+      f'expected >= 0, got {config.data.crop_padding}',
+  )
   check(len(config.loss) > 0, 'loss', 'expected at least one loss term')
   check(config.log_every_steps > 0, 'log_every_steps', 'expected a positive integer')
-  check(config.checkpoint_every_epochs > 0, 'checkpoint_every_epochs',
-        'expected a positive integer')
+  check(
+      config.checkpoint_every_epochs > 0, 'checkpoint_every_epochs', 'expected a positive integer'
+  )

@@ -59,13 +59,15 @@ def gather(table: jax.Array, index: jax.Array, mesh: Mesh) -> jax.Array:
   return lookup(table, index)
 
 
-def scatter(table: jax.Array, index: jax.Array, values: jax.Array, keep: jax.Array,
-            mesh: Mesh) -> jax.Array:
+def scatter(
+    table: jax.Array, index: jax.Array, values: jax.Array, keep: jax.Array, mesh: Mesh
+) -> jax.Array:
   """``table`` with ``table[index[i]] = values[i]`` for kept, last-occurring slots ``i``."""
   keep = keep & last_occurrence(index)
 
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(AXIS), P(), P(AXIS), P()),
-                     out_specs=P(AXIS))
+  @functools.partial(
+      jax.shard_map, mesh=mesh, in_specs=(P(AXIS), P(), P(AXIS), P()), out_specs=P(AXIS)
+  )
   def write(local_table, index, local_values, keep):
     values = jax.lax.all_gather(local_values, AXIS, tiled=True)
     local, owned = _local(index, local_table.shape[0])

@@ -23,8 +23,9 @@ from ml_collections import config_flags
 from skd_jax import train
 from skd_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file[:argument].',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file[:argument].', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, summary.')
 
 
@@ -50,13 +51,17 @@ def _parse_flags(argv):
     config.keys()  # the file loads lazily, on first use: make it load here
   except OSError as e:
     # A missing or broken config file: the useful part is the last line of the message.
-    _fail(f'--config: cannot load {flags.FLAGS["config"].config_filename} '
-          f'({str(e).strip().splitlines()[-1].strip()})', 2)
+    _fail(
+        f'--config: cannot load {flags.FLAGS["config"].config_filename} '
+        f'({str(e).strip().splitlines()[-1].strip()})',
+        2,
+    )
   except (KeyError, AttributeError) as e:
     # ConfigDict reports an unknown --config.KEY as a KeyError (wrapped in an AttributeError).
     key = re.search(r"'(\w+)'", str(e))
-    _fail(f"--config: unknown key '{key.group(1) if key else e}'; the config file lists the keys",
-          2)
+    _fail(
+        f"--config: unknown key '{key.group(1) if key else e}'; the config file lists the keys", 2
+    )
   except (flags.Error, ConfigError, ValueError, TypeError) as e:
     # A bad --config.KEY value or an error raised by get_config: one line, status 2.
     _fail(_one_line(e), 2)

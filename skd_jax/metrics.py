@@ -77,7 +77,8 @@ def per_example_stats(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Arr
 
   # mode='fill' makes an out-of-range label produce NaN rather than silently clamping.
   label_log_prob = jnp.take_along_axis(
-      log_probs, labels[:, None], axis=-1, mode='fill', fill_value=jnp.nan)[:, 0]
+      log_probs, labels[:, None], axis=-1, mode='fill', fill_value=jnp.nan
+  )[:, 0]
   nll = -label_log_prob
 
   return {'confidence': confidence, 'correct': correct, 'top5': top5, 'nll': nll}
@@ -94,7 +95,8 @@ def _as_1d_pair(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
   if confidence.shape[0] != correct.shape[0]:
     raise ValueError(
         f'correct: expected the same length as confidence ({confidence.shape[0]}), '
-        f'got {correct.shape[0]}')
+        f'got {correct.shape[0]}'
+    )
   if confidence.shape[0] == 0:
     raise ValueError('confidence: expected at least one example, got an empty array')
   return confidence, correct
@@ -131,8 +133,9 @@ def expected_calibration_error(confidence, correct, num_bins: int = 10) -> float
   # Bin membership is decided in the input's own float dtype: a float32 confidence that equals
   # float32(0.3) then falls in (0.2, 0.3] as it does in the float32 reference code, instead of
   # moving up a bin because float32(0.3) > 0.3 in float64.
-  edge_dtype = (raw_confidence.dtype if np.issubdtype(raw_confidence.dtype, np.floating)
-                else np.float64)
+  edge_dtype = (
+      raw_confidence.dtype if np.issubdtype(raw_confidence.dtype, np.floating) else np.float64
+  )
   # Edges as k / M (one correctly rounded division each) rather than k * (1 / M), so that e.g. 0.3
   # is exactly an edge and lands in (0.2, 0.3] as the right-closed convention requires.
   edges = (np.arange(num_bins + 1, dtype=np.float64) / num_bins).astype(edge_dtype)
@@ -245,7 +248,8 @@ def summarize(stats: Mapping[str, np.ndarray]) -> dict[str, float]:
       raise ValueError(f'stats[{key!r}]: expected a 1-D array, got shape {value.shape}')
     if value.shape[0] != n:
       raise ValueError(
-          f'stats[{key!r}]: expected the same length as confidence ({n}), got {value.shape[0]}')
+          f'stats[{key!r}]: expected the same length as confidence ({n}), got {value.shape[0]}'
+      )
   if n == 0:
     raise ValueError('stats: expected at least one example, got empty arrays')
 

@@ -52,6 +52,7 @@ class TrainState(flax.training.train_state.TrainState):
   head under its name (``skd_jax.models.WithHeads``); evaluation and export use the backbone's
   subtrees alone.
   """
+
   batch_stats: Any
   rows: dict[str, jax.Array]  # term name -> per-example table, sharded along examples
   carry: dict[str, Any]  # term name -> step-to-step state, replicated
@@ -61,8 +62,12 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
   """A 1-D ``data`` mesh over ``devices`` (default: every device of every process)."""
   devices = jax.devices() if devices is None else list(devices)
   # Auto axes: Explicit ones (the default) break Linen modules that do not annotate shardings.
-  return jax.make_mesh((len(devices),), (example_rows.AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+  return jax.make_mesh(
+      (len(devices),),
+      (example_rows.AXIS,),
+      axis_types=(jax.sharding.AxisType.Auto,),
+      devices=devices,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,6 +77,7 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 class DeviceData(struct.PyTreeNode):
   """A split on every device: uint8 images ``[N, H, W, C]`` and int32 labels ``[N]``."""
+
   images: jax.Array
   labels: jax.Array
 
@@ -88,34 +94,45 @@ def to_devices(dataset: data_lib.Dataset, mesh) -> DeviceData:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_schedule(optim: ml_collections.ConfigDict, *, steps_per_epoch: int,
-                  num_epochs: int) -> optax.Schedule:
+def make_schedule(
+    optim: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int
+) -> optax.Schedule:
   """Learning rate per step: optional linear warm-up, then step or cosine decay."""
   total = num_epochs * steps_per_epoch
   warmup = optim.warmup_epochs * steps_per_epoch
   if optim.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else optim.lr, peak_value=optim.lr, warmup_steps=warmup,
-        decay_steps=total, end_value=0.0)
+        init_value=0.0 if warmup else optim.lr,
+        peak_value=optim.lr,
+        warmup_steps=warmup,
+        decay_steps=total,
+        end_value=0.0,
+    )
   # 'step': multiply by decay_factor at each boundary epoch (PyTorch's MultiStepLR).
   step_decay = optax.piecewise_constant_schedule(
-      optim.lr, {b * steps_per_epoch: optim.decay_factor for b in optim.boundaries})
+      optim.lr, {b * steps_per_epoch: optim.decay_factor for b in optim.boundaries}
+  )
   if not warmup:
     return step_decay
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, optim.lr, warmup), lambda s: step_decay(s + warmup)], [warmup])
+      [optax.linear_schedule(0.0, optim.lr, warmup), lambda s: step_decay(s + warmup)], [warmup]
+  )
 
 
-def make_optimizer(optim: ml_collections.ConfigDict,
-                   schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(
+    optim: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
   # Weight decay added to the gradient before momentum: PyTorch SGD's semantics, applied to every
   # parameter (BatchNorm and biases included) as in the reference implementations.
-  return optax.chain(optax.add_decayed_weights(optim.weight_decay),
-                     optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov))
+  return optax.chain(
+      optax.add_decayed_weights(optim.weight_decay),
+      optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov),
+  )
 
 
-def init_state(model, tx, method: terms_lib.Combined, train: DeviceData, image_shape, *,
-               seed: int, mesh) -> TrainState:
+def init_state(
+    model, tx, method: terms_lib.Combined, train: DeviceData, image_shape, *, seed: int, mesh
+) -> TrainState:
   """The initial state, created on the devices with its final shardings.
 
   ``model`` is the training model (backbone with heads); ``method`` creates the terms' state.
@@ -124,17 +141,26 @@ def init_state(model, tx, method: terms_lib.Combined, train: DeviceData, image_s
 
   @functools.partial(jax.jit, out_shardings=replicated)
   def init_model():
-    variables = model.init(jax.random.fold_in(jax.random.key(seed), 0),
-                           jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                             batch_stats=variables.get('batch_stats', {}), rows={},
-                             carry=method.init_carry())
+    variables = model.init(
+        jax.random.fold_in(jax.random.key(seed), 0),
+        jnp.zeros((1, *image_shape), jnp.float32),
+        train=False,
+    )
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables['params'],
+        tx=tx,
+        batch_stats=variables.get('batch_stats', {}),
+        rows={},
+        carry=method.init_carry(),
+    )
 
   state = init_model()
   num_rows = example_rows.padded_rows(train.labels.shape[0], mesh)
   labels = jnp.pad(train.labels, (0, num_rows - train.labels.shape[0]))
   return state.replace(
-      rows=jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))(labels))
+      rows=jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))(labels)
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,19 +177,34 @@ class Batch(NamedTuple):
     x: ``[B * V, H, W, C]`` the model's input: ``V`` views per example, example-major.
     labels: ``[B]`` integer labels.
   """
+
   index: jax.Array
   valid: jax.Array
   x: jax.Array
   labels: jax.Array
 
 
-def training_batch(step: jax.Array, order: jax.Array, train: DeviceData, *,
-                   method: terms_lib.Combined, mesh, seed: int, steps_per_epoch: int,
-                   batch_size: int, crop_padding: int, flip: bool, mean, std, dtype) -> Batch:
+def training_batch(
+    step: jax.Array,
+    order: jax.Array,
+    train: DeviceData,
+    *,
+    method: terms_lib.Combined,
+    mesh,
+    seed: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    crop_padding: int,
+    flip: bool,
+    mean,
+    std,
+    dtype,
+) -> Batch:
   """Selects, augments, expands into views and normalises step ``step``'s batch on the device."""
   num_examples = train.labels.shape[0]
-  index, valid = pipeline.batch_slots(order, step % steps_per_epoch, num_examples=num_examples,
-                                      batch_size=batch_size)
+  index, valid = pipeline.batch_slots(
+      order, step % steps_per_epoch, num_examples=num_examples, batch_size=batch_size
+  )
   batch_sharding = NamedSharding(mesh, P(example_rows.AXIS))
   images = jax.lax.with_sharding_constraint(train.images[index], batch_sharding)
   labels = jax.lax.with_sharding_constraint(train.labels[index], batch_sharding)
@@ -174,28 +215,40 @@ def training_batch(step: jax.Array, order: jax.Array, train: DeviceData, *,
   return Batch(index, valid, jax.lax.with_sharding_constraint(x, batch_sharding), labels)
 
 
-def train_step(state: TrainState, order: jax.Array, train: DeviceData, *,
-               method: terms_lib.Combined, mesh, schedule, steps_per_epoch: int,
-               **batch_options) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    order: jax.Array,
+    train: DeviceData,
+    *,
+    method: terms_lib.Combined,
+    mesh,
+    schedule,
+    steps_per_epoch: int,
+    **batch_options,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch; returns the new state and scalar measurements.
 
   ``batch_options`` are :func:`training_batch`'s keyword arguments.
   """
   step = state.step
   epoch = step // steps_per_epoch
-  batch = training_batch(step, order, train, method=method, mesh=mesh,
-                         steps_per_epoch=steps_per_epoch, **batch_options)
-  rows = {name: example_rows.gather(table, batch.index, mesh)
-          for name, table in state.rows.items()}
+  batch = training_batch(
+      step, order, train, method=method, mesh=mesh, steps_per_epoch=steps_per_epoch, **batch_options
+  )
+  rows = {name: example_rows.gather(table, batch.index, mesh) for name, table in state.rows.items()}
   weights = batch.valid.astype(jnp.float32) / jnp.sum(batch.valid)
   average = lambda v: jnp.sum(weights * v) if jnp.ndim(v) else v
 
   def loss_fn(params):
     (logits, outputs), new_model_state = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch.x, train=True,
-        mutable=['batch_stats'])
-    inputs = terms_lib.TermInputs.from_forward(logits, outputs, batch.labels, epoch,
-                                               num_views=method.num_views)
+        {'params': params, 'batch_stats': state.batch_stats},
+        batch.x,
+        train=True,
+        mutable=['batch_stats'],
+    )
+    inputs = terms_lib.TermInputs.from_forward(
+        logits, outputs, batch.labels, epoch, num_views=method.num_views
+    )
     out = method(inputs, rows, state.carry)
     measured = {f'loss/{name}': average(v) for name, v in out.losses.items()}
     measured.update({k: average(v) for k, v in out.metrics.items()})
@@ -203,13 +256,21 @@ def train_step(state: TrainState, order: jax.Array, train: DeviceData, *,
     return average(out.loss), (new_model_state['batch_stats'], out.rows, out.carry, measured)
 
   (loss, (batch_stats, new_rows, carry, measured)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+      loss_fn, has_aux=True
+  )(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats, carry=carry)
-  state = state.replace(rows={
-      name: example_rows.scatter(table, batch.index, new_rows[name], batch.valid, mesh)
-      for name, table in state.rows.items()})
-  return state, {'loss': loss, 'lr': schedule(step), 'grad_norm': optax.global_norm(grads),
-                 **measured}
+  state = state.replace(
+      rows={
+          name: example_rows.scatter(table, batch.index, new_rows[name], batch.valid, mesh)
+          for name, table in state.rows.items()
+      }
+  )
+  return state, {
+      'loss': loss,
+      'lr': schedule(step),
+      'grad_norm': optax.global_norm(grads),
+      **measured,
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +278,19 @@ def train_step(state: TrainState, order: jax.Array, train: DeviceData, *,
 # ---------------------------------------------------------------------------------------------
 
 
-def eval_step(params, batch_stats, test: DeviceData, batch: jax.Array, *, apply_fn, mesh,
-              batch_size: int, mean, std, dtype) -> dict[str, jax.Array]:
+def eval_step(
+    params,
+    batch_stats,
+    test: DeviceData,
+    batch: jax.Array,
+    *,
+    apply_fn,
+    mesh,
+    batch_size: int,
+    mean,
+    std,
+    dtype,
+) -> dict[str, jax.Array]:
   """Per-example statistics of test batch ``batch`` (``valid`` marks the real examples).
 
   ``apply_fn`` is the backbone's: it sees only the ``'backbone'`` subtrees of the training
@@ -227,18 +299,21 @@ def eval_step(params, batch_stats, test: DeviceData, batch: jax.Array, *, apply_
   num_examples = test.labels.shape[0]
   position = batch * batch_size + jnp.arange(batch_size)
   valid = position < num_examples
-  index = jax.lax.with_sharding_constraint(jnp.minimum(position, num_examples - 1),
-                                           NamedSharding(mesh, P(example_rows.AXIS)))
+  index = jax.lax.with_sharding_constraint(
+      jnp.minimum(position, num_examples - 1), NamedSharding(mesh, P(example_rows.AXIS))
+  )
   x = pipeline.normalize(test.images[index], mean, std, dtype)
-  logits, _ = apply_fn({'params': params['backbone'], 'batch_stats': batch_stats['backbone']}, x,
-                       train=False)
+  logits, _ = apply_fn(
+      {'params': params['backbone'], 'batch_stats': batch_stats['backbone']}, x, train=False
+  )
   return {**metrics_lib.per_example_stats(logits, test.labels[index]), 'valid': valid}
 
 
 def evaluate(eval_fn, state: TrainState, test: DeviceData, batch_size: int) -> dict[str, float]:
   num_batches = pipeline.steps_per_epoch(test.labels.shape[0], batch_size)
-  batches = [eval_fn(state.params, state.batch_stats, test, np.int32(b))
-             for b in range(num_batches)]
+  batches = [
+      eval_fn(state.params, state.batch_stats, test, np.int32(b)) for b in range(num_batches)
+  ]
   stats = jax.device_get(batches)
   merged = {k: np.concatenate([b[k] for b in stats]) for k in stats[0]}
   valid = merged.pop('valid')
@@ -293,8 +368,11 @@ def export_model(state: TrainState, path: str) -> None:
   backbone (``skd_jax.models.get_model``) as ``model.apply(variables, x, train=False)``.
   """
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, {'params': state.params['backbone'],
-                             'batch_stats': state.batch_stats['backbone']}, force=True)
+    checkpointer.save(
+        path,
+        {'params': state.params['backbone'], 'batch_stats': state.batch_stats['backbone']},
+        force=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +407,7 @@ def _flush(pending, workdir, epoch, bar, *, log=True):
 
 class Job(NamedTuple):
   """Everything a run is built from its config: compiled functions, data and the initial state."""
+
   state: TrainState
   step_fn: Any  # (state, order, train) -> (state, measurements), jitted, donates the state
   eval_fn: Any  # (params, batch_stats, test, batch) -> per-example statistics
@@ -352,9 +431,12 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
   train_set = data_lib.load_split(config.data, config.data.train_split)
   test_set = data_lib.load_split(config.data, config.data.test_split)
   num_classes = train_set.num_classes
-  context = terms_lib.Context(num_classes=num_classes, num_epochs=config.num_epochs,
-                              batch_size=config.batch_size,
-                              image_shape=train_set.images.shape[1:])
+  context = terms_lib.Context(
+      num_classes=num_classes,
+      num_epochs=config.num_epochs,
+      batch_size=config.batch_size,
+      image_shape=train_set.images.shape[1:],
+  )
   method = terms_lib.build(config.loss, context)
   dtype = jnp.dtype(config.model.dtype)
   options = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
@@ -366,31 +448,67 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
   mean, std = pipeline.channel_stats(train_set.images)
   schedule = make_schedule(config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs)
   train, test = to_devices(train_set, mesh), to_devices(test_set, mesh)
-  state = init_state(model, make_optimizer(config.optim, schedule), method, train,
-                     train_set.images.shape[1:], seed=config.seed, mesh=mesh)
+  state = init_state(
+      model,
+      make_optimizer(config.optim, schedule),
+      method,
+      train,
+      train_set.images.shape[1:],
+      seed=config.seed,
+      mesh=mesh,
+  )
 
   replicated = NamedSharding(mesh, P())
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = jax.jit(
       functools.partial(
-          train_step, method=method, mesh=mesh, seed=config.seed, steps_per_epoch=spe,
-          batch_size=config.batch_size, crop_padding=config.data.crop_padding,
-          flip=config.data.flip, mean=mean, std=std, dtype=dtype, schedule=schedule),
-      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+          train_step,
+          method=method,
+          mesh=mesh,
+          seed=config.seed,
+          steps_per_epoch=spe,
+          batch_size=config.batch_size,
+          crop_padding=config.data.crop_padding,
+          flip=config.data.flip,
+          mean=mean,
+          std=std,
+          dtype=dtype,
+          schedule=schedule,
+      ),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,),
+  )
   eval_fn = jax.jit(
-      functools.partial(eval_step, apply_fn=backbone.apply, mesh=mesh,
-                        batch_size=config.eval_batch_size, mean=mean, std=std, dtype=dtype),
-      out_shardings=replicated)
+      functools.partial(
+          eval_step,
+          apply_fn=backbone.apply,
+          mesh=mesh,
+          batch_size=config.eval_batch_size,
+          mean=mean,
+          std=std,
+          dtype=dtype,
+      ),
+      out_shardings=replicated,
+  )
   order_fn = jax.jit(
-      functools.partial(pipeline.epoch_order, num_examples=num_train,
-                        batch_size=config.batch_size),
-      out_shardings=replicated)
-  return Job(state, step_fn, eval_fn, order_fn,
-             jax.random.fold_in(jax.random.key(config.seed), 2), train, test, spe)
+      functools.partial(pipeline.epoch_order, num_examples=num_train, batch_size=config.batch_size),
+      out_shardings=replicated,
+  )
+  return Job(
+      state,
+      step_fn,
+      eval_fn,
+      order_fn,
+      jax.random.fold_in(jax.random.key(config.seed), 2),
+      train,
+      test,
+      spe,
+  )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices=None
+) -> dict[str, Any]:
   """Trains, evaluates each epoch, checkpoints, and returns the summary.
 
   Args:
@@ -412,8 +530,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   manager = ocp.CheckpointManager(
       workdir.checkpoints,
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                           cleanup_tmp_directories=True, create=True))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.keep_checkpoints, cleanup_tmp_directories=True, create=True
+      ),
+  )
   try:
     start = manager.latest_step()
     if start is not None:
@@ -421,16 +541,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       workdir.truncate_metrics(start)
       log.info('Resumed from the checkpoint at step %d.', start)
     start = start or 0
-    seconds_before = max([r['train_seconds'] for r in workdir.records()
-                          if r['kind'] == 'eval'], default=0.0)
+    seconds_before = max(
+        [r['train_seconds'] for r in workdir.records() if r['kind'] == 'eval'], default=0.0
+    )
     run_start = time.time()
 
     epoch = start // spe
     order = order_fn(order_key, epoch)
     pending, result = [], None
     progress = lambda epoch, initial=0: tqdm.tqdm(
-        total=spe, initial=initial, desc=f'epoch {epoch + 1}/{config.num_epochs}',
-        disable=jax.process_index() != 0, dynamic_ncols=True)
+        total=spe,
+        initial=initial,
+        desc=f'epoch {epoch + 1}/{config.num_epochs}',
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
     bar = progress(epoch, start % spe)
     with StopRequest() as stop:
       for step in range(start, total_steps):
@@ -440,8 +565,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             manager.save(step, args=ocp.args.StandardSave(state), force=True)
           manager.wait_until_finished()
           bar.close()
-          raise Preempted(f'{stop.signal or "preemption"}: saved a checkpoint at step {step}; '
-                          'rerun the same command to continue')
+          raise Preempted(
+              f'{stop.signal or "preemption"}: saved a checkpoint at step {step}; '
+              'rerun the same command to continue'
+          )
         state, measured = step_fn(state, order, train)
         pending.append((step + 1, measured))
         bar.update()
@@ -456,8 +583,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         result = evaluate(eval_fn, state, test, config.eval_batch_size)
         result['train_seconds'] = seconds_before + time.time() - run_start
         workdir.log({'kind': 'eval', 'step': done, 'epoch': epoch, **result})
-        log.info('epoch %d/%d: %s', epoch, config.num_epochs,
-                 ', '.join(f'{k} {v:.4g}' for k, v in result.items()))
+        log.info(
+            'epoch %d/%d: %s',
+            epoch,
+            config.num_epochs,
+            ', '.join(f'{k} {v:.4g}' for k, v in result.items()),
+        )
         if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
           manager.save(done, args=ocp.args.StandardSave(state))
         if done < total_steps:
@@ -474,10 +605,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     result['epoch'] = config.num_epochs
   evals = [r for r in workdir.records() if r['kind'] == 'eval'] or [result]
   best = max(evals, key=lambda r: r['top1'])
-  summary = {k: result[k] for k in ('top1', 'top5', 'nll', 'ece', 'aurc', 'eaurc',
-                                    'train_seconds')}
-  summary.update(best_top1=best['top1'], best_epoch=best['epoch'], epochs=config.num_epochs,
-                 steps=total_steps)
+  summary = {k: result[k] for k in ('top1', 'top5', 'nll', 'ece', 'aurc', 'eaurc', 'train_seconds')}
+  summary.update(
+      best_top1=best['top1'], best_epoch=best['epoch'], epochs=config.num_epochs, steps=total_steps
+  )
   export_model(state, workdir.model)
   workdir.write_summary(summary)
   return summary

@@ -45,8 +45,10 @@ class Workdir:
     if os.path.exists(config_path):
       with open(config_path) as f:
         if json.load(f) != json.loads(config_json):
-          raise ConfigError(f'workdir: {self.path} holds a run with a different config.json; '
-                            'use a new --workdir, or the same config to resume')
+          raise ConfigError(
+              f'workdir: {self.path} holds a run with a different config.json; '
+              'use a new --workdir, or the same config to resume'
+          )
     elif is_main:
       os.makedirs(self.path, exist_ok=True)
       _atomic_write(config_path, config_json + '\n')
@@ -69,5 +71,7 @@ class Workdir:
 
   def write_summary(self, summary: dict[str, Any]) -> None:
     if self.is_main:
-      _atomic_write(os.path.join(self.path, 'summary.json'),
-                    json.dumps(summary, indent=2, sort_keys=True) + '\n')
+      _atomic_write(
+          os.path.join(self.path, 'summary.json'),
+          json.dumps(summary, indent=2, sort_keys=True) + '\n',
+      )

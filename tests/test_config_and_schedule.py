@@ -39,16 +39,27 @@ def test_quick_variants_share_the_baselines_setup():
 def test_paper_protocol_defaults():
   config = importlib.import_module('configs.pskd').get_config()
   assert (config.data.name, config.model.name, config.num_epochs, config.batch_size) == (
-      'cifar100', 'preact_resnet18', 300, 128)
+      'cifar100',
+      'preact_resnet18',
+      300,
+      128,
+  )
   assert tuple(config.optim.boundaries) == (150, 225) and config.optim.nesterov
   assert config.loss.pskd.alpha_T == 0.8
   quick = importlib.import_module('configs.pskd').get_config('quick')
   assert (quick.data.source, quick.data.name) == ('idx', 'fashion_mnist')
   lightskd = importlib.import_module('configs.lightskd').get_config()
   assert (lightskd.model.name, lightskd.num_epochs, tuple(lightskd.optim.boundaries)) == (
-      'cifar_resnet18', 200, (60, 120, 160))
-  assert (lightskd.loss.drg.alpha, lightskd.loss.drg.temperature, lightskd.loss.dsr.weight,
-          lightskd.loss.dsr.temperature) == (0.2, 4.0, 1.0, 4.0)
+      'cifar_resnet18',
+      200,
+      (60, 120, 160),
+  )
+  assert (
+      lightskd.loss.drg.alpha,
+      lightskd.loss.drg.temperature,
+      lightskd.loss.dsr.weight,
+      lightskd.loss.dsr.temperature,
+  ) == (0.2, 4.0, 1.0, 4.0)
   lsskd = importlib.import_module('configs.lsskd').get_config()
   assert (lsskd.optim.warmup_epochs, tuple(lsskd.optim.boundaries)) == (5, (100, 150))
   assert lsskd.loss.lsskd.temperature == 3.0
@@ -80,8 +91,9 @@ def test_step_schedule_without_warmup_matches_multistep_lr():
   config = importlib.import_module('configs.pskd').get_config()
   schedule = train.make_schedule(config.optim, steps_per_epoch=391, num_epochs=300)
   epochs = np.array([0, 149, 150, 224, 225, 299])
-  np.testing.assert_allclose([float(schedule(e * 391)) for e in epochs],
-                             [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+  np.testing.assert_allclose(
+      [float(schedule(e * 391)) for e in epochs], [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6
+  )
 
 
 def test_cosine_schedule_with_warmup():

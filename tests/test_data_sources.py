@@ -141,32 +141,27 @@ def test_load_fashion_mnist_from_written_files(tmp_path, gz):
 
 
 def test_load_fashion_mnist_missing_file_names_it(tmp_path):
-  _write_idx(tmp_path / 'train-images-idx3-ubyte.gz',
-             np.zeros((3, 28, 28), np.uint8))
+  _write_idx(tmp_path / 'train-images-idx3-ubyte.gz', np.zeros((3, 28, 28), np.uint8))
   with pytest.raises(ConfigError, match='train-labels-idx1-ubyte'):
     idx.load_fashion_mnist(str(tmp_path), 'train')
 
 
 def test_load_fashion_mnist_count_mismatch(tmp_path):
-  _write_fashion_split(
-      tmp_path, 'train', np.zeros((3, 28, 28), np.uint8),
-      np.zeros((4,), np.uint8))
+  _write_fashion_split(tmp_path, 'train', np.zeros((3, 28, 28), np.uint8), np.zeros((4,), np.uint8))
   with pytest.raises(ConfigError, match='4 labels for 3 images'):
     idx.load_fashion_mnist(str(tmp_path), 'train')
 
 
 def test_load_fashion_mnist_wrong_image_shape(tmp_path):
-  _write_fashion_split(
-      tmp_path, 'train', np.zeros((3, 32, 32), np.uint8),
-      np.zeros((3,), np.uint8))
+  _write_fashion_split(tmp_path, 'train', np.zeros((3, 32, 32), np.uint8), np.zeros((3,), np.uint8))
   with pytest.raises(ConfigError, match=r'expected uint8 images of shape'):
     idx.load_fashion_mnist(str(tmp_path), 'train')
 
 
 def test_load_fashion_mnist_label_out_of_range(tmp_path):
   _write_fashion_split(
-      tmp_path, 'train', np.zeros((2, 28, 28), np.uint8),
-      np.array([3, 10], np.uint8))
+      tmp_path, 'train', np.zeros((2, 28, 28), np.uint8), np.array([3, 10], np.uint8)
+  )
   with pytest.raises(ConfigError, match=r'label 10 out of range'):
     idx.load_fashion_mnist(str(tmp_path), 'train')
 
@@ -189,16 +184,14 @@ def test_load_split_idx_missing_dir(tmp_path):
 
 def test_load_split_idx_requires_fashion_mnist(tmp_path):
   with pytest.raises(ConfigError, match=r'^data\.name: '):
-    data.load_split(_config(source='idx', name='mnist', dir=str(tmp_path)),
-                    'train')
+    data.load_split(_config(source='idx', name='mnist', dir=str(tmp_path)), 'train')
 
 
 def test_load_split_idx_reads_written_files(tmp_path):
   images = np.arange(2 * 28 * 28, dtype=np.uint32).reshape(2, 28, 28)
   images = (images % 256).astype(np.uint8)
   _write_fashion_split(tmp_path, 'train', images, np.array([9, 0], np.uint8))
-  ds = data.load_split(
-      _config(source='idx', name='fashion_mnist', dir=str(tmp_path)), 'train')
+  ds = data.load_split(_config(source='idx', name='fashion_mnist', dir=str(tmp_path)), 'train')
   assert isinstance(ds, data.Dataset)
   assert ds.num_classes == 10
   np.testing.assert_array_equal(ds.images[..., 0], images)
@@ -206,15 +199,13 @@ def test_load_split_idx_reads_written_files(tmp_path):
 
 
 def test_load_split_unknown_source():
-  with pytest.raises(ConfigError,
-                     match=r"^data\.source: expected 'idx' or 'tfds', got"):
+  with pytest.raises(ConfigError, match=r"^data\.source: expected 'idx' or 'tfds', got"):
     data.load_split(_config(source='csv'), 'train')
 
 
 @pytest.mark.skipif(
     not os.path.isdir(idx.FASHION_MNIST_DIR),
-    reason=f'{idx.FASHION_MNIST_DIR} missing; apt-get install'
-    ' dataset-fashion-mnist',
+    reason=f'{idx.FASHION_MNIST_DIR} missing; apt-get install' ' dataset-fashion-mnist',
 )
 def test_real_fashion_mnist():
   cfg = _config(source='idx', name='fashion_mnist', dir=idx.FASHION_MNIST_DIR)
@@ -266,10 +257,12 @@ class _FakeSource:
 
   def __init__(self, images, labels, num_classes):
     self._images, self._labels = images, labels
-    features = tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=images.shape[1:]),
-        'label': tfds.features.ClassLabel(num_classes=num_classes),
-    })
+    features = tfds.features.FeaturesDict(
+        {
+            'image': tfds.features.Image(shape=images.shape[1:]),
+            'label': tfds.features.ClassLabel(num_classes=num_classes),
+        }
+    )
     self.dataset_info = types.SimpleNamespace(features=features)
     self.batch_reads = 0
 
@@ -302,8 +295,7 @@ def test_load_tfds_unknown_dataset():
   with pytest.raises(ConfigError) as e:
     data.load_split(_config(name='no_such_dataset_xyz'), 'train')
   message = str(e.value)
-  assert message.startswith(
-      "data.name: unknown TFDS dataset 'no_such_dataset_xyz'")
+  assert message.startswith("data.name: unknown TFDS dataset 'no_such_dataset_xyz'")
   assert '\n' not in message
 
 
@@ -321,16 +313,14 @@ def test_load_tfds_not_prepared(tmp_path):
 
 def test_load_tfds_download_failure_is_one_config_error(monkeypatch):
   def fail(*args, **kwargs):
-    assert kwargs['download_and_prepare_kwargs'] == {
-        'file_format': 'array_record'}
+    assert kwargs['download_and_prepare_kwargs'] == {'file_format': 'array_record'}
     raise ConnectionError('Network is unreachable\nmore detail')
 
   monkeypatch.setattr(tfds, 'data_source', fail)
   with pytest.raises(ConfigError) as e:
     tfds_source.load_tfds('cifar10', 'train', download=True)
   message = str(e.value)
-  assert 'could not be downloaded (ConnectionError: Network is unreachable)' \
-      in message
+  assert 'could not be downloaded (ConnectionError: Network is unreachable)' in message
   assert 'tfds build cifar10' in message
   assert '\n' not in message
 
@@ -344,22 +334,29 @@ def test_load_tfds_unknown_split(monkeypatch):
     tfds_source.load_tfds('cifar10', 'valid')
 
 
-@pytest.mark.parametrize('name, problem', [
-    ('imdb_reviews', "no 'image' Image feature"),
-    ('imagenette', 'variable shape'),
-])
+@pytest.mark.parametrize(
+    'name, problem',
+    [
+        ('imdb_reviews', "no 'image' Image feature"),
+        ('imagenette', 'variable shape'),
+    ],
+)
 def test_load_tfds_rejects_non_image_classification(name, problem):
   with tfds.testing.mock_data(num_examples=3):
-    with pytest.raises(ConfigError, match=rf"^data\.name: .*{problem}"):
+    with pytest.raises(ConfigError, match=rf'^data\.name: .*{problem}'):
       data.load_split(_config(name=name), 'train')
 
 
 def test_import_does_not_import_tfds():
   env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (str(_REPO_ROOT), env.get('PYTHONPATH')) if p)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get('PYTHONPATH')) if p)
   subprocess.run(
-      [sys.executable, '-c',
-       "import sys, skd_jax.data; "
-       "assert 'tensorflow_datasets' not in sys.modules"],
-      check=True, cwd=_REPO_ROOT, env=env)
+      [
+          sys.executable,
+          '-c',
+          'import sys, skd_jax.data; ' "assert 'tensorflow_datasets' not in sys.modules",
+      ],
+      check=True,
+      cwd=_REPO_ROOT,
+      env=env,
+  )

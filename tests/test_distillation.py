@@ -47,8 +47,7 @@ def test_distillation_kl_stops_the_teacher_gradient_and_scales_by_t_squared():
   np.testing.assert_array_equal(grad_teacher, 0.0)
   # d/dz [T^2 KL(p_t || softmax(z / T))] = T (softmax(z / T) - p_t).
   grad = jax.grad(lambda z: losses.distillation_kl(z, t, temperature=4.0).sum())(z)
-  np.testing.assert_allclose(grad, 4.0 * (jax.nn.softmax(z / 4) - jax.nn.softmax(t / 4)),
-                             atol=1e-6)
+  np.testing.assert_allclose(grad, 4.0 * (jax.nn.softmax(z / 4) - jax.nn.softmax(t / 4)), atol=1e-6)
 
 
 def test_drg_loss_is_head_ce_plus_alpha_kl():
@@ -67,12 +66,15 @@ def test_dsr_loss_closed_form_and_zero_for_the_same_shape():
   z = np.array([[0.3, 2.0, -1.0]])
   prev = np.array([[-2.0, 0.0, 1.0]])  # already ascending
   expected = 16 * _kl(_softmax(prev / 4), _softmax(np.sort(z) / 4))
-  np.testing.assert_allclose(losses.dsr_loss(jnp.array(z), jnp.array(prev), temperature=4.0),
-                             expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.dsr_loss(jnp.array(z), jnp.array(prev), temperature=4.0), expected, rtol=1e-5
+  )
   # Same values in a different class order: the ranked shape agrees, so the loss is zero.
   np.testing.assert_allclose(
-      losses.dsr_loss(jnp.array([[1.0, -2.0, 0.0]]), jnp.array(prev), temperature=4.0), 0.0,
-      atol=1e-6)
+      losses.dsr_loss(jnp.array([[1.0, -2.0, 0.0]]), jnp.array(prev), temperature=4.0),
+      0.0,
+      atol=1e-6,
+  )
 
 
 def test_dsr_loss_is_invariant_to_class_permutations():
@@ -83,10 +85,12 @@ def test_dsr_loss_is_invariant_to_class_permutations():
     perm = jax.random.permutation(jax.random.key(10 + seed), 10)
     np.testing.assert_allclose(losses.dsr_loss(z[:, perm], prev), base, rtol=1e-6)
     # Per-example permutations too: each row is sorted on its own.
-    rows = jax.vmap(lambda k: jax.random.permutation(k, 10))(jax.random.split(
-        jax.random.key(20 + seed), 6))
+    rows = jax.vmap(lambda k: jax.random.permutation(k, 10))(
+        jax.random.split(jax.random.key(20 + seed), 6)
+    )
     np.testing.assert_allclose(
-        losses.dsr_loss(jnp.take_along_axis(z, rows, -1), prev), base, rtol=1e-6)
+        losses.dsr_loss(jnp.take_along_axis(z, rows, -1), prev), base, rtol=1e-6
+    )
 
 
 def test_dsr_gradient_flows_through_the_sort():
@@ -97,8 +101,15 @@ def test_dsr_gradient_flows_through_the_sort():
   sorted_grad = 4.0 * (jax.nn.softmax(jnp.sort(z) / 4) - jax.nn.softmax(prev / 4))
   ranks = jnp.argsort(jnp.argsort(z, -1), -1)
   np.testing.assert_allclose(grad, jnp.take_along_axis(sorted_grad, ranks, -1), atol=1e-6)
-  jtu.check_grads(lambda z: losses.dsr_loss(z, prev), (z,), order=1, modes=['rev'], eps=1e-2,
-                  atol=1e-2, rtol=1e-2)
+  jtu.check_grads(
+      lambda z: losses.dsr_loss(z, prev),
+      (z,),
+      order=1,
+      modes=['rev'],
+      eps=1e-2,
+      atol=1e-2,
+      rtol=1e-2,
+  )
 
 
 def test_rotation_joint_labels_are_class_major():
@@ -116,7 +127,7 @@ def test_aggregate_joint_logits():
   # matched: mean over copies v of the score (c, k = v): 100 v + 10 c + v -> 151.5 + 10 c.
   np.testing.assert_allclose(losses.aggregate_joint_logits(joint), [[151.5, 161.5, 171.5]])
   # sum: unrotated copy, summed over k: 40 c + 6.
-  np.testing.assert_allclose(losses.aggregate_joint_logits(joint, mode='sum'), [[6., 46., 86.]])
+  np.testing.assert_allclose(losses.aggregate_joint_logits(joint, mode='sum'), [[6.0, 46.0, 86.0]])
   with pytest.raises(ValueError, match='mode'):
     losses.aggregate_joint_logits(joint, mode='max')
 
@@ -140,11 +151,20 @@ def test_lsskd_loss_matches_the_documented_formula(pairing):
   z = rng.normal(size=(3, 5)).astype(np.float32)
   heads = [rng.normal(size=(3, 4, 20)).astype(np.float32) * 2 for _ in range(3)]
   y = np.eye(5, dtype=np.float32)[[1, 4, 0]]
-  got = losses.lsskd_loss(z, heads, y, temperature=3.0, pairing=pairing, head_ce_weight=0.5,
-                          head_kd_weight=2.0, main_kd_weight=0.7)
+  got = losses.lsskd_loss(
+      z,
+      heads,
+      y,
+      temperature=3.0,
+      pairing=pairing,
+      head_ce_weight=0.5,
+      head_kd_weight=2.0,
+      main_kd_weight=0.7,
+  )
   chex.assert_shape(got, (3,))
-  np.testing.assert_allclose(got, _lsskd_by_hand(z, heads, y, 3.0, pairing, 0.5, 2.0, 0.7),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      got, _lsskd_by_hand(z, heads, y, 3.0, pairing, 0.5, 2.0, 0.7), rtol=1e-5
+  )
 
 
 def test_lsskd_feature_alignment_and_weights():
@@ -155,7 +175,7 @@ def test_lsskd_feature_alignment_and_weights():
   y = np.eye(3, dtype=np.float32)[[0, 2]]
   base = losses.lsskd_loss(z, heads, y)
   with_features = losses.lsskd_loss(z, heads, y, head_features=feats, feature_weight=0.1)
-  expected = 0.1 * np.sum((feats[0] - feats[1])**2, -1).mean(-1)
+  expected = 0.1 * np.sum((feats[0] - feats[1]) ** 2, -1).mean(-1)
   np.testing.assert_allclose(with_features - base, expected, rtol=1e-4)
   with pytest.raises(ValueError, match='head_features'):
     losses.lsskd_loss(z, heads, y, feature_weight=0.1)
@@ -175,12 +195,14 @@ def _saturated(key, shape, dtype):
 
 
 LOSSES = {
-    'distillation_kl': lambda z, heads, y: losses.distillation_kl(z, heads[0][:, 0, :10],
-                                                                  temperature=4.0),
+    'distillation_kl': lambda z, heads, y: losses.distillation_kl(
+        z, heads[0][:, 0, :10], temperature=4.0
+    ),
     'drg': lambda z, heads, y: losses.drg_loss(z, heads[0][:, 0, :10], y),
     'dsr': lambda z, heads, y: losses.dsr_loss(z, jnp.sort(heads[1][:, 0, :10], -1)),
-    'lsskd': lambda z, heads, y: losses.lsskd_loss(z, heads, y, head_features=heads,
-                                                   feature_weight=1e-3),
+    'lsskd': lambda z, heads, y: losses.lsskd_loss(
+        z, heads, y, head_features=heads, feature_weight=1e-3
+    ),
 }
 
 
@@ -190,8 +212,9 @@ def test_magnitude_50_logits_give_finite_values_and_gradients(name, dtype):
   z = _saturated(0, (4, 10), dtype)
   heads = [_saturated(i + 1, (4, 4, 40), dtype) for i in range(2)]
   y = jax.nn.one_hot(jnp.array([0, 3, 5, 9]), 10)
-  value, grads = jax.value_and_grad(lambda z, h: LOSSES[name](z, h, y).sum(),
-                                    argnums=(0, 1))(z, heads)
+  value, grads = jax.value_and_grad(lambda z, h: LOSSES[name](z, h, y).sum(), argnums=(0, 1))(
+      z, heads
+  )
   assert value.dtype == jnp.float32 and np.isfinite(value)
   for g in jax.tree.leaves(grads):
     assert np.all(np.isfinite(np.asarray(g, np.float32)))
@@ -207,5 +230,6 @@ def test_jit_matches_eager_per_example_and_gradients_check(name):
   chex.assert_shape(eager, (3,))
   np.testing.assert_allclose(jax.jit(fn)(z, heads), eager, rtol=1e-5)
   # Teachers are stop-gradient, so numerical and automatic derivatives agree only in the student.
-  jtu.check_grads(lambda z: fn(z, heads), (z,), order=1, modes=['rev'], eps=1e-2, atol=1e-2,
-                  rtol=1e-2)
+  jtu.check_grads(
+      lambda z: fn(z, heads), (z,), order=1, modes=['rev'], eps=1e-2, atol=1e-2, rtol=1e-2
+  )

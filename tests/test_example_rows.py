@@ -14,7 +14,7 @@ from skd_jax import train
 
 @pytest.fixture(params=[1, 8], ids=['1dev', '8dev'])
 def mesh(request):
-  return train.make_mesh(jax.devices()[:request.param])
+  return train.make_mesh(jax.devices()[: request.param])
 
 
 def _table(mesh, n=37, c=5):
@@ -42,8 +42,9 @@ def test_scatter_writes_kept_rows_and_the_last_of_duplicates(mesh):
   keep = jnp.array([True, True, True, True, False, True, True, True])
   values = -jnp.arange(8 * 5, dtype=jnp.float32).reshape(8, 5) - 1
   values = jax.device_put(values, NamedSharding(mesh, P('data')))
-  got = jax.jit(lambda t, i, v, k: example_rows.scatter(t, i, v, k, mesh))(table, index, values,
-                                                                            keep)
+  got = jax.jit(lambda t, i, v, k: example_rows.scatter(t, i, v, k, mesh))(
+      table, index, values, keep
+  )
   expected = host.copy()
   for slot in [0, 1, 2, 3, 5, 6, 7]:  # in order: later duplicates overwrite earlier ones
     expected[int(index[slot])] = np.asarray(values[slot])
@@ -68,8 +69,9 @@ def test_communication_is_batch_sized_not_table_sized():
     return example_rows.scatter(t, i, v + rows, jnp.ones(b, bool), mesh)
 
   hlo = jax.jit(step).lower(table, index, values).compile().as_text()
-  collectives = re.findall(r'= (\S+) (all-gather|reduce-scatter|all-reduce|all-to-all|'
-                           r'collective-permute)\(', hlo)
+  collectives = re.findall(
+      r'= (\S+) (all-gather|reduce-scatter|all-reduce|all-to-all|' r'collective-permute)\(', hlo
+  )
   assert collectives, 'expected batch-sized collectives'
   for shape, _ in collectives:
     dims = [int(d) for d in re.findall(r'\d+', shape.split('{')[0].split('[')[-1])]

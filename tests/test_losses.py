@@ -33,10 +33,14 @@ def test_cross_entropy_of_identical_distributions_is_entropy():
 
 def test_label_smoothing_variants():
   y = _one_hot([2], 5)
-  np.testing.assert_allclose(losses.label_smoothing_targets(y, epsilon=0.1)[0],
-                             [0.02, 0.02, 0.92, 0.02, 0.02], rtol=1e-6)
-  np.testing.assert_allclose(losses.label_smoothing_targets(y, epsilon=0.1, variant='non_target')[0],
-                             [0.025, 0.025, 0.9, 0.025, 0.025], rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.label_smoothing_targets(y, epsilon=0.1)[0], [0.02, 0.02, 0.92, 0.02, 0.02], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+      losses.label_smoothing_targets(y, epsilon=0.1, variant='non_target')[0],
+      [0.025, 0.025, 0.9, 0.025, 0.025],
+      rtol=1e-6,
+  )
   with pytest.raises(ValueError, match='variant'):
     losses.label_smoothing_targets(y, epsilon=0.1, variant='zipf')
 
@@ -44,8 +48,10 @@ def test_label_smoothing_variants():
 def test_label_smoothing_zero_epsilon_is_cross_entropy():
   logits = jax.random.normal(jax.random.key(1), (4, 6))
   y = _one_hot([0, 1, 5, 3], 6)
-  np.testing.assert_array_equal(losses.label_smoothing_cross_entropy(logits, y, epsilon=0.0),
-                                losses.soft_target_cross_entropy(logits, y))
+  np.testing.assert_array_equal(
+      losses.label_smoothing_cross_entropy(logits, y, epsilon=0.0),
+      losses.soft_target_cross_entropy(logits, y),
+  )
 
 
 def test_pskd_alpha_schedule():
@@ -78,8 +84,10 @@ def test_pskd_per_example_alpha_and_stopped_history_gradient():
   per_example = losses.pskd_cross_entropy(logits, y, past, alpha=jnp.array([0.0, 0.5, 1.0]))
   for i, a in enumerate([0.0, 0.5, 1.0]):
     np.testing.assert_allclose(
-        per_example[i], losses.pskd_cross_entropy(logits[i:i + 1], y[i:i + 1], past[i:i + 1],
-                                                  alpha=a)[0], rtol=1e-6)
+        per_example[i],
+        losses.pskd_cross_entropy(logits[i : i + 1], y[i : i + 1], past[i : i + 1], alpha=a)[0],
+        rtol=1e-6,
+    )
   grad_past = jax.grad(lambda p: losses.pskd_cross_entropy(logits, y, p, alpha=0.5).sum())(past)
   np.testing.assert_array_equal(grad_past, 0.0)
 
@@ -89,8 +97,9 @@ def test_gradient_of_soft_cross_entropy_is_softmax_minus_target():
   target = jax.nn.softmax(jax.random.normal(jax.random.key(7), (2, 5)))
   grad = jax.grad(lambda z: losses.soft_target_cross_entropy(z, target).sum())(logits)
   np.testing.assert_allclose(grad, jax.nn.softmax(logits) - target, atol=1e-6)
-  jtu.check_grads(lambda z: losses.soft_target_cross_entropy(z, target), (logits,), order=2,
-                  modes=['rev'])
+  jtu.check_grads(
+      lambda z: losses.soft_target_cross_entropy(z, target), (logits,), order=2, modes=['rev']
+  )
 
 
 LOSSES = {
@@ -130,6 +139,9 @@ def test_integer_logits_are_rejected():
 
 def test_losses_import_without_tfds_orbax_or_tensorflow():
   import subprocess, sys
-  code = ('import sys, skd_jax.losses; bad = [m for m in sys.modules if m.split(".")[0] in '
-          '("tensorflow", "tensorflow_datasets", "orbax")]; assert not bad, bad')
+
+  code = (
+      'import sys, skd_jax.losses; bad = [m for m in sys.modules if m.split(".")[0] in '
+      '("tensorflow", "tensorflow_datasets", "orbax")]; assert not bad, bad'
+  )
   subprocess.run([sys.executable, '-c', code], check=True)

@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _write_idx(path, array):
   header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
-      int(d).to_bytes(4, 'big') for d in array.shape)
+      int(d).to_bytes(4, 'big') for d in array.shape
+  )
   with open(path, 'wb') as f:
     f.write(header + array.astype(np.uint8).tobytes())
 
@@ -33,22 +34,34 @@ def tiny_fashion_mnist(tmp_path_factory):
 
 def _main(*args, devices=1, **kwargs):
   env = {**os.environ, 'JAX_NUM_CPU_DEVICES': str(devices), 'PYTHONPATH': REPO}
-  return subprocess.Popen([sys.executable, '-m', 'skd_jax.main', *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+  return subprocess.Popen(
+      [sys.executable, '-m', 'skd_jax.main', *args],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      **kwargs,
+  )
 
 
-@pytest.mark.parametrize('args, devices, message', [
-    (['--config.data.source=tfds', '--config.data.name=no_such_dataset'], 1,
-     'data.name: unknown TFDS dataset'),
-    (['--config.model.name=resnet9000'], 1, 'model.name: unknown model'),
-    (['--config.no_such_key=1'], 1, "--config: unknown key 'no_such_key'"),
-    (['--config.loss.pskd.alpha_T=1.5'], 1, 'loss.pskd.alpha_T: expected a number in [0, 1]'),
-    (['--config.batch_size=12'], 8, 'batch_size: 12 is not divisible by the 8 devices'),
-    (['--config.data.dir=/no/such/dir'], 1, 'data.dir: /no/such/dir does not exist'),
-    (['--config.optim.schedule=linear'], 1, "optim.schedule: expected 'step' or 'cosine'"),
-])
-def test_invalid_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, devices,
-                                                                 message):
+@pytest.mark.parametrize(
+    'args, devices, message',
+    [
+        (
+            ['--config.data.source=tfds', '--config.data.name=no_such_dataset'],
+            1,
+            'data.name: unknown TFDS dataset',
+        ),
+        (['--config.model.name=resnet9000'], 1, 'model.name: unknown model'),
+        (['--config.no_such_key=1'], 1, "--config: unknown key 'no_such_key'"),
+        (['--config.loss.pskd.alpha_T=1.5'], 1, 'loss.pskd.alpha_T: expected a number in [0, 1]'),
+        (['--config.batch_size=12'], 8, 'batch_size: 12 is not divisible by the 8 devices'),
+        (['--config.data.dir=/no/such/dir'], 1, 'data.dir: /no/such/dir does not exist'),
+        (['--config.optim.schedule=linear'], 1, "optim.schedule: expected 'step' or 'cosine'"),
+    ],
+)
+def test_invalid_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, devices, message):
   workdir = tmp_path / 'wd'
   proc = _main('--config=configs/pskd.py:quick', f'--workdir={workdir}', *args, devices=devices)
   _, stderr = proc.communicate(timeout=120)
@@ -66,9 +79,14 @@ def test_missing_config_file_exits_2(tmp_path):
 
 def test_sigterm_saves_exits_cleanly_and_rerun_finishes(tmp_path, tiny_fashion_mnist):
   workdir = tmp_path / 'wd'
-  args = ('--config=configs/pskd.py:quick', f'--workdir={workdir}',
-          f'--config.data.dir={tiny_fashion_mnist}', '--config.batch_size=8',
-          '--config.num_epochs=20', '--config.log_every_steps=1')
+  args = (
+      '--config=configs/pskd.py:quick',
+      f'--workdir={workdir}',
+      f'--config.data.dir={tiny_fashion_mnist}',
+      '--config.batch_size=8',
+      '--config.num_epochs=20',
+      '--config.log_every_steps=1',
+  )
   proc = _main(*args)
   metrics = workdir / 'metrics.jsonl'
   deadline = time.time() + 180

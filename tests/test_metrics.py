@@ -9,7 +9,6 @@ import pytest
 
 from skd_jax import metrics
 
-
 # ----------------------------------------------------------------------------------------------
 # per_example_stats
 # ----------------------------------------------------------------------------------------------
@@ -33,8 +32,9 @@ def test_per_example_stats_three_classes_by_hand():
   # Row 1: argmax 1 != label 2; p_max = e^3 / (1 + e^3 + e); nll = lse - 1.
   lse0 = _log_sum_exp([2.0, 1.0, 0.0])
   lse1 = _log_sum_exp([0.0, 3.0, 1.0])
-  np.testing.assert_allclose(stats['confidence'], [math.exp(2 - lse0), math.exp(3 - lse1)],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      stats['confidence'], [math.exp(2 - lse0), math.exp(3 - lse1)], rtol=1e-6
+  )
   np.testing.assert_array_equal(stats['correct'], [1.0, 0.0])
   # C = 3 < 5, so k = 3 and every label is in the "top 5".
   np.testing.assert_array_equal(stats['top5'], [1.0, 1.0])
@@ -205,7 +205,8 @@ def test_aurc_opt_formula_matches_brute_force(seed):
 
   assert metrics.eaurc(ideal, correct) == pytest.approx(0.0, abs=1e-9)
   assert metrics.eaurc(confidence, correct) == pytest.approx(
-      metrics.aurc(confidence, correct) - aurc_opt_brute, rel=1e-12)
+      metrics.aurc(confidence, correct) - aurc_opt_brute, rel=1e-12
+  )
   assert metrics.eaurc(confidence, correct) > 0.0
 
 
@@ -264,9 +265,14 @@ def test_summarize_end_to_end_from_per_example_stats():
   summary = metrics.summarize(stats)
   assert summary['top1'] == pytest.approx(75.0)
   assert summary['top5'] == pytest.approx(100.0)
-  expected_nll = np.mean([
-      _log_sum_exp([3, 0, 0]) - 3, _log_sum_exp([0, 2, 0]) - 0,
-      _log_sum_exp([1, 0, 0]) - 1, _log_sum_exp([0, 0, 0.5]) - 0.5])
+  expected_nll = np.mean(
+      [
+          _log_sum_exp([3, 0, 0]) - 3,
+          _log_sum_exp([0, 2, 0]) - 0,
+          _log_sum_exp([1, 0, 0]) - 1,
+          _log_sum_exp([0, 0, 0.5]) - 0.5,
+      ]
+  )
   assert summary['nll'] == pytest.approx(expected_nll, rel=1e-6)
   conf = np.asarray(stats['confidence'])
   corr = np.asarray(stats['correct'])

@@ -17,14 +17,12 @@ MNIST_SHAPE = (2, 28, 28, 1)
 
 def _abstract_variables(model, shape):
   """Variables as ShapeDtypeStructs, without running the initializers."""
-  return jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
 
 
 def _abstract_apply(model, variables, shape):
   """(logits, outputs) as ShapeDtypeStructs."""
-  return jax.eval_shape(
-      lambda v: model.apply(v, jnp.zeros(shape), train=False), variables)
+  return jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape), train=False), variables)
 
 
 def _num_params(variables):
@@ -36,8 +34,7 @@ def _images(shape, seed=0):
 
 
 def _init(model, x):
-  return jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), x)
+  return jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
 
 
 @pytest.fixture(scope='module')
@@ -77,11 +74,14 @@ def small_variables():
 #   stage3: 18,432 + 36,864 + 2 * 128 + (2,048 + 128)            =  57,728
 #   head 64*10 + 10                                              =     650
 #   total 77,754
-@pytest.mark.parametrize('name,num_classes,shape,expected', [
-    ('cifar_resnet18', 100, CIFAR_SHAPE, 11_220_132),
-    ('preact_resnet18', 100, CIFAR_SHAPE, 11_218_340),
-    ('small_resnet', 10, MNIST_SHAPE, 77_754),
-])
+@pytest.mark.parametrize(
+    'name,num_classes,shape,expected',
+    [
+        ('cifar_resnet18', 100, CIFAR_SHAPE, 11_220_132),
+        ('preact_resnet18', 100, CIFAR_SHAPE, 11_218_340),
+        ('small_resnet', 10, MNIST_SHAPE, 77_754),
+    ],
+)
 def test_param_counts(name, num_classes, shape, expected):
   model = models.get_model(name, num_classes=num_classes)
   assert _num_params(_abstract_variables(model, shape)) == expected
@@ -93,18 +93,51 @@ def test_param_count_does_not_depend_on_input_size():
   assert _num_params(variables) == 11_220_132
 
 
-@pytest.mark.parametrize('name,num_classes,shape,stem,stages,features', [
-    ('cifar_resnet18', 100, CIFAR_SHAPE, (32, 32, 64),
-     [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512)], 512),
-    ('preact_resnet18', 100, CIFAR_SHAPE, (32, 32, 64),
-     [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512)], 512),
-    ('cifar_resnet18', 10, MNIST_SHAPE, (28, 28, 64),
-     [(28, 28, 64), (14, 14, 128), (7, 7, 256), (4, 4, 512)], 512),
-    ('small_resnet', 10, MNIST_SHAPE, (28, 28, 16),
-     [(28, 28, 16), (14, 14, 32), (7, 7, 64)], 64),
-    ('small_resnet', 100, CIFAR_SHAPE, (32, 32, 16),
-     [(32, 32, 16), (16, 16, 32), (8, 8, 64)], 64),
-])
+@pytest.mark.parametrize(
+    'name,num_classes,shape,stem,stages,features',
+    [
+        (
+            'cifar_resnet18',
+            100,
+            CIFAR_SHAPE,
+            (32, 32, 64),
+            [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512)],
+            512,
+        ),
+        (
+            'preact_resnet18',
+            100,
+            CIFAR_SHAPE,
+            (32, 32, 64),
+            [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512)],
+            512,
+        ),
+        (
+            'cifar_resnet18',
+            10,
+            MNIST_SHAPE,
+            (28, 28, 64),
+            [(28, 28, 64), (14, 14, 128), (7, 7, 256), (4, 4, 512)],
+            512,
+        ),
+        (
+            'small_resnet',
+            10,
+            MNIST_SHAPE,
+            (28, 28, 16),
+            [(28, 28, 16), (14, 14, 32), (7, 7, 64)],
+            64,
+        ),
+        (
+            'small_resnet',
+            100,
+            CIFAR_SHAPE,
+            (32, 32, 16),
+            [(32, 32, 16), (16, 16, 32), (8, 8, 64)],
+            64,
+        ),
+    ],
+)
 def test_output_shapes(name, num_classes, shape, stem, stages, features):
   model = models.get_model(name, num_classes=num_classes)
   variables = _abstract_variables(model, shape)
@@ -112,8 +145,7 @@ def test_output_shapes(name, num_classes, shape, stem, stages, features):
   batch = shape[0]
   assert logits.shape == (batch, num_classes)
   assert logits.dtype == jnp.float32
-  expected_keys = {'stem', 'features'} | {
-      f'stage{i}' for i in range(1, len(stages) + 1)}
+  expected_keys = {'stem', 'features'} | {f'stage{i}' for i in range(1, len(stages) + 1)}
   assert set(outputs) == expected_keys
   assert outputs['stem'].shape == (batch,) + stem
   for i, stage_shape in enumerate(stages, start=1):
@@ -122,12 +154,11 @@ def test_output_shapes(name, num_classes, shape, stem, stages, features):
 
 
 def test_small_resnet_options():
-  model = models.get_model('small_resnet', num_classes=10,
-                           widths=(8, 16, 24), blocks_per_stage=2)
+  model = models.get_model('small_resnet', num_classes=10, widths=(8, 16, 24), blocks_per_stage=2)
   variables = _abstract_variables(model, MNIST_SHAPE)
   assert sorted(variables['params']) == sorted(
-      ['stem_conv', 'stem_bn', 'head'] +
-      [f'stage{i}_block{j}' for i in (1, 2, 3) for j in (1, 2)])
+      ['stem_conv', 'stem_bn', 'head'] + [f'stage{i}_block{j}' for i in (1, 2, 3) for j in (1, 2)]
+  )
   _, outputs = _abstract_apply(model, variables, MNIST_SHAPE)
   assert outputs['stage3'].shape == (2, 7, 7, 24)
   assert outputs['features'].shape == (2, 24)
@@ -139,13 +170,11 @@ def test_preact_shortcuts_have_no_batch_norm():
   assert 'stem_bn' not in params
   assert 'final_bn' in params
   assert 'shortcut_conv' not in params['stage1_block1']
-  assert sorted(params['stage2_block1']) == [
-      'bn1', 'bn2', 'conv1', 'conv2', 'shortcut_conv']
+  assert sorted(params['stage2_block1']) == ['bn1', 'bn2', 'conv1', 'conv2', 'shortcut_conv']
 
 
 def test_params_are_float32_and_convs_have_no_bias():
-  model = models.get_model('cifar_resnet18', num_classes=10,
-                           dtype=jnp.bfloat16)
+  model = models.get_model('cifar_resnet18', num_classes=10, dtype=jnp.bfloat16)
   variables = _abstract_variables(model, CIFAR_SHAPE)
   for leaf in jax.tree.leaves(variables):
     assert leaf.dtype == jnp.float32
@@ -156,8 +185,7 @@ def test_params_are_float32_and_convs_have_no_bias():
 
 
 @pytest.mark.parametrize('name', ['small_resnet', 'preact_resnet18'])
-def test_train_updates_batch_stats_and_eval_is_deterministic(
-    name, small_variables):
+def test_train_updates_batch_stats_and_eval_is_deterministic(name, small_variables):
   # preact_resnet18 is exercised with tiny widths to keep the test fast; the
   # block wiring is the same as in the full model.
   x = _images(MNIST_SHAPE)
@@ -165,15 +193,12 @@ def test_train_updates_batch_stats_and_eval_is_deterministic(
     model = models.get_model(name, num_classes=10)
     variables = small_variables
   else:
-    model = models.PreActResNet(num_classes=10, stage_sizes=(1, 1),
-                                widths=(8, 16), strides=(1, 2))
+    model = models.PreActResNet(num_classes=10, stage_sizes=(1, 1), widths=(8, 16), strides=(1, 2))
     variables = _init(model, x)
   # Jitted, as the trainer calls the model.
-  train_apply = jax.jit(functools.partial(model.apply, train=True,
-                                          mutable=['batch_stats']))
+  train_apply = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))
   eval_apply = jax.jit(functools.partial(model.apply, train=False))
-  eval_apply_mutable = jax.jit(functools.partial(
-      model.apply, train=False, mutable=['batch_stats']))
+  eval_apply_mutable = jax.jit(functools.partial(model.apply, train=False, mutable=['batch_stats']))
 
   (logits, _), updates = train_apply(variables, x)
   assert logits.shape == (2, 10)
@@ -188,8 +213,7 @@ def test_train_updates_batch_stats_and_eval_is_deterministic(
   jax.tree.map(np.testing.assert_array_equal, first, second)
   # Eval mode leaves batch_stats untouched even when they are mutable.
   _, unchanged = eval_apply_mutable(variables, x)
-  jax.tree.map(np.testing.assert_array_equal, unchanged['batch_stats'],
-               variables['batch_stats'])
+  jax.tree.map(np.testing.assert_array_equal, unchanged['batch_stats'], variables['batch_stats'])
   # Train mode normalizes with batch statistics, so outputs differ from eval.
   assert not np.allclose(logits, first[0])
 
@@ -200,44 +224,43 @@ def test_bfloat16_gives_float32_finite_logits(small_variables):
   model = models.get_model('small_resnet', num_classes=10, dtype=jnp.bfloat16)
   x = _images(MNIST_SHAPE)
   variables = small_variables
-  (logits, outputs), _ = jax.jit(functools.partial(
-      model.apply, train=True, mutable=['batch_stats']))(variables, x)
+  (logits, outputs), _ = jax.jit(
+      functools.partial(model.apply, train=True, mutable=['batch_stats'])
+  )(variables, x)
   assert logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
   assert outputs['stage3'].dtype == jnp.bfloat16
-  logits_eval, _ = jax.jit(functools.partial(model.apply, train=False))(
-      variables, x)
+  logits_eval, _ = jax.jit(functools.partial(model.apply, train=False))(variables, x)
   assert logits_eval.dtype == jnp.float32
   assert np.all(np.isfinite(logits_eval))
   # bfloat16 computation stays close to the float32 model with equal params.
   model32 = models.get_model('small_resnet', num_classes=10)
-  logits32, _ = jax.jit(functools.partial(model32.apply, train=False))(
-      variables, x)
+  logits32, _ = jax.jit(functools.partial(model32.apply, train=False))(variables, x)
   np.testing.assert_allclose(logits_eval, logits32, atol=0.1, rtol=0.1)
 
 
 def test_registry_names():
-  assert set(models.MODELS) == {
-      'cifar_resnet18', 'preact_resnet18', 'small_resnet'}
-  assert isinstance(models.get_model('cifar_resnet18', num_classes=10),
-                    models.ResNet)
-  assert isinstance(models.get_model('preact_resnet18', num_classes=10),
-                    models.PreActResNet)
-  assert isinstance(models.get_model('small_resnet', num_classes=10),
-                    models.ResNet)
+  assert set(models.MODELS) == {'cifar_resnet18', 'preact_resnet18', 'small_resnet'}
+  assert isinstance(models.get_model('cifar_resnet18', num_classes=10), models.ResNet)
+  assert isinstance(models.get_model('preact_resnet18', num_classes=10), models.PreActResNet)
+  assert isinstance(models.get_model('small_resnet', num_classes=10), models.ResNet)
 
 
 def test_unknown_model_raises_config_error():
-  with pytest.raises(ConfigError, match=r"^model\.name: unknown model "
-                     r"'resnet50'; expected one of "):
+  with pytest.raises(
+      ConfigError, match=r'^model\.name: unknown model ' r"'resnet50'; expected one of "
+  ):
     models.get_model('resnet50', num_classes=10)
 
 
-@pytest.mark.parametrize('kwargs,match', [
-    ({'depth': 20}, r'^model\.depth: not an option'),
-    ({'widths': (16, 32)}, r'^model\.widths: expected 3'),
-    ({'blocks_per_stage': 0}, r'^model\.blocks_per_stage: expected a positive'),
-])
+@pytest.mark.parametrize(
+    'kwargs,match',
+    [
+        ({'depth': 20}, r'^model\.depth: not an option'),
+        ({'widths': (16, 32)}, r'^model\.widths: expected 3'),
+        ({'blocks_per_stage': 0}, r'^model\.blocks_per_stage: expected a positive'),
+    ],
+)
 def test_bad_options_raise_config_error(kwargs, match):
   with pytest.raises(ConfigError, match=match):
     models.get_model('small_resnet', num_classes=10, **kwargs)
@@ -253,8 +276,7 @@ def test_bad_num_classes_raises_config_error():
 
 def _small_backbone():
   """A 3-stage ResNet that reaches 4x4 on 28x28 inputs, for the head tests."""
-  return models.small_resnet(num_classes=10, widths=(16, 32, 64),
-                             strides=(2, 2, 2))
+  return models.small_resnet(num_classes=10, widths=(16, 32, 64), strides=(2, 2, 2))
 
 
 def _count(tree):
@@ -276,8 +298,9 @@ def test_drg_head_shapes_and_dtypes():
     x = _images((2, size, size, 32))
     for dtype in (jnp.float32, jnp.bfloat16):
       head = models.DRGHead(num_outputs=10, dtype=dtype)
-      (logits, features), _ = jax.jit(functools.partial(
-          head.apply, train=True, mutable=['batch_stats']))(variables, x)
+      (logits, features), _ = jax.jit(
+          functools.partial(head.apply, train=True, mutable=['batch_stats'])
+      )(variables, x)
       assert logits.shape == (2, 10)
       assert logits.dtype == jnp.float32
       assert features.shape == (2, 4 * 32)
@@ -285,25 +308,24 @@ def test_drg_head_shapes_and_dtypes():
       assert np.all(np.isfinite(logits))
 
 
-@pytest.mark.parametrize('name,shape,channels', [
-    ('small_resnet', MNIST_SHAPE, 32),
-    ('cifar_resnet18', CIFAR_SHAPE, 128),
-])
+@pytest.mark.parametrize(
+    'name,shape,channels',
+    [
+        ('small_resnet', MNIST_SHAPE, 32),
+        ('cifar_resnet18', CIFAR_SHAPE, 128),
+    ],
+)
 def test_drg_head_input_width_follows_backbone(name, shape, channels):
   backbone = models.get_model(name, num_classes=10)
-  model = models.WithHeads(
-      backbone, heads=(models.Head('drg', 'stage2', models.DRGHead(40)),))
+  model = models.WithHeads(backbone, heads=(models.Head('drg', 'stage2', models.DRGHead(40)),))
   params = _abstract_variables(model, shape)['params']['drg']
   attention = params['attention_sepconv']
   assert attention['depthwise1']['kernel'].shape == (3, 3, 1, channels)
   assert set(attention['depthwise1']) == {'kernel'}
   assert attention['pointwise2']['kernel'].shape == (1, 1, channels, channels)
-  assert params['sepconv1']['pointwise2']['kernel'].shape == (
-      1, 1, channels, 2 * channels)
-  assert params['sepconv2']['depthwise1']['kernel'].shape == (
-      3, 3, 1, 2 * channels)
-  assert params['sepconv2']['pointwise2']['kernel'].shape == (
-      1, 1, 2 * channels, 4 * channels)
+  assert params['sepconv1']['pointwise2']['kernel'].shape == (1, 1, channels, 2 * channels)
+  assert params['sepconv2']['depthwise1']['kernel'].shape == (3, 3, 1, 2 * channels)
+  assert params['sepconv2']['pointwise2']['kernel'].shape == (1, 1, 2 * channels, 4 * channels)
   _, outputs = _abstract_apply(model, _abstract_variables(model, shape), shape)
   assert outputs['drg'].shape == (shape[0], 40)
   assert outputs['drg/features'].shape == (shape[0], 4 * channels)
@@ -318,11 +340,18 @@ def _identity_block_params(width):
   return 18 * width * width + 4 * width
 
 
-@pytest.mark.parametrize('name,stage', [
-    ('small', 1), ('small', 2), ('small', 3),
-    ('preact_resnet18', 1), ('preact_resnet18', 2), ('preact_resnet18', 3),
-    ('preact_resnet18', 4),
-])
+@pytest.mark.parametrize(
+    'name,stage',
+    [
+        ('small', 1),
+        ('small', 2),
+        ('small', 3),
+        ('preact_resnet18', 1),
+        ('preact_resnet18', 2),
+        ('preact_resnet18', 3),
+        ('preact_resnet18', 4),
+    ],
+)
 def test_later_stages_head_shapes_and_param_counts(name, stage):
   num_classes = 10
   if name == 'small':
@@ -350,19 +379,20 @@ def test_later_stages_head_shapes_and_param_counts(name, stage):
   if stage < num_stages:
     # The head's blocks are copies of the backbone's later stages: same
     # names, same shapes.
-    later = {key: value for key, value in backbone_params.items()
-             if key.startswith('stage') and int(key[5]) > stage}
-    head_blocks = {key: value for key, value in head_params.items()
-                   if key.startswith('stage')}
+    later = {
+        key: value
+        for key, value in backbone_params.items()
+        if key.startswith('stage') and int(key[5]) > stage
+    }
+    head_blocks = {key: value for key, value in head_params.items() if key.startswith('stage')}
     assert _shapes(head_blocks) == _shapes(later)
     expected = _count(later) + final_bn + dense
   else:
     # One extra stride-1 stage of the last width (HSAKD's CIFAR ResNets).
     assert sorted(key for key in head_params if key.startswith('stage')) == [
-        f'stage{num_stages + 1}_block{j}'
-        for j in range(1, backbone.stage_sizes[-1] + 1)]
-    expected = (backbone.stage_sizes[-1] * _identity_block_params(width)
-                + final_bn + dense)
+        f'stage{num_stages + 1}_block{j}' for j in range(1, backbone.stage_sizes[-1] + 1)
+    ]
+    expected = backbone.stage_sizes[-1] * _identity_block_params(width) + final_bn + dense
   assert _count(head_params) == expected
 
 
@@ -373,11 +403,14 @@ def test_later_stages_head_rejects_bad_stage(stage):
 
 
 def _with_heads(backbone):
-  return models.WithHeads(backbone, heads=(
-      models.Head('drg', 'stage2', models.DRGHead(40)),
-      models.Head('aux1', 'stage1', backbone.later_stages_head(1, 40)),
-      models.Head('aux3', 'stage3', backbone.later_stages_head(3, 40)),
-  ))
+  return models.WithHeads(
+      backbone,
+      heads=(
+          models.Head('drg', 'stage2', models.DRGHead(40)),
+          models.Head('aux1', 'stage1', backbone.later_stages_head(1, 40)),
+          models.Head('aux3', 'stage3', backbone.later_stages_head(3, 40)),
+      ),
+  )
 
 
 @pytest.fixture(scope='module')
@@ -396,31 +429,42 @@ def test_with_heads_keeps_the_backbone_variables_apart(heads_variables):
   # The inference model has exactly the backbone's parameters.
   alone = _abstract_variables(backbone, MNIST_SHAPE)
   for collection in ('params', 'batch_stats'):
-    assert (jax.tree.structure(variables[collection]['backbone'])
-            == jax.tree.structure(alone[collection]))
-    assert _shapes(variables[collection]['backbone']) == _shapes(
-        alone[collection])
+    assert jax.tree.structure(variables[collection]['backbone']) == jax.tree.structure(
+        alone[collection]
+    )
+    assert _shapes(variables[collection]['backbone']) == _shapes(alone[collection])
   assert _count(variables['params']['backbone']) == _count(alone['params'])
   assert _count(variables['params']) > _count(alone['params'])
 
-  logits, outputs = jax.jit(functools.partial(model.apply, train=False))(
-      variables, x)
-  assert set(outputs) == {'stem', 'stage1', 'stage2', 'stage3', 'features',
-                          'drg', 'drg/features', 'aux1', 'aux1/features',
-                          'aux3', 'aux3/features'}
+  logits, outputs = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+  assert set(outputs) == {
+      'stem',
+      'stage1',
+      'stage2',
+      'stage3',
+      'features',
+      'drg',
+      'drg/features',
+      'aux1',
+      'aux1/features',
+      'aux3',
+      'aux3/features',
+  }
   for name in ('drg', 'aux1', 'aux3'):
     assert outputs[name].shape == (2, 40)
     assert outputs[name].dtype == jnp.float32
   assert outputs['drg/features'].shape == (2, 4 * 32)
   assert outputs['aux1/features'].shape == (2, 64)
   # The backbone alone, on the 'backbone' subtrees, gives the same logits.
-  backbone_logits, backbone_outputs = jax.jit(functools.partial(
-      backbone.apply, train=False))(
-          {'params': variables['params']['backbone'],
-           'batch_stats': variables['batch_stats']['backbone']}, x)
+  backbone_logits, backbone_outputs = jax.jit(functools.partial(backbone.apply, train=False))(
+      {
+          'params': variables['params']['backbone'],
+          'batch_stats': variables['batch_stats']['backbone'],
+      },
+      x,
+  )
   np.testing.assert_allclose(backbone_logits, logits, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(backbone_outputs['stage2'], outputs['stage2'],
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(backbone_outputs['stage2'], outputs['stage2'], rtol=1e-6, atol=1e-6)
 
 
 def test_with_heads_names_ignore_preserve_adopted_names():
@@ -434,41 +478,49 @@ def test_with_heads_names_ignore_preserve_adopted_names():
   assert set(params) == {'backbone', 'drg', 'aux1', 'aux3'}
 
 
-def test_head_gradients_reach_the_backbone_up_to_the_head_stage(
-    heads_variables):
+def test_head_gradients_reach_the_backbone_up_to_the_head_stage(heads_variables):
   model = _with_heads(_small_backbone())
   x = _images(MNIST_SHAPE)
   variables = heads_variables
 
   def head_loss(params, name):
     (_, outputs), _ = model.apply(
-        {'params': params, 'batch_stats': variables['batch_stats']}, x,
-        train=True, mutable=['batch_stats'])
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+    )
     return -jnp.mean(jax.nn.log_softmax(outputs[name])[:, 0])
 
   # One compilation for both heads.
-  grads = jax.jit(lambda params: {
-      name: jax.grad(head_loss)(params, name)['backbone']
-      for name in ('drg', 'aux1')})(variables['params'])
+  grads = jax.jit(
+      lambda params: {
+          name: jax.grad(head_loss)(params, name)['backbone'] for name in ('drg', 'aux1')
+      }
+  )(variables['params'])
   for name, stage in (('drg', 2), ('aux1', 1)):
     for key, subtree in grads[name].items():
-      reached = key.startswith('stem') or (
-          key.startswith('stage') and int(key[5]) <= stage)
+      reached = key.startswith('stem') or (key.startswith('stage') and int(key[5]) <= stage)
       # Every parameter up to the head's stage gets a gradient; nothing
       # after it influences the head.
       for leaf in jax.tree.leaves(subtree):
         assert np.any(leaf != 0) == reached, (name, key)
 
 
-@pytest.mark.parametrize('heads,match', [
-    ([('a', 'stage9')], r"^heads: head 'a' reads 'stage9', not an output"),
-    ([('a', 'stage1'), ('a', 'stage2')], r"^heads: duplicate head names \['a'\]"),
-    ([('stage1', 'stage2')], r"^heads: head 'stage1' would overwrite"),
-    ([('features', 'stage2')], r"^heads: head 'features' would overwrite"),
-    ([('backbone', 'stage2')], r"^heads: the name 'backbone' is reserved"),
-])
+@pytest.mark.parametrize(
+    'heads,match',
+    [
+        ([('a', 'stage9')], r"^heads: head 'a' reads 'stage9', not an output"),
+        ([('a', 'stage1'), ('a', 'stage2')], r"^heads: duplicate head names \['a'\]"),
+        ([('stage1', 'stage2')], r"^heads: head 'stage1' would overwrite"),
+        ([('features', 'stage2')], r"^heads: head 'features' would overwrite"),
+        ([('backbone', 'stage2')], r"^heads: the name 'backbone' is reserved"),
+    ],
+)
 def test_with_heads_rejects_bad_heads(heads, match):
-  model = models.WithHeads(_small_backbone(), heads=tuple(
-      models.Head(name, stage, models.DRGHead(10)) for name, stage in heads))
+  model = models.WithHeads(
+      _small_backbone(),
+      heads=tuple(models.Head(name, stage, models.DRGHead(10)) for name, stage in heads),
+  )
   with pytest.raises(ValueError, match=match):
     _abstract_variables(model, MNIST_SHAPE)

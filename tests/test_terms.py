@@ -35,8 +35,9 @@ def test_zero_weight_terms_leave_the_cross_entropy_baseline_exactly():
   carry = method(inputs, carry=method.init_carry()).carry  # DSR active from here on
 
   def loss_and_grad(m, c):
-    return jax.value_and_grad(lambda z: m(terms_lib.TermInputs(
-        z, inputs.labels, inputs.outputs), carry=c).loss.sum())(inputs.logits)
+    return jax.value_and_grad(
+        lambda z: m(terms_lib.TermInputs(z, inputs.labels, inputs.outputs), carry=c).loss.sum()
+    )(inputs.logits)
 
   for got, want in zip(loss_and_grad(method, carry), loss_and_grad(baseline, None)):
     np.testing.assert_array_equal(got, want)
@@ -44,15 +45,22 @@ def test_zero_weight_terms_leave_the_cross_entropy_baseline_exactly():
 
 def test_combined_is_the_weighted_sum_of_its_terms():
   inputs = _inputs(drg=jax.random.normal(jax.random.key(2), (3, 5)))
-  method = _build(pskd=dict(weight=0.5, alpha_T=0.8), drg=dict(weight=2.0),
-                  dsr=dict(weight=3.0))
+  method = _build(pskd=dict(weight=0.5, alpha_T=0.8), drg=dict(weight=2.0), dsr=dict(weight=3.0))
   rows = {'pskd': jax.nn.softmax(jax.random.normal(jax.random.key(3), (3, 5)))}
-  carry = {'dsr': {'sorted_logits': jnp.sort(jax.random.normal(jax.random.key(4), (3, 5)), -1),
-                   'has_previous': jnp.ones((), bool)}, 'drg': None, 'pskd': None}
+  carry = {
+      'dsr': {
+          'sorted_logits': jnp.sort(jax.random.normal(jax.random.key(4), (3, 5)), -1),
+          'has_previous': jnp.ones((), bool),
+      },
+      'drg': None,
+      'pskd': None,
+  }
   out = method(inputs, rows, carry)
-  separately = (0.5 * pskd.PSKD(num_classes=5, num_epochs=4)(inputs, rows['pskd']).loss
-                + 2.0 * drg.DRG(num_classes=5)(inputs).loss
-                + 3.0 * dsr.DSR(num_classes=5, batch_size=3)(inputs, carry=carry['dsr']).loss)
+  separately = (
+      0.5 * pskd.PSKD(num_classes=5, num_epochs=4)(inputs, rows['pskd']).loss
+      + 2.0 * drg.DRG(num_classes=5)(inputs).loss
+      + 3.0 * dsr.DSR(num_classes=5, batch_size=3)(inputs, carry=carry['dsr']).loss
+  )
   np.testing.assert_allclose(out.loss, separately, rtol=1e-6)
   assert set(out.losses) == {'pskd', 'drg', 'dsr'} and set(out.rows) == {'pskd'}
 
@@ -64,8 +72,9 @@ def test_dsr_carries_the_previous_steps_sorted_logits():
   np.testing.assert_array_equal(out.loss, 0.0)  # no previous step yet
   np.testing.assert_array_equal(out.carry['sorted_logits'], jnp.sort(first.logits, -1))
   out2 = term(second, carry=out.carry)
-  np.testing.assert_allclose(out2.loss, losses.dsr_loss(second.logits, jnp.sort(first.logits, -1)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      out2.loss, losses.dsr_loss(second.logits, jnp.sort(first.logits, -1)), rtol=1e-6
+  )
   # Jitted over steps as the trainer does: the carry has a fixed shape and dtype.
   jitted = jax.jit(term.__call__)
   np.testing.assert_allclose(jitted(second, carry=out.carry).loss, out2.loss, rtol=1e-6)
@@ -89,8 +98,7 @@ def test_lsskd_term_reads_its_heads_from_the_views():
   views = {'logits': jax.random.normal(next(key), (batch, 4, classes))}
   heads = [jax.random.normal(next(key), (batch, 4, 4 * classes)) for _ in range(3)]
   views.update({f'lsskd{l + 1}': h for l, h in enumerate(heads)})
-  inputs = terms_lib.TermInputs(logits=views['logits'][:, 0], labels=jnp.array([1, 3]),
-                                views=views)
+  inputs = terms_lib.TermInputs(logits=views['logits'][:, 0], labels=jnp.array([1, 3]), views=views)
   term = lsskd.LSSKD(num_classes=classes, pairing='adjacent')
   expected = losses.lsskd_loss(inputs.logits, heads, inputs.one_hot, pairing='adjacent')
   out = term(inputs)
@@ -103,21 +111,27 @@ def test_heads_attach_at_the_backbones_stages():
   (drg_head,) = drg.DRG(num_classes=5, stage=2).heads(backbone)
   assert (drg_head.name, drg_head.stage) == ('drg', 'stage2')
   lsskd_heads = lsskd.LSSKD(num_classes=5).heads(backbone)
-  assert [(h.name, h.stage) for h in lsskd_heads] == [('lsskd1', 'stage1'), ('lsskd2', 'stage2'),
-                                                      ('lsskd3', 'stage3')]
+  assert [(h.name, h.stage) for h in lsskd_heads] == [
+      ('lsskd1', 'stage1'),
+      ('lsskd2', 'stage2'),
+      ('lsskd3', 'stage3'),
+  ]
   with pytest.raises(ConfigError, match=r'loss.drg.stage: expected a stage in 1..3, got 4'):
     drg.DRG(num_classes=5, stage=4).heads(backbone)
   method = _build(drg=dict(weight=1.0), lsskd=dict(weight=1.0))
   assert len(method.heads(backbone)) == 4
 
 
-@pytest.mark.parametrize('loss, message', [
-    (dict(drg=dict(weight=1.0, temprature=4.0)), r'loss.drg.temprature: unknown setting'),
-    (dict(dsr=dict(weight=1.0, temperature=0.0)), r'loss.dsr.temperature: expected a number'),
-    (dict(lsskd=dict(weight=1.0, pairing='random')), r'loss.lsskd.pairing: expected one of'),
-    (dict(drg=dict(weight=1.0, stage='stage2')), r'loss.drg.stage: expected a stage number'),
-    (dict(pskd=dict(weight=-1.0)), r'loss.pskd.weight: expected a non-negative number'),
-])
+@pytest.mark.parametrize(
+    'loss, message',
+    [
+        (dict(drg=dict(weight=1.0, temprature=4.0)), r'loss.drg.temprature: unknown setting'),
+        (dict(dsr=dict(weight=1.0, temperature=0.0)), r'loss.dsr.temperature: expected a number'),
+        (dict(lsskd=dict(weight=1.0, pairing='random')), r'loss.lsskd.pairing: expected one of'),
+        (dict(drg=dict(weight=1.0, stage='stage2')), r'loss.drg.stage: expected a stage number'),
+        (dict(pskd=dict(weight=-1.0)), r'loss.pskd.weight: expected a non-negative number'),
+    ],
+)
 def test_invalid_settings_are_config_errors(loss, message):
   with pytest.raises(ConfigError, match=message):
     _build(**loss)
@@ -140,7 +154,7 @@ def test_readme_example_runs():
   """The README's "Using the losses and terms in your own code" block, executed as written."""
   with open(os.path.join(os.path.dirname(__file__), '..', 'README.md')) as f:
     readme = f.read()
-  section = readme[readme.index('## Using the losses and terms in your own code'):]
+  section = readme[readme.index('## Using the losses and terms in your own code') :]
   blocks = re.findall(r'```python\n(.*?)```', section, re.S)
   assert blocks
   namespace = {}

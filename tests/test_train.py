@@ -66,8 +66,19 @@ def test_trains_on_1_and_8_devices_with_the_same_losses(tmp_path):
   one = _run(_config(), tmp_path / 'one', devices=1)
   eight = _run(_config(), tmp_path / 'eight', devices=8)
   for summary in (one, eight):
-    assert set(summary) == {'top1', 'top5', 'nll', 'ece', 'aurc', 'eaurc', 'best_top1',
-                            'best_epoch', 'epochs', 'steps', 'train_seconds'}
+    assert set(summary) == {
+        'top1',
+        'top5',
+        'nll',
+        'ece',
+        'aurc',
+        'eaurc',
+        'best_top1',
+        'best_epoch',
+        'epochs',
+        'steps',
+        'train_seconds',
+    }
     assert summary['steps'] == 2 * 5 and summary['epochs'] == 2
   # Global-batch BatchNorm: the device count changes only the floating-point reduction order.
   loss_one = [r['loss'] for r in _records(tmp_path / 'one', 'train')]
@@ -93,6 +104,7 @@ def test_pskd_epoch_zero_is_cross_entropy_and_history_holds_last_predictions(tmp
 
 class _Manual(NamedTuple):
   """What a test needs to drive train_step by hand on 8 devices."""
+
   model: Any
   method: terms_lib.Combined
   state: train.TrainState
@@ -112,12 +124,34 @@ def _manual(config) -> _Manual:
   backbone = models.get_model('small_resnet', num_classes=10)
   model = models.WithHeads(backbone, method.heads(backbone))
   schedule = train.make_schedule(config.optim, steps_per_epoch=5, num_epochs=2)
-  state = train.init_state(model, train.make_optimizer(config.optim, schedule), method,
-                           device_data, (32, 32, 3), seed=0, mesh=mesh)
-  options = dict(seed=0, batch_size=16, crop_padding=0, flip=False,
-                 mean=np.zeros(3, np.float32), std=np.ones(3, np.float32), dtype=jnp.float32)
-  step = jax.jit(functools.partial(train.train_step, method=method, mesh=mesh, schedule=schedule,
-                                   steps_per_epoch=5, **options))
+  state = train.init_state(
+      model,
+      train.make_optimizer(config.optim, schedule),
+      method,
+      device_data,
+      (32, 32, 3),
+      seed=0,
+      mesh=mesh,
+  )
+  options = dict(
+      seed=0,
+      batch_size=16,
+      crop_padding=0,
+      flip=False,
+      mean=np.zeros(3, np.float32),
+      std=np.ones(3, np.float32),
+      dtype=jnp.float32,
+  )
+  step = jax.jit(
+      functools.partial(
+          train.train_step,
+          method=method,
+          mesh=mesh,
+          schedule=schedule,
+          steps_per_epoch=5,
+          **options,
+      )
+  )
   order = pipeline.epoch_order(jax.random.key(0), 0, num_examples=NUM_EXAMPLES, batch_size=16)
   return _Manual(model, method, state, step, device_data, order, mesh, options)
 
@@ -134,8 +168,9 @@ def test_pskd_step_writes_pre_update_predictions_and_keeps_padding_rows():
   after = np.asarray(state.rows['pskd'])
   index = np.asarray(run.order[64:80])
   x = pipeline.normalize(run.data.images[index], run.options['mean'], run.options['std'])
-  (logits, _), _ = run.model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                                   mutable=['batch_stats'])
+  (logits, _), _ = run.model.apply(
+      {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+  )
   expected = np.asarray(jax.nn.softmax(logits))
   np.testing.assert_allclose(after[index[:8]], expected[:8], rtol=1e-4, atol=1e-6)
   np.testing.assert_array_equal(after[index[8:]], before[index[8:]])  # padding: not written
@@ -151,11 +186,21 @@ def test_combined_loss_is_the_sum_of_the_weighted_terms_computed_separately():
   state = run.state
   for _ in range(7):  # into epoch 1: PS-KD's history and DSR's previous batch are in use
     state, _ = run.step(state, run.order, run.data)
-  batch = train.training_batch(state.step, run.order, run.data, method=run.method, mesh=run.mesh,
-                               steps_per_epoch=5, **run.options)
-  (logits, outputs), _ = run.model.apply({'params': state.params,
-                                          'batch_stats': state.batch_stats}, batch.x, train=True,
-                                         mutable=['batch_stats'])
+  batch = train.training_batch(
+      state.step,
+      run.order,
+      run.data,
+      method=run.method,
+      mesh=run.mesh,
+      steps_per_epoch=5,
+      **run.options,
+  )
+  (logits, outputs), _ = run.model.apply(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      batch.x,
+      train=True,
+      mutable=['batch_stats'],
+  )
   inputs = terms_lib.TermInputs.from_forward(logits, outputs, batch.labels, state.step // 5, 1)
   _, measured = run.step(state, run.order, run.data)
   expected_total = 0.0
@@ -190,20 +235,22 @@ def test_method_trains_on_1_and_8_devices_and_exports_only_the_backbone(tmp_path
   np.testing.assert_allclose(loss_one[:2], loss_eight[:2], rtol=2e-4)
   np.testing.assert_allclose(loss_one, loss_eight, rtol=1e-2)
   # Heads are trained (in the checkpoint) but the evaluated and exported model is the backbone.
-  backbone = models.get_model('small_resnet', num_classes=10, widths=(16, 32, 64),
-                              strides=(2, 2, 2))
-  variables = jax.eval_shape(functools.partial(backbone.init, train=False), jax.random.key(0),
-                             jnp.zeros((1, 32, 32, 3)))
+  backbone = models.get_model(
+      'small_resnet', num_classes=10, widths=(16, 32, 64), strides=(2, 2, 2)
+  )
+  variables = jax.eval_shape(
+      functools.partial(backbone.init, train=False), jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+  )
   _, state = _restore(tmp_path / 'eight')
-  heads = {'drg'} & set(config.loss) | ({'lsskd1', 'lsskd2', 'lsskd3'} if 'lsskd' in config.loss
-                                        else set())
+  heads = {'drg'} & set(config.loss) | (
+      {'lsskd1', 'lsskd2', 'lsskd3'} if 'lsskd' in config.loss else set()
+  )
   assert set(state['params']) == {'backbone'} | heads
   assert _count(state['params']['backbone']) == _count(variables['params'])
   exported = ocp.StandardCheckpointer().restore(tmp_path / 'eight' / 'model')
   assert set(exported) == {'params', 'batch_stats'}
   assert _count(exported['params']) == _count(variables['params'])
-  assert jax.tree.structure(exported['batch_stats']) == jax.tree.structure(
-      variables['batch_stats'])
+  assert jax.tree.structure(exported['batch_stats']) == jax.tree.structure(variables['batch_stats'])
 
 
 def test_resume_after_preemption_is_bit_identical(tmp_path, monkeypatch):
@@ -221,7 +268,8 @@ def test_resume_after_preemption_is_bit_identical(tmp_path, monkeypatch):
   monkeypatch.setattr(train.StopRequest, 'reached', real_reached)
   resumed = _run(config, tmp_path / 'resumed')
   assert {k: v for k, v in resumed.items() if k != 'train_seconds'} == {
-      k: v for k, v in full.items() if k != 'train_seconds'}
+      k: v for k, v in full.items() if k != 'train_seconds'
+  }
   _, state_full = _restore(tmp_path / 'full')
   _, state_resumed = _restore(tmp_path / 'resumed')
   jax.tree.map(np.testing.assert_array_equal, state_full, state_resumed)
@@ -232,7 +280,8 @@ def test_resume_after_preemption_is_bit_identical(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
   @dataclasses.dataclass(frozen=True)
   class NaNFromEpochOne(terms_lib.LossTerm):
     weight: float = 1.0

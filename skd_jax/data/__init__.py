@@ -69,15 +69,12 @@ def load_split(data_config, split: str) -> Dataset:
           f"data.name: source 'idx' only supports 'fashion_mnist', got"
           f" {name!r}; use data.source='tfds' for other datasets"
       )
-    images, labels = load_fashion_mnist(
-        data_config.get('dir') or FASHION_MNIST_DIR, split
-    )
+    images, labels = load_fashion_mnist(data_config.get('dir') or FASHION_MNIST_DIR, split)
     return Dataset(images, labels, FASHION_MNIST_NUM_CLASSES)
   if source == 'tfds':
     if not name or not isinstance(name, str):
       raise ConfigError(
-          f'data.name: expected a TFDS dataset name such as cifar10, got'
-          f' {name!r}'
+          f'data.name: expected a TFDS dataset name such as cifar10, got' f' {name!r}'
       )
     # Imported here so that `import skd_jax.data` never pulls in TFDS.
     from skd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top

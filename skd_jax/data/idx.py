@@ -48,8 +48,7 @@ def _read_bytes(path: str) -> bytes:
     raise ConfigError(f'{path}: no such file; expected an IDX file') from None
   except OSError as e:
     raise ConfigError(
-        f'{path}: cannot be read ({e.strerror or e}); expected a readable IDX'
-        ' file'
+        f'{path}: cannot be read ({e.strerror or e}); expected a readable IDX' ' file'
     ) from None
   # Sniff the content rather than trust the name: an IDX file always starts
   # with two zero bytes, so it can never be mistaken for gzip's 0x1f 0x8b.
@@ -93,18 +92,14 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         + ', '.join(f'0x{c:02X}' for c in _IDX_DTYPES)
     )
   if ndim == 0:
-    raise ConfigError(
-        f'{path}: IDX file with 0 dimensions; expected at least 1'
-    )
+    raise ConfigError(f'{path}: IDX file with 0 dimensions; expected at least 1')
   header_size = 4 + 4 * ndim
   if len(data) < header_size:
     raise ConfigError(
         f'{path}: truncated IDX header ({len(data)} bytes, {header_size}'
         ' needed); download the file again'
     )
-  shape = tuple(
-      int(d) for d in np.frombuffer(data, dtype='>u4', count=ndim, offset=4)
-  )
+  shape = tuple(int(d) for d in np.frombuffer(data, dtype='>u4', count=ndim, offset=4))
   dtype = _IDX_DTYPES[code]
   expected = math.prod(shape) * dtype.itemsize
   actual = len(data) - header_size
@@ -132,9 +127,7 @@ def _find_file(directory: str, base: str) -> str:
   )
 
 
-def load_fashion_mnist(
-    directory: str, split: str
-) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Loads a whole Fashion-MNIST split from its IDX files.
 
   Row i of both returned arrays is example i of the files, so it is the
@@ -161,8 +154,7 @@ def load_fashion_mnist(
     )
   if split not in _SPLIT_PREFIXES:
     raise ConfigError(
-        f"split: expected 'train' or 'test' for Fashion-MNIST idx files, got"
-        f' {split!r}'
+        f"split: expected 'train' or 'test' for Fashion-MNIST idx files, got" f' {split!r}'
     )
   prefix = _SPLIT_PREFIXES[split]
   images_path = _find_file(directory, f'{prefix}-images-idx3-ubyte')

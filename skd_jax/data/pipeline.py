@@ -28,20 +28,22 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   mean = pixels.mean(axis=0, dtype=np.float64) / 255.0
   sq = np.zeros_like(mean)
   for start in range(0, len(pixels), 1 << 22):  # chunks keep float64 copies small
-    sq += ((pixels[start:start + (1 << 22)] / 255.0 - mean) ** 2).sum(axis=0)
+    sq += ((pixels[start : start + (1 << 22)] / 255.0 - mean) ** 2).sum(axis=0)
   return mean.astype(np.float32), np.sqrt(sq / len(pixels)).astype(np.float32)
 
 
-def epoch_order(key: jax.Array, epoch: jax.Array, *, num_examples: int,
-                batch_size: int) -> jax.Array:
+def epoch_order(
+    key: jax.Array, epoch: jax.Array, *, num_examples: int, batch_size: int
+) -> jax.Array:
   """The epoch's example order, ``[steps_per_epoch * batch_size]`` int32, padding wrapped."""
   perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
   slots = steps_per_epoch(num_examples, batch_size) * batch_size
   return perm[jnp.arange(slots) % num_examples].astype(jnp.int32)
 
 
-def batch_slots(order: jax.Array, step_in_epoch: jax.Array, *, num_examples: int,
-                batch_size: int) -> tuple[jax.Array, jax.Array]:
+def batch_slots(
+    order: jax.Array, step_in_epoch: jax.Array, *, num_examples: int, batch_size: int
+) -> tuple[jax.Array, jax.Array]:
   """The step's example indices ``[B]`` and whether each slot is a real (non-padding) example."""
   start = step_in_epoch * batch_size
   index = jax.lax.dynamic_slice(order, (start,), (batch_size,))
@@ -61,8 +63,7 @@ def augment(key: jax.Array, images: jax.Array, *, crop_padding: int, flip: bool)
     p = crop_padding
     padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
     offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * p + 1)
-    crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0),
-                                                  (height, width, channels))
+    crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (height, width, channels))
     images = jax.vmap(crop)(padded, offsets)
   if flip:
     flips = jax.random.bernoulli(flip_key, 0.5, (batch,))

@@ -41,9 +41,7 @@ def _open(name: str, split: str, data_dir: str | None, download: bool):
         download=download,
         # Random access only works on array_record (or parquet) files, while
         # TFDS prepares TFRecord by default whenever data_dir is given.
-        download_and_prepare_kwargs=(
-            {'file_format': 'array_record'} if download else None
-        ),
+        download_and_prepare_kwargs=({'file_format': 'array_record'} if download else None),
     )
   except tfds.core.registered.DatasetNotFoundError:
     raise ConfigError(
@@ -63,9 +61,7 @@ def _open(name: str, split: str, data_dir: str | None, download: bool):
           f'data.name: TFDS dataset {name!r} has no split {split!r} ({reason});'
           " expected one of its splits, optionally sliced as in 'train[:90%]'"
       ) from e
-    where = (
-        data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
-    )
+    where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
     build = (
         f'on a machine with internet run `pip install tensorflow && tfds build'
         f' {name} --file_format=array_record --data_dir=DIR` and point'

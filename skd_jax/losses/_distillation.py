@@ -14,8 +14,9 @@ from skd_jax.losses._soft_targets import _as_float32
 from skd_jax.losses._soft_targets import soft_target_cross_entropy
 
 
-def distillation_kl(logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike, *,
-                    temperature: float = 1.0) -> jax.Array:
+def distillation_kl(
+    logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike, *, temperature: float = 1.0
+) -> jax.Array:
   r"""Temperature-scaled KL divergence from a stop-gradient teacher to the student (Hinton, 2015).
 
   .. math::
@@ -42,16 +43,23 @@ def distillation_kl(logits: jax.typing.ArrayLike, teacher_logits: jax.typing.Arr
   logits = _as_float32(logits)
   teacher = jax.lax.stop_gradient(_as_float32(teacher_logits))
   if logits.shape != teacher.shape:
-    raise ValueError(f'logits {logits.shape} and teacher_logits {teacher.shape} must have one '
-                     'shape')
-  kl = optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(logits / temperature),
-                                                   jax.nn.log_softmax(teacher / temperature))
+    raise ValueError(
+        f'logits {logits.shape} and teacher_logits {teacher.shape} must have one ' 'shape'
+    )
+  kl = optax.losses.kl_divergence_with_log_targets(
+      jax.nn.log_softmax(logits / temperature), jax.nn.log_softmax(teacher / temperature)
+  )
   return temperature**2 * kl
 
 
-def drg_loss(logits: jax.typing.ArrayLike, aux_logits: jax.typing.ArrayLike,
-             labels: jax.typing.ArrayLike, *, alpha: float = 0.2,
-             temperature: float = 4.0) -> jax.Array:
+def drg_loss(
+    logits: jax.typing.ArrayLike,
+    aux_logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    alpha: float = 0.2,
+    temperature: float = 4.0,
+) -> jax.Array:
   r"""LightSKD's Distillation with Reverse Guidance (DRG; Xu et al., arXiv 2305.09183).
 
   A shallow auxiliary head learns the labels and its softened prediction teaches the final head:
@@ -72,12 +80,17 @@ def drg_loss(logits: jax.typing.ArrayLike, aux_logits: jax.typing.ArrayLike,
   Returns:
     ``[B]`` float32 per-example loss.
   """
-  return (soft_target_cross_entropy(aux_logits, labels)
-          + alpha * distillation_kl(logits, aux_logits, temperature=temperature))
+  return soft_target_cross_entropy(aux_logits, labels) + alpha * distillation_kl(
+      logits, aux_logits, temperature=temperature
+  )
 
 
-def dsr_loss(logits: jax.typing.ArrayLike, previous_sorted_logits: jax.typing.ArrayLike, *,
-             temperature: float = 4.0) -> jax.Array:
+def dsr_loss(
+    logits: jax.typing.ArrayLike,
+    previous_sorted_logits: jax.typing.ArrayLike,
+    *,
+    temperature: float = 4.0,
+) -> jax.Array:
   r"""LightSKD's Distillation with Shape-wise Regularization (DSR; Xu et al., arXiv 2305.09183).
 
   Each example's logits are sorted ascending and distilled toward the sorted logits the model
@@ -100,8 +113,9 @@ def dsr_loss(logits: jax.typing.ArrayLike, previous_sorted_logits: jax.typing.Ar
   Returns:
     ``[B]`` float32 per-example loss.
   """
-  return distillation_kl(jnp.sort(_as_float32(logits), axis=-1), previous_sorted_logits,
-                         temperature=temperature)
+  return distillation_kl(
+      jnp.sort(_as_float32(logits), axis=-1), previous_sorted_logits, temperature=temperature
+  )
 
 
 def rotation_joint_labels(labels: jax.typing.ArrayLike, num_rotations: int = 4) -> jax.Array:
@@ -122,8 +136,9 @@ def rotation_joint_labels(labels: jax.typing.ArrayLike, num_rotations: int = 4) 
   return joint.reshape(labels.shape[0], num_rotations, -1)
 
 
-def aggregate_joint_logits(joint_logits: jax.typing.ArrayLike, *,
-                           mode: str = 'matched') -> jax.Array:
+def aggregate_joint_logits(
+    joint_logits: jax.typing.ArrayLike, *, mode: str = 'matched'
+) -> jax.Array:
   r"""Class scores from joint (class x rotation) logits of all rotated copies of an example.
 
   ``joint_logits[:, v, R*c + k]`` is the score of (class c, rotation k) for the copy rotated ``v``
@@ -151,13 +166,20 @@ def aggregate_joint_logits(joint_logits: jax.typing.ArrayLike, *,
   raise ValueError(f"mode: expected 'matched' or 'sum', got {mode!r}")
 
 
-def lsskd_loss(logits: jax.typing.ArrayLike, head_logits: Sequence[jax.typing.ArrayLike],
-               labels: jax.typing.ArrayLike, *, temperature: float = 3.0,
-               pairing: str = 'deepest', head_ce_weight: float = 1.0,
-               head_kd_weight: float = 1.0, main_kd_weight: float = 1.0,
-               aggregation: str = 'matched',
-               head_features: Sequence[jax.typing.ArrayLike] | None = None,
-               feature_weight: float = 0.0) -> jax.Array:
+def lsskd_loss(
+    logits: jax.typing.ArrayLike,
+    head_logits: Sequence[jax.typing.ArrayLike],
+    labels: jax.typing.ArrayLike,
+    *,
+    temperature: float = 3.0,
+    pairing: str = 'deepest',
+    head_ce_weight: float = 1.0,
+    head_kd_weight: float = 1.0,
+    main_kd_weight: float = 1.0,
+    aggregation: str = 'matched',
+    head_features: Sequence[jax.typing.ArrayLike] | None = None,
+    feature_weight: float = 0.0,
+) -> jax.Array:
   r"""Layered self-supervised self-distillation (LSSKD; Dahri et al., arXiv 2506.07055).
 
   Built on HSAKD (Yang et al., IJCAI 2021): every example comes as its ``R`` rotations, auxiliary
@@ -204,7 +226,8 @@ def lsskd_loss(logits: jax.typing.ArrayLike, head_logits: Sequence[jax.typing.Ar
   loss = head_ce_weight * sum(jnp.mean(soft_target_cross_entropy(s, joint), -1) for s in heads)
   loss += head_kd_weight * sum(
       jnp.mean(distillation_kl(heads[l], heads[teacher(l)], temperature=temperature), -1)
-      for l in range(depth - 1))
+      for l in range(depth - 1)
+  )
   agg = aggregate_joint_logits(heads[-1], mode=aggregation)
   loss += main_kd_weight * distillation_kl(logits, agg, temperature=temperature)
   if feature_weight:
@@ -212,6 +235,7 @@ def lsskd_loss(logits: jax.typing.ArrayLike, head_logits: Sequence[jax.typing.Ar
       raise ValueError('head_features: needed when feature_weight > 0')
     features = [_as_float32(f) for f in head_features]
     loss += feature_weight * sum(
-        jnp.mean(jnp.sum((features[l] - jax.lax.stop_gradient(features[teacher(l)]))**2, -1), -1)
-        for l in range(depth - 1))
+        jnp.mean(jnp.sum((features[l] - jax.lax.stop_gradient(features[teacher(l)])) ** 2, -1), -1)
+        for l in range(depth - 1)
+    )
   return loss

@@ -17,8 +17,9 @@ def _as_float32(x: jax.typing.ArrayLike) -> jax.Array:
   return x.astype(jnp.float32)
 
 
-def soft_target_cross_entropy(logits: jax.typing.ArrayLike,
-                              targets: jax.typing.ArrayLike) -> jax.Array:
+def soft_target_cross_entropy(
+    logits: jax.typing.ArrayLike, targets: jax.typing.ArrayLike
+) -> jax.Array:
   r"""Cross-entropy of logits against a target distribution.
 
   .. math::
@@ -46,8 +47,9 @@ def soft_target_cross_entropy(logits: jax.typing.ArrayLike,
   return optax.losses.softmax_cross_entropy(logits, targets)
 
 
-def label_smoothing_targets(labels: jax.typing.ArrayLike, *, epsilon: float,
-                            variant: str = 'uniform') -> jax.Array:
+def label_smoothing_targets(
+    labels: jax.typing.ArrayLike, *, epsilon: float, variant: str = 'uniform'
+) -> jax.Array:
   r"""Smoothed targets from one-hot labels (label smoothing, Szegedy et al., CVPR 2016).
 
   ``variant='uniform'`` (the common form, and optax's):
@@ -74,8 +76,13 @@ def label_smoothing_targets(labels: jax.typing.ArrayLike, *, epsilon: float,
   raise ValueError(f"variant: expected 'uniform' or 'non_target', got {variant!r}")
 
 
-def label_smoothing_cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, *,
-                                  epsilon: float = 0.1, variant: str = 'uniform') -> jax.Array:
+def label_smoothing_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    epsilon: float = 0.1,
+    variant: str = 'uniform',
+) -> jax.Array:
   r"""Cross-entropy against label-smoothed targets: :math:`H(\mathrm{LS}_\epsilon(y), z)`.
 
   See :func:`label_smoothing_targets` for the two variants. ``epsilon=0`` is plain cross-entropy.
@@ -113,8 +120,12 @@ def pskd_alpha(epoch: jax.typing.ArrayLike, *, alpha_T: float, num_epochs: int) 
   return alpha_T * (jnp.asarray(epoch, jnp.float32) + 1.0) / num_epochs
 
 
-def pskd_targets(labels: jax.typing.ArrayLike, past_predictions: jax.typing.ArrayLike, *,
-                 alpha: jax.typing.ArrayLike) -> jax.Array:
+def pskd_targets(
+    labels: jax.typing.ArrayLike,
+    past_predictions: jax.typing.ArrayLike,
+    *,
+    alpha: jax.typing.ArrayLike,
+) -> jax.Array:
   r"""PS-KD targets: the label mixed with the model's prediction from the previous epoch.
 
   .. math::
@@ -137,9 +148,13 @@ def pskd_targets(labels: jax.typing.ArrayLike, past_predictions: jax.typing.Arra
   return (1.0 - alpha) * labels + alpha * past
 
 
-def pskd_cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
-                       past_predictions: jax.typing.ArrayLike, *,
-                       alpha: jax.typing.ArrayLike) -> jax.Array:
+def pskd_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    past_predictions: jax.typing.ArrayLike,
+    *,
+    alpha: jax.typing.ArrayLike,
+) -> jax.Array:
   r"""Progressive self-knowledge distillation loss (PS-KD; Kim et al., ICCV 2021).
 
   .. math::

@@ -39,8 +39,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
-              **kwargs: Any) -> nn.Module:
+def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs: Any) -> nn.Module:
   """Builds the model registered under `name`.
 
   Args:
@@ -58,8 +57,9 @@ def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
       model, or an option value is invalid.
   """
   if name not in MODELS:
-    raise ConfigError(f'model.name: unknown model {name!r}; expected one of '
-                      f'{", ".join(sorted(MODELS))}')
+    raise ConfigError(
+        f'model.name: unknown model {name!r}; expected one of ' f'{", ".join(sorted(MODELS))}'
+    )
   constructor = MODELS[name]
   accepted = set(inspect.signature(constructor).parameters)
   for key in kwargs:
@@ -67,10 +67,10 @@ def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
       options = sorted(accepted - {'num_classes', 'dtype'})
       raise ConfigError(
           f'model.{key}: not an option of model {name!r}; expected one of '
-          f'{", ".join(options) or "(no options)"}')
+          f'{", ".join(options) or "(no options)"}'
+      )
   if not isinstance(num_classes, int) or num_classes < 1:
-    raise ConfigError(
-        f'model.num_classes: expected a positive integer, got {num_classes!r}')
+    raise ConfigError(f'model.num_classes: expected a positive integer, got {num_classes!r}')
   try:
     return constructor(num_classes=num_classes, dtype=dtype, **kwargs)
   except ValueError as e:

@@ -38,18 +38,32 @@ Dtype = Any
 _BACKBONE = 'backbone'
 
 
-def _depthwise3x3(channels: int, strides: int, dtype: Dtype,
-                  name: str) -> nn.Conv:
+def _depthwise3x3(channels: int, strides: int, dtype: Dtype, name: str) -> nn.Conv:
   """Depthwise 3x3 convolution (one filter per channel), padding 1, no bias."""
-  return nn.Conv(channels, (3, 3), strides=(strides, strides), padding=PAD_3X3,
-                 feature_group_count=channels, use_bias=False,
-                 kernel_init=CONV_INIT, dtype=dtype, name=name)
+  return nn.Conv(
+      channels,
+      (3, 3),
+      strides=(strides, strides),
+      padding=PAD_3X3,
+      feature_group_count=channels,
+      use_bias=False,
+      kernel_init=CONV_INIT,
+      dtype=dtype,
+      name=name,
+  )
 
 
 def _pointwise(features: int, dtype: Dtype, name: str) -> nn.Conv:
   """1x1 convolution without bias (a BatchNorm follows)."""
-  return nn.Conv(features, (1, 1), padding='VALID', use_bias=False,
-                 kernel_init=CONV_INIT, dtype=dtype, name=name)
+  return nn.Conv(
+      features,
+      (1, 1),
+      padding='VALID',
+      use_bias=False,
+      kernel_init=CONV_INIT,
+      dtype=dtype,
+      name=name,
+  )
 
 
 class SepConv(nn.Module):
@@ -66,6 +80,7 @@ class SepConv(nn.Module):
     strides: Stride of the first depthwise convolution.
     dtype: Computation dtype; parameters stay float32.
   """
+
   features: int
   strides: int = 1
   dtype: Dtype = jnp.float32
@@ -101,6 +116,7 @@ class DRGHead(nn.Module):
     num_outputs: Number of logits.
     dtype: Computation dtype; parameters stay float32.
   """
+
   num_outputs: int
   dtype: Dtype = jnp.float32
 
@@ -109,16 +125,13 @@ class DRGHead(nn.Module):
     """Returns float32 logits [B, num_outputs] and pooled features [B, 4C]."""
     x = x.astype(self.dtype)
     batch, height, width, channels = x.shape
-    a = SepConv(channels, strides=2, dtype=self.dtype,
-                name='attention_sepconv')(x, train=train)
+    a = SepConv(channels, strides=2, dtype=self.dtype, name='attention_sepconv')(x, train=train)
     # SepConv already ends in BN + ReLU; the reference adds another pair.
     a = nn.relu(batch_norm(train, self.dtype, 'attention_bn')(a))
     a = jax.image.resize(a, (batch, height, width, channels), 'bilinear')
     x = nn.sigmoid(a) * x
-    x = SepConv(2 * channels, strides=2, dtype=self.dtype,
-                name='sepconv1')(x, train=train)
-    x = SepConv(4 * channels, strides=2, dtype=self.dtype,
-                name='sepconv2')(x, train=train)
+    x = SepConv(2 * channels, strides=2, dtype=self.dtype, name='sepconv1')(x, train=train)
+    x = SepConv(4 * channels, strides=2, dtype=self.dtype, name='sepconv2')(x, train=train)
     pooled = jnp.mean(x, axis=(1, 2))
     return classifier(self.num_outputs, self.dtype, pooled), pooled
 
@@ -131,6 +144,7 @@ class Head(NamedTuple):
     stage: Key of the backbone output the head reads (e.g. `'stage2'`).
     module: Unbound module called as `logits, features = module(x, train=...)`.
   """
+
   name: str
   stage: str
   module: nn.Module
@@ -143,8 +157,7 @@ def _check_head_names(heads: Sequence[Head]) -> None:
   if duplicates:
     raise ValueError(f'heads: duplicate head names {duplicates}')
   if _BACKBONE in names:
-    raise ValueError(f'heads: the name {_BACKBONE!r} is reserved for the '
-                     'backbone')
+    raise ValueError(f'heads: the name {_BACKBONE!r} is reserved for the ' 'backbone')
 
 
 class WithHeads(nn.Module):
@@ -160,6 +173,7 @@ class WithHeads(nn.Module):
     backbone: Unbound model returning `(logits, outputs)`.
     heads: Auxiliary heads, applied in order.
   """
+
   backbone: nn.Module
   heads: Tuple[Head, ...] = ()
 
@@ -169,8 +183,7 @@ class WithHeads(nn.Module):
   preserve_adopted_names = False
 
   @nn.compact
-  def __call__(self, x: Array, *,
-               train: bool) -> Tuple[Array, Dict[str, Array]]:
+  def __call__(self, x: Array, *, train: bool) -> Tuple[Array, Dict[str, Array]]:
     _check_head_names(self.heads)
     logits, backbone_outputs = self.backbone(x, train=train)
     outputs = dict(backbone_outputs)
@@ -178,11 +191,13 @@ class WithHeads(nn.Module):
       if head.stage not in backbone_outputs:
         raise ValueError(
             f'heads: head {head.name!r} reads {head.stage!r}, not an output of '
-            f'the backbone; expected one of {", ".join(backbone_outputs)}')
+            f'the backbone; expected one of {", ".join(backbone_outputs)}'
+        )
       for key in (head.name, f'{head.name}/features'):
         if key in backbone_outputs:
-          raise ValueError(f'heads: head {head.name!r} would overwrite the '
-                           f'backbone output {key!r}')
+          raise ValueError(
+              f'heads: head {head.name!r} would overwrite the ' f'backbone output {key!r}'
+          )
       # Linen has already adopted `head.module` under an attribute-path name
       # (e.g. 'heads_0_module'), which is never called; this clone owns the
       # head's variables under the head's own name.

@@ -51,20 +51,23 @@ PAD_3X3 = ((1, 1), (1, 1))
 
 def _conv3x3(features: int, strides: int, dtype: Dtype, name: str) -> nn.Conv:
   """3x3 convolution with padding 1 and no bias."""
-  return _Conv(features, (3, 3), strides=(strides, strides), padding=PAD_3X3,
-               dtype=dtype, name=name)
+  return _Conv(
+      features, (3, 3), strides=(strides, strides), padding=PAD_3X3, dtype=dtype, name=name
+  )
 
 
 def _conv1x1(features: int, strides: int, dtype: Dtype, name: str) -> nn.Conv:
   """1x1 projection convolution with no bias."""
-  return _Conv(features, (1, 1), strides=(strides, strides), padding='VALID',
-               dtype=dtype, name=name)
+  return _Conv(
+      features, (1, 1), strides=(strides, strides), padding='VALID', dtype=dtype, name=name
+  )
 
 
 def batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
   """BatchNorm matching PyTorch's defaults (momentum 0.1 there is 0.9 here)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+  )
 
 
 def classifier(num_classes: int, dtype: Dtype, pooled: Array) -> Array:
@@ -77,20 +80,28 @@ def classifier(num_classes: int, dtype: Dtype, pooled: Array) -> Array:
   return logits.astype(jnp.float32)
 
 
-def _check_stages(stage_sizes: Sequence[int], widths: Sequence[int],
-                  strides: Sequence[int]) -> None:
+def _check_stages(
+    stage_sizes: Sequence[int], widths: Sequence[int], strides: Sequence[int]
+) -> None:
   """Raises ValueError unless there is one width and one stride per stage."""
   if not stage_sizes:
     raise ValueError('stage_sizes: expected at least one stage')
   if not len(stage_sizes) == len(widths) == len(strides):
     raise ValueError(
         f'stage_sizes/widths/strides: expected equal lengths, got '
-        f'{len(stage_sizes)}/{len(widths)}/{len(strides)}')
+        f'{len(stage_sizes)}/{len(widths)}/{len(strides)}'
+    )
 
 
-def apply_stages(block: Any, x: Array, *, train: bool,
-                 stages: Sequence[Tuple[int, int, int]], first_stage: int,
-                 dtype: Dtype) -> List[Array]:
+def apply_stages(
+    block: Any,
+    x: Array,
+    *,
+    train: bool,
+    stages: Sequence[Tuple[int, int, int]],
+    first_stage: int,
+    dtype: Dtype,
+) -> List[Array]:
   """Applies residual stages to `x`; call it inside an `nn.compact` method.
 
   Stage `first_stage + k` is `stages[k] = (num_blocks, width, stride)`:
@@ -104,8 +115,9 @@ def apply_stages(block: Any, x: Array, *, train: bool,
   outputs = []
   for i, (size, width, stride) in enumerate(stages, start=first_stage):
     for j in range(size):
-      x = block(width, stride if j == 0 else 1, dtype=dtype,
-                name=f'stage{i}_block{j + 1}')(x, train=train)
+      x = block(width, stride if j == 0 else 1, dtype=dtype, name=f'stage{i}_block{j + 1}')(
+          x, train=train
+      )
     outputs.append(x)
   return outputs
 
@@ -116,6 +128,7 @@ class BasicBlock(nn.Module):
   The shortcut is the identity, or a 1x1 conv + BN projection when the stride
   or the number of channels changes.
   """
+
   features: int
   strides: int = 1
   dtype: Dtype = jnp.float32
@@ -127,8 +140,7 @@ class BasicBlock(nn.Module):
     out = _conv3x3(self.features, 1, self.dtype, 'conv2')(out)
     out = batch_norm(train, self.dtype, 'bn2')(out)
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = _conv1x1(self.features, self.strides, self.dtype,
-                          'shortcut_conv')(x)
+      shortcut = _conv1x1(self.features, self.strides, self.dtype, 'shortcut_conv')(x)
       shortcut = batch_norm(train, self.dtype, 'shortcut_bn')(shortcut)
     else:
       shortcut = x
@@ -141,6 +153,7 @@ class PreActBlock(nn.Module):
   The shortcut is the identity on the raw input, or, when the stride or the
   number of channels changes, a 1x1 conv (no BN) on the pre-activated input.
   """
+
   features: int
   strides: int = 1
   dtype: Dtype = jnp.float32
@@ -149,8 +162,7 @@ class PreActBlock(nn.Module):
   def __call__(self, x: Array, *, train: bool) -> Array:
     preact = nn.relu(batch_norm(train, self.dtype, 'bn1')(x))
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = _conv1x1(self.features, self.strides, self.dtype,
-                          'shortcut_conv')(preact)
+      shortcut = _conv1x1(self.features, self.strides, self.dtype, 'shortcut_conv')(preact)
     else:
       shortcut = x
     out = _conv3x3(self.features, self.strides, self.dtype, 'conv1')(preact)
@@ -173,15 +185,20 @@ class _StagedNet:
     """Number of residual stages; `outputs` has `'stage1'` ... `'stage<N>'`."""
     return len(self.stage_sizes)
 
-  def _stages_to_logits(self, x: Array, outputs: Dict[str, Array], *,
-                        train: bool) -> Tuple[Array, Dict[str, Array]]:
+  def _stages_to_logits(
+      self, x: Array, outputs: Dict[str, Array], *, train: bool
+  ) -> Tuple[Array, Dict[str, Array]]:
     """From the stem's output: the stages, the final BN + ReLU (pre-activation
     only), pooling and the classifier; adds `'stage<i>'` and `'features'` to
     `outputs`. Called inside the subclass's compact `__call__`."""
     stage_outputs = apply_stages(
-        self._BLOCK, x, train=train,
+        self._BLOCK,
+        x,
+        train=train,
         stages=tuple(zip(self.stage_sizes, self.widths, self.strides)),
-        first_stage=1, dtype=self.dtype)
+        first_stage=1,
+        dtype=self.dtype,
+    )
     for i, stage_output in enumerate(stage_outputs, start=1):
       outputs[f'stage{i}'] = stage_output
     x = stage_outputs[-1]
@@ -215,16 +232,20 @@ class _StagedNet:
       ValueError: If `stage` is not in 1..`num_stages`.
     """
     n = self.num_stages
-    if (isinstance(stage, bool) or not isinstance(stage, int)
-        or not 1 <= stage <= n):
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 1 <= stage <= n:
       raise ValueError(f'stage: expected 1..{n}, got {stage!r}')
     if stage < n:
       stages = tuple(zip(self.stage_sizes, self.widths, self.strides))[stage:]
     else:
       stages = ((self.stage_sizes[-1], self.widths[-1], 1),)
-    return LaterStagesHead(block=self._BLOCK, stages=stages,
-                           first_stage=stage + 1, final_bn=self._FINAL_BN,
-                           num_outputs=num_outputs, dtype=self.dtype)
+    return LaterStagesHead(
+        block=self._BLOCK,
+        stages=stages,
+        first_stage=stage + 1,
+        final_bn=self._FINAL_BN,
+        num_outputs=num_outputs,
+        dtype=self.dtype,
+    )
 
 
 class LaterStagesHead(nn.Module):
@@ -242,6 +263,7 @@ class LaterStagesHead(nn.Module):
     num_outputs: Number of logits.
     dtype: Computation dtype; parameters stay float32.
   """
+
   block: Any
   stages: Sequence[Tuple[int, int, int]]
   first_stage: int
@@ -252,8 +274,14 @@ class LaterStagesHead(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Tuple[Array, Array]:
     """Returns float32 logits [batch, num_outputs] and pooled features."""
-    x = apply_stages(self.block, x, train=train, stages=self.stages,
-                     first_stage=self.first_stage, dtype=self.dtype)[-1]
+    x = apply_stages(
+        self.block,
+        x,
+        train=train,
+        stages=self.stages,
+        first_stage=self.first_stage,
+        dtype=self.dtype,
+    )[-1]
     if self.final_bn:
       x = nn.relu(batch_norm(train, self.dtype, 'final_bn')(x))
     pooled = jnp.mean(x, axis=(1, 2))
@@ -275,6 +303,7 @@ class ResNet(_StagedNet, nn.Module):
     strides: Stride of the first block of each stage.
     dtype: Computation dtype; parameters stay float32.
   """
+
   num_classes: int
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -285,8 +314,7 @@ class ResNet(_StagedNet, nn.Module):
   _FINAL_BN = False
 
   @nn.compact
-  def __call__(self, x: Array, *,
-               train: bool) -> Tuple[Array, Dict[str, Array]]:
+  def __call__(self, x: Array, *, train: bool) -> Tuple[Array, Dict[str, Array]]:
     _check_stages(self.stage_sizes, self.widths, self.strides)
     outputs = {}
     x = _conv3x3(self.widths[0], 1, self.dtype, 'stem_conv')(x)
@@ -310,6 +338,7 @@ class PreActResNet(_StagedNet, nn.Module):
     strides: Stride of the first block of each stage.
     dtype: Computation dtype; parameters stay float32.
   """
+
   num_classes: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -320,8 +349,7 @@ class PreActResNet(_StagedNet, nn.Module):
   _FINAL_BN = True
 
   @nn.compact
-  def __call__(self, x: Array, *,
-               train: bool) -> Tuple[Array, Dict[str, Array]]:
+  def __call__(self, x: Array, *, train: bool) -> Tuple[Array, Dict[str, Array]]:
     _check_stages(self.stage_sizes, self.widths, self.strides)
     outputs = {}
     x = _conv3x3(self.widths[0], 1, self.dtype, 'stem_conv')(x)
@@ -334,19 +362,28 @@ def cifar_resnet18(*, num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:
 
   11,220,132 parameters with 100 classes (BN running statistics excluded).
   """
-  return ResNet(num_classes=num_classes, stage_sizes=(2, 2, 2, 2),
-                widths=(64, 128, 256, 512), strides=(1, 2, 2, 2), dtype=dtype)
+  return ResNet(
+      num_classes=num_classes,
+      stage_sizes=(2, 2, 2, 2),
+      widths=(64, 128, 256, 512),
+      strides=(1, 2, 2, 2),
+      dtype=dtype,
+  )
 
 
-def preact_resnet18(*, num_classes: int,
-                    dtype: Dtype = jnp.float32) -> PreActResNet:
+def preact_resnet18(*, num_classes: int, dtype: Dtype = jnp.float32) -> PreActResNet:
   """PreAct ResNet-18 as in PS-KD: 11,218,340 parameters with 100 classes."""
   return PreActResNet(num_classes=num_classes, dtype=dtype)
 
 
-def small_resnet(*, num_classes: int, widths: Sequence[int] = (16, 32, 64),
-                 blocks_per_stage: int = 1, strides: Sequence[int] = (1, 2, 2),
-                 dtype: Dtype = jnp.float32) -> ResNet:
+def small_resnet(
+    *,
+    num_classes: int,
+    widths: Sequence[int] = (16, 32, 64),
+    blocks_per_stage: int = 1,
+    strides: Sequence[int] = (1, 2, 2),
+    dtype: Dtype = jnp.float32,
+) -> ResNet:
   """Small 3-stage ResNet (strides 1/2/2 by default) that trains fast on a CPU.
 
   Meant for 28x28x1 Fashion-MNIST; 77,754 parameters with the defaults and 10
@@ -368,10 +405,14 @@ def small_resnet(*, num_classes: int, widths: Sequence[int] = (16, 32, 64),
   if len(widths) != 3:
     raise ValueError(f'widths: expected 3 stage widths, got {widths}')
   if not isinstance(blocks_per_stage, int) or blocks_per_stage < 1:
-    raise ValueError(
-        f'blocks_per_stage: expected a positive integer, got {blocks_per_stage}')
+    raise ValueError(f'blocks_per_stage: expected a positive integer, got {blocks_per_stage}')
   strides = tuple(strides)
   if len(strides) != 3:
     raise ValueError(f'strides: expected 3 stage strides, got {strides}')
-  return ResNet(num_classes=num_classes, stage_sizes=(blocks_per_stage,) * 3,
-                widths=widths, strides=strides, dtype=dtype)
+  return ResNet(
+      num_classes=num_classes,
+      stage_sizes=(blocks_per_stage,) * 3,
+      widths=widths,
+      strides=strides,
+      dtype=dtype,
+  )

@@ -58,6 +58,7 @@ class TermInputs:
     views: ``'logits'`` and every output for every view of the batch, ``[B, V, ...]`` each (view 0
       is the original). Defaults to the single view ``logits`` / ``outputs``.
   """
+
   logits: jax.Array
   labels: jax.Array
   outputs: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
@@ -75,14 +76,27 @@ class TermInputs:
     return jax.nn.one_hot(self.labels, self.logits.shape[-1], dtype=jnp.float32)
 
   @classmethod
-  def from_forward(cls, logits: jax.Array, outputs: Mapping[str, jax.Array], labels: jax.Array,
-                   epoch: Any, num_views: int) -> 'TermInputs':
+  def from_forward(
+      cls,
+      logits: jax.Array,
+      outputs: Mapping[str, jax.Array],
+      labels: jax.Array,
+      epoch: Any,
+      num_views: int,
+  ) -> 'TermInputs':
     """Inputs from a forward pass over ``B * num_views`` images laid out example-major."""
     batch = labels.shape[0]
-    views = {k: v.reshape(batch, num_views, *v.shape[1:])
-             for k, v in {'logits': logits.astype(jnp.float32), **outputs}.items()}
-    return cls(logits=views['logits'][:, 0], labels=labels,
-               outputs={k: views[k][:, 0] for k in outputs}, epoch=epoch, views=views)
+    views = {
+        k: v.reshape(batch, num_views, *v.shape[1:])
+        for k, v in {'logits': logits.astype(jnp.float32), **outputs}.items()
+    }
+    return cls(
+        logits=views['logits'][:, 0],
+        labels=labels,
+        outputs={k: views[k][:, 0] for k in outputs},
+        epoch=epoch,
+        views=views,
+    )
 
 
 class TermOutput(NamedTuple):
@@ -91,6 +105,7 @@ class TermOutput(NamedTuple):
   A metric is a scalar, or a ``[B]`` per-example value that the trainer averages over the real
   examples of the batch.
   """
+
   loss: jax.Array
   rows: Any = None
   carry: Any = None
@@ -100,6 +115,7 @@ class TermOutput(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Context:
   """Facts about the run that terms may need when they are built."""
+
   num_classes: int
   num_epochs: int
   batch_size: int
@@ -113,6 +129,7 @@ class LossTerm(abc.ABC):
   terms that need auxiliary heads; ``num_views`` and ``make_views`` for terms that need extra
   views of each example.
   """
+
   name: str
   weight: float
   num_views: int = 1
@@ -154,6 +171,7 @@ class CombinedOutput(NamedTuple):
     carry: term name -> next carry.
     metrics: the terms' metrics.
   """
+
   loss: jax.Array
   losses: dict[str, jax.Array]
   rows: dict[str, Any]
@@ -168,6 +186,7 @@ class Combined:
   Rows and carries are dicts keyed by term name. At most one term may add views of the batch;
   every term then sees the same ``B * V`` forward pass.
   """
+
   terms: tuple[LossTerm, ...]
 
   def __post_init__(self):
@@ -176,8 +195,9 @@ class Combined:
       raise ValueError(f'terms: names must be unique, got {names}')
     viewers = [t.name for t in self.terms if t.num_views > 1]
     if len(viewers) > 1:
-      raise ValueError(f'terms: {" and ".join(viewers)} both add views of the batch; at most '
-                       'one term may')
+      raise ValueError(
+          f'terms: {" and ".join(viewers)} both add views of the batch; at most ' 'one term may'
+      )
 
   @property
   def num_views(self) -> int:
@@ -208,8 +228,12 @@ class Combined:
     """Initial carry of every term (None for terms without one), by term name."""
     return {t.name: t.init_carry() for t in self.terms}
 
-  def __call__(self, inputs: TermInputs, rows: Mapping[str, Any] | None = None,
-               carry: Mapping[str, Any] | None = None) -> CombinedOutput:
+  def __call__(
+      self,
+      inputs: TermInputs,
+      rows: Mapping[str, Any] | None = None,
+      carry: Mapping[str, Any] | None = None,
+  ) -> CombinedOutput:
     """Calls every term on the same inputs with its own rows and carry; sums weighted losses."""
     rows, carry = rows or {}, carry or {}
     total, per_term, new_rows, new_carry, metrics = 0.0, {}, {}, {}, {}
@@ -236,18 +260,24 @@ def build(loss_config: ml_collections.ConfigDict, context: Context) -> Combined:
     try:
       module = importlib.import_module(f'{__name__}.{name}')
     except ModuleNotFoundError:
-      raise ConfigError(f'loss.{name}: unknown loss term; expected a module of skd_jax.terms '
-                        f'such as cross_entropy, pskd, drg, dsr, lsskd') from None
+      raise ConfigError(
+          f'loss.{name}: unknown loss term; expected a module of skd_jax.terms '
+          f'such as cross_entropy, pskd, drg, dsr, lsskd'
+      ) from None
     if 'weight' not in settings or settings.weight < 0:
       raise ConfigError(f'loss.{name}.weight: expected a non-negative number')
     term = module.make(settings, context)
     # Context facts come from the run, not from the settings.
-    known = ({f.name for f in dataclasses.fields(term)} - {'name'}
-             - {f.name for f in dataclasses.fields(Context)})
+    known = (
+        {f.name for f in dataclasses.fields(term)}
+        - {'name'}
+        - {f.name for f in dataclasses.fields(Context)}
+    )
     for key in settings:
       if key not in known:
-        raise ConfigError(f'loss.{name}.{key}: unknown setting; expected one of '
-                          f'{", ".join(sorted(known))}')
+        raise ConfigError(
+            f'loss.{name}.{key}: unknown setting; expected one of ' f'{", ".join(sorted(known))}'
+        )
     terms.append(term)
   try:
     return Combined(tuple(terms))
@@ -255,8 +285,9 @@ def build(loss_config: ml_collections.ConfigDict, context: Context) -> Combined:
     raise ConfigError(f'loss: {str(e).removeprefix("terms: ")}') from None
 
 
-def check_range(settings, key: str, low: float, high: float, term: str,
-                default: float | None = None) -> float:
+def check_range(
+    settings, key: str, low: float, high: float, term: str, default: float | None = None
+) -> float:
   """Returns ``settings[key]`` (or ``default``) after checking it lies in ``[low, high]``."""
   value = settings.get(key, default)
   if not isinstance(value, (int, float)) or not low <= value <= high:
@@ -268,6 +299,7 @@ def check_choice(settings, key: str, choices: tuple[str, ...], term: str, defaul
   """Returns ``settings[key]`` (or ``default``) after checking it is one of ``choices``."""
   value = settings.get(key, default)
   if value not in choices:
-    raise ConfigError(f'loss.{term}.{key}: expected one of {", ".join(map(repr, choices))}, '
-                      f'got {value!r}')
+    raise ConfigError(
+        f'loss.{term}.{key}: expected one of {", ".join(map(repr, choices))}, ' f'got {value!r}'
+    )
   return value

@@ -9,6 +9,7 @@ from skd_jax import terms
 @dataclasses.dataclass(frozen=True)
 class CrossEntropy(terms.LossTerm):
   """``weight * H(y, z)`` on the final head."""
+
   weight: float = 1.0
   name: str = 'cross_entropy'
 

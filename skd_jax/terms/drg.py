@@ -23,6 +23,7 @@ class DRG(terms.LossTerm):
 
   ``z^a`` is ``inputs.outputs['drg']``, the head on ``stage<stage>``.
   """
+
   num_classes: int
   weight: float = 1.0
   alpha: float = 0.2
@@ -35,15 +36,20 @@ class DRG(terms.LossTerm):
     if num_stages is None:
       raise errors.ConfigError(f'loss.drg: model {type(backbone).__name__} has no numbered stages')
     if not 1 <= self.stage <= num_stages:
-      raise errors.ConfigError(f'loss.drg.stage: expected a stage in 1..{num_stages}, got '
-                               f'{self.stage}')
-    return (models.Head(self.name, f'stage{self.stage}',
-                        models.DRGHead(self.num_classes, dtype=backbone.dtype)),)
+      raise errors.ConfigError(
+          f'loss.drg.stage: expected a stage in 1..{num_stages}, got ' f'{self.stage}'
+      )
+    return (
+        models.Head(
+            self.name, f'stage{self.stage}', models.DRGHead(self.num_classes, dtype=backbone.dtype)
+        ),
+    )
 
   def __call__(self, inputs, rows=None, carry=None):
     aux = inputs.outputs[self.name]
-    loss = losses.drg_loss(inputs.logits, aux, inputs.one_hot, alpha=self.alpha,
-                           temperature=self.temperature)
+    loss = losses.drg_loss(
+        inputs.logits, aux, inputs.one_hot, alpha=self.alpha, temperature=self.temperature
+    )
     accuracy = (jnp.argmax(aux, -1) == inputs.labels).astype(jnp.float32)
     return terms.TermOutput(loss, metrics={'drg/head_accuracy': accuracy})
 
@@ -52,8 +58,10 @@ def make(settings, context):
   stage = settings.get('stage', 2)
   if not isinstance(stage, int):
     raise errors.ConfigError(f'loss.drg.stage: expected a stage number, got {stage!r}')
-  return DRG(num_classes=context.num_classes, weight=float(settings.weight),
-             alpha=terms.check_range(settings, 'alpha', 0, 1e3, 'drg', DRG.alpha),
-             temperature=terms.check_range(settings, 'temperature', 1e-3, 1e3, 'drg',
-                                           DRG.temperature),
-             stage=stage)
+  return DRG(
+      num_classes=context.num_classes,
+      weight=float(settings.weight),
+      alpha=terms.check_range(settings, 'alpha', 0, 1e3, 'drg', DRG.alpha),
+      temperature=terms.check_range(settings, 'temperature', 1e-3, 1e3, 'drg', DRG.temperature),
+      stage=stage,
+  )

@@ -21,6 +21,7 @@ from skd_jax import terms
 @dataclasses.dataclass(frozen=True)
 class DSR(terms.LossTerm):
   """``weight * T^2 KL(softmax(sg(sort(z_{t-1}))/T) || softmax(sort(z_t)/T))``; weight is beta."""
+
   num_classes: int
   batch_size: int
   weight: float = 1.0
@@ -28,19 +29,24 @@ class DSR(terms.LossTerm):
   name: str = 'dsr'
 
   def init_carry(self):
-    return {'sorted_logits': jnp.zeros((self.batch_size, self.num_classes), jnp.float32),
-            'has_previous': jnp.zeros((), jnp.bool_)}
+    return {
+        'sorted_logits': jnp.zeros((self.batch_size, self.num_classes), jnp.float32),
+        'has_previous': jnp.zeros((), jnp.bool_),
+    }
 
   def __call__(self, inputs, rows=None, carry=None):
     loss = losses.dsr_loss(inputs.logits, carry['sorted_logits'], temperature=self.temperature)
     loss = jnp.where(carry['has_previous'], loss, 0.0)
     sorted_logits = jax.lax.stop_gradient(jnp.sort(inputs.logits.astype(jnp.float32), axis=-1))
-    return terms.TermOutput(loss, carry={'sorted_logits': sorted_logits,
-                                         'has_previous': jnp.ones((), jnp.bool_)})
+    return terms.TermOutput(
+        loss, carry={'sorted_logits': sorted_logits, 'has_previous': jnp.ones((), jnp.bool_)}
+    )
 
 
 def make(settings, context):
-  return DSR(num_classes=context.num_classes, batch_size=context.batch_size,
-             weight=float(settings.weight),
-             temperature=terms.check_range(settings, 'temperature', 1e-3, 1e3, 'dsr',
-                                           DSR.temperature))
+  return DSR(
+      num_classes=context.num_classes,
+      batch_size=context.batch_size,
+      weight=float(settings.weight),
+      temperature=terms.check_range(settings, 'temperature', 1e-3, 1e3, 'dsr', DSR.temperature),
+  )

@@ -29,6 +29,7 @@ NUM_ROTATIONS = 4
 @dataclasses.dataclass(frozen=True)
 class LSSKD(terms.LossTerm):
   """``weight * lsskd_loss(z, [s_1 .. s_L], y)`` with heads ``lsskd1`` .. ``lsskdL``."""
+
   num_classes: int
   weight: float = 1.0
   temperature: float = 3.0
@@ -44,12 +45,18 @@ class LSSKD(terms.LossTerm):
   def heads(self, backbone):
     num_stages = getattr(backbone, 'num_stages', None)
     if num_stages is None or not hasattr(backbone, 'later_stages_head'):
-      raise errors.ConfigError(f'loss.lsskd: model {type(backbone).__name__} cannot '
-                               're-instantiate its later stages as heads')
+      raise errors.ConfigError(
+          f'loss.lsskd: model {type(backbone).__name__} cannot '
+          're-instantiate its later stages as heads'
+      )
     return tuple(
-        models.Head(f'{self.name}{l}', f'stage{l}',
-                    backbone.later_stages_head(l, NUM_ROTATIONS * self.num_classes))
-        for l in range(1, num_stages + 1))
+        models.Head(
+            f'{self.name}{l}',
+            f'stage{l}',
+            backbone.later_stages_head(l, NUM_ROTATIONS * self.num_classes),
+        )
+        for l in range(1, num_stages + 1)
+    )
 
   def make_views(self, images):
     # Quarter turns in the image plane; images are square (checked in make()).
@@ -63,33 +70,48 @@ class LSSKD(terms.LossTerm):
   def __call__(self, inputs, rows=None, carry=None):
     names = self._head_names(inputs.views)
     head_logits = [inputs.views[k] for k in names]
-    features = ([inputs.views[f'{k}/features'] for k in names] if self.feature_weight else None)
+    features = [inputs.views[f'{k}/features'] for k in names] if self.feature_weight else None
     loss = losses.lsskd_loss(
-        inputs.logits, head_logits, inputs.one_hot, temperature=self.temperature,
-        pairing=self.pairing, head_ce_weight=self.head_ce_weight,
-        head_kd_weight=self.head_kd_weight, main_kd_weight=self.main_kd_weight,
-        aggregation=self.aggregation, head_features=features, feature_weight=self.feature_weight)
+        inputs.logits,
+        head_logits,
+        inputs.one_hot,
+        temperature=self.temperature,
+        pairing=self.pairing,
+        head_ce_weight=self.head_ce_weight,
+        head_kd_weight=self.head_kd_weight,
+        main_kd_weight=self.main_kd_weight,
+        aggregation=self.aggregation,
+        head_features=features,
+        feature_weight=self.feature_weight,
+    )
     metrics = {
-        f'{k}/accuracy':
-            (jnp.argmax(losses.aggregate_joint_logits(s), -1) == inputs.labels).astype(jnp.float32)
-        for k, s in zip(names, head_logits)}
+        f'{k}/accuracy': (jnp.argmax(losses.aggregate_joint_logits(s), -1) == inputs.labels).astype(
+            jnp.float32
+        )
+        for k, s in zip(names, head_logits)
+    }
     return terms.TermOutput(loss, metrics=metrics)
 
 
 def make(settings, context):
   shape = context.image_shape
   if shape is not None and shape[0] != shape[1]:
-    raise errors.ConfigError(f'loss.lsskd: rotations need square images, got {shape[0]}x'
-                             f'{shape[1]}')
-  check = lambda key, low, high: terms.check_range(settings, key, low, high, 'lsskd',
-                                                   getattr(LSSKD, key))
+    raise errors.ConfigError(
+        f'loss.lsskd: rotations need square images, got {shape[0]}x' f'{shape[1]}'
+    )
+  check = lambda key, low, high: terms.check_range(
+      settings, key, low, high, 'lsskd', getattr(LSSKD, key)
+  )
   return LSSKD(
-      num_classes=context.num_classes, weight=float(settings.weight),
+      num_classes=context.num_classes,
+      weight=float(settings.weight),
       temperature=check('temperature', 1e-3, 1e3),
-      pairing=terms.check_choice(settings, 'pairing', ('deepest', 'adjacent'), 'lsskd',
-                                 'deepest'),
-      head_ce_weight=check('head_ce_weight', 0, 1e3), head_kd_weight=check('head_kd_weight', 0, 1e3),
+      pairing=terms.check_choice(settings, 'pairing', ('deepest', 'adjacent'), 'lsskd', 'deepest'),
+      head_ce_weight=check('head_ce_weight', 0, 1e3),
+      head_kd_weight=check('head_kd_weight', 0, 1e3),
       main_kd_weight=check('main_kd_weight', 0, 1e3),
-      aggregation=terms.check_choice(settings, 'aggregation', ('matched', 'sum'), 'lsskd',
-                                     'matched'),
-      feature_weight=check('feature_weight', 0, 1e3))
+      aggregation=terms.check_choice(
+          settings, 'aggregation', ('matched', 'sum'), 'lsskd', 'matched'
+      ),
+      feature_weight=check('feature_weight', 0, 1e3),
+  )

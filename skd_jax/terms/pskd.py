@@ -20,6 +20,7 @@ from skd_jax import terms
 @dataclasses.dataclass(frozen=True)
 class PSKD(terms.LossTerm):
   """``weight * H((1 - a_t) y + a_t P[idx], z)`` with ``a_t = alpha_T (t + 1) / E``."""
+
   num_classes: int
   num_epochs: int
   weight: float = 1.0
@@ -37,6 +38,9 @@ class PSKD(terms.LossTerm):
 
 
 def make(settings, context):
-  return PSKD(num_classes=context.num_classes, num_epochs=context.num_epochs,
-              weight=float(settings.weight),
-              alpha_T=terms.check_range(settings, 'alpha_T', 0, 1, 'pskd'))
+  return PSKD(
+      num_classes=context.num_classes,
+      num_epochs=context.num_epochs,
+      weight=float(settings.weight),
+      alpha_T=terms.check_range(settings, 'alpha_T', 0, 1, 'pskd'),
+  )
