@@ -36,12 +36,13 @@ def per_example_stats(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Arr
   With ``p = softmax(z)`` for the logits ``z`` of one example with label ``y``:
 
   * ``confidence = max_c p_c``
-  * ``correct = 1[argmax_c z_c == y]``
+  * ``correct = 1[argmax_c p_c == y]``
   * ``top5 = 1[y is among the k = min(5, C) largest logits]``
   * ``nll = -log_softmax(z)_y = logsumexp(z) - z_y``
 
   Everything is computed in float32 whatever the input dtype. Ties in the argmax / top-k are
-  broken towards the lower class index, as by `jnp.argmax` and `jax.lax.top_k`.
+  broken towards the lower class index, as by `jnp.argmax` and `jax.lax.top_k` (and by
+  ``torch.argmax`` in the official code).
 
   Args:
     logits: float array of shape ``[B, C]``.
@@ -63,13 +64,15 @@ def per_example_stats(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Arr
   logits = logits.astype(jnp.float32)
   labels = labels.astype(jnp.int32)
 
+  # Confidence and correctness come from the softmax probabilities, as in the official code
+  # (max and argmax of softmax(z)): a tie between probabilities that differ in the logits then
+  # resolves as it does there.
+  probs = jax.nn.softmax(logits, axis=-1)
+  confidence = jnp.max(probs, axis=-1)
+  correct = (jnp.argmax(probs, axis=-1) == labels).astype(jnp.float32)
   # log_softmax subtracts the max before exponentiating, so the nll stays finite for large logits
   # where log(softmax(z)) would underflow to log(0).
   log_probs = jax.nn.log_softmax(logits, axis=-1)
-  # The max of the softmax is exp of the max of the log-softmax; reusing log_probs avoids a second
-  # normalisation pass.
-  confidence = jnp.exp(jnp.max(log_probs, axis=-1))
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
   k = min(5, num_classes)
   _, top_idx = jax.lax.top_k(logits, k)
@@ -103,19 +106,30 @@ def _as_1d_pair(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
 
 
 def expected_calibration_error(confidence, correct, num_bins: int = 10) -> float:
-  """Expected calibration error, in percent.
+  """Expected calibration error in percent, computed exactly as the official PS-KD code does.
 
-  The confidence range is split into ``num_bins`` equal-width, right-closed bins
-  ``B_k = (k / M, (k + 1) / M]`` for ``k = 0..M-1`` (a confidence of exactly 0 goes into the first
-  bin). With ``n_k = |B_k|``, ``acc_k`` the mean of ``correct`` and ``conf_k`` the mean confidence
-  over ``B_k``::
+  The official ``utils/metric.py`` converts each float32 confidence to a Python float (the
+  float64 of exactly that value), builds the bins' upper edges with
+  ``np.arange(w, 1 + w, w)`` for the width ``w = 1 / M`` and their lower edges as ``upper - w``,
+  both in float64, and puts an example in a bin when ``lower < c <= upper``. With ``n_k``
+  examples in bin ``k``, ``acc_k`` their accuracy and ``conf_k`` their mean confidence (a
+  sequential sum, divided by ``n_k``)::
 
-    ECE = 100 * sum_k (n_k / N) * |acc_k - conf_k|
+    ECE = 100 * sum_k |acc_k - conf_k| * n_k / N
 
-  Empty bins contribute 0.
+  where ``N`` counts every example. The float64 edges are not exactly ``k / M``. For ``M = 10``
+  the third bin is ``(0.20000000000000004, 0.30000000000000004]``, so
+
+  * a confidence of exactly 0.20000000000000004 (or 0.7000000000000001, ...) is in no bin, yet
+    counts in ``N``;
+  * float32 0.3 (0.30000001192...) falls in ``(0.30000000000000004, 0.4]``;
+  * a confidence of 0 is in no bin either (the first bin is ``(0, 0.1]``).
+
+  We reproduce these edge cases rather than "fix" them, so that our ECE equals the numbers the
+  PS-KD paper reports by the same code, bit for bit given the same confidences.
 
   Args:
-    confidence: 1-D array of max softmax probabilities in ``[0, 1]``.
+    confidence: 1-D array of max softmax probabilities (float32 from the model, or float64).
     correct: 1-D array of 0/1 correctness indicators, same length.
     num_bins: number of bins ``M``.
 
@@ -125,54 +139,49 @@ def expected_calibration_error(confidence, correct, num_bins: int = 10) -> float
   Raises:
     ValueError: on non-1-D or mismatched inputs, an empty set, or ``num_bins < 1``.
   """
-  raw_confidence = np.asarray(confidence)
-  confidence, correct = _as_1d_pair(confidence, correct)
+  confidence, correct = _as_1d_pair(confidence, correct)  # float64: exact for float32 input
   if num_bins < 1:
     raise ValueError(f'num_bins: expected a positive integer, got {num_bins}')
-  n = confidence.shape[0]
-  # Bin membership is decided in the input's own float dtype: a float32 confidence that equals
-  # float32(0.3) then falls in (0.2, 0.3] as it does in the float32 reference code, instead of
-  # moving up a bin because float32(0.3) > 0.3 in float64.
-  edge_dtype = (
-      raw_confidence.dtype if np.issubdtype(raw_confidence.dtype, np.floating) else np.float64
-  )
-  # Edges as k / M (one correctly rounded division each) rather than k * (1 / M), so that e.g. 0.3
-  # is exactly an edge and lands in (0.2, 0.3] as the right-closed convention requires.
-  edges = (np.arange(num_bins + 1, dtype=np.float64) / num_bins).astype(edge_dtype)
-  # side='left' returns i with edges[i-1] < c <= edges[i], i.e. bin i-1; clipping puts c == 0 in the
-  # first bin and any float round-off above 1 in the last.
-  bin_idx = np.searchsorted(edges, raw_confidence.astype(edge_dtype), side='left') - 1
-  bin_idx = np.clip(bin_idx, 0, num_bins - 1)
-  conf_sums = np.bincount(bin_idx, weights=confidence, minlength=num_bins)
-  acc_sums = np.bincount(bin_idx, weights=correct, minlength=num_bins)
-  # (n_k / N) * |acc_k - conf_k| == |sum_acc_k - sum_conf_k| / N, which needs no division by n_k and
-  # so is 0 for empty bins without special-casing.
-  ece = np.sum(np.abs(acc_sums - conf_sums)) / n
-  return float(100.0 * ece)
+  total = confidence.shape[0]
+  width = 1.0 / num_bins
+  weighted_gaps = []
+  for upper in np.arange(width, 1 + width, width):
+    lower = upper - width
+    in_bin = (confidence > lower) & (confidence <= upper)
+    count = int(np.sum(in_bin))
+    if count == 0:
+      weighted_gaps.append(0)
+      continue
+    accuracy = float(int(np.sum(correct[in_bin]))) / count
+    mean_confidence = sum(confidence[in_bin].tolist()) / count  # Python's sum: the same order
+    weighted_gaps.append(abs(accuracy - mean_confidence) * count)
+  return float(100 * sum(weighted_gaps) / total)
 
 
 def _aurc_raw(confidence: np.ndarray, correct: np.ndarray) -> float:
-  """Unscaled AURC of validated float64 arrays."""
-  order = np.argsort(-confidence, kind='stable')
-  errors = 1.0 - correct[order]
-  coverage = np.arange(1, errors.shape[0] + 1, dtype=np.float64)
-  risks = np.cumsum(errors) / coverage
+  """Unscaled AURC of validated float64 arrays, in the official code's order of operations."""
+  # The official order: numpy's default (unstable) argsort of the float64 confidences, reversed.
+  order = np.argsort(confidence)[::-1]
+  errors = (correct[order] == 0).astype(np.float64)
+  risks = np.cumsum(errors) / np.arange(1, errors.shape[0] + 1)
   return float(np.mean(risks))
 
 
 def _aurc_opt_raw(num_examples: int, num_errors: int) -> float:
   """Unscaled AURC of the ideal ranking that puts all ``num_errors`` errors last."""
   n, r = num_examples, num_errors
-  j = np.arange(1, r + 1, dtype=np.float64)
-  return float(np.sum(j / (n - r + j)) / n)
+  j = np.arange(1, r + 1).astype(np.float64)
+  return float((1.0 / n) * np.sum(j / (n - r + j)))
 
 
 def aurc(confidence, correct) -> float:
   """Area under the risk-coverage curve, x1000.
 
-  Examples are sorted by confidence, descending (stable sort, so ties keep their input order).
-  With ``e_i`` the error indicator ``1 - correct`` of the ``i``-th example in that order, the
-  selective risk at coverage ``k`` is ``R_k = (1 / k) * sum_{i<=k} e_i``, and::
+  Examples are sorted by confidence, descending, as the official code sorts them: numpy's
+  default ``argsort`` (ascending, not stable) reversed, so tied examples come in the reverse of
+  the order that sort gives them. With ``e_i`` the error indicator ``1 - correct`` of the
+  ``i``-th example in that order, the selective risk at coverage ``k`` is
+  ``R_k = (1 / k) * sum_{i<=k} e_i``, and::
 
     AURC = 1000 * (1 / N) * sum_{k=1..N} R_k
 
@@ -258,9 +267,7 @@ def summarize(stats: Mapping[str, np.ndarray]) -> dict[str, float]:
       'top1': float(100.0 * np.mean(correct)),
       'top5': float(100.0 * np.mean(arrays['top5'])),
       'nll': float(np.mean(arrays['nll'])),
-      # The confidence goes in with its original dtype so that bin edges are compared in it (see
-      # `expected_calibration_error`); the float64 copy would move float32 edge values up a bin.
-      'ece': expected_calibration_error(np.asarray(stats['confidence']), correct, num_bins=10),
+      'ece': expected_calibration_error(confidence, correct, num_bins=10),
       'aurc': aurc(confidence, correct),
       'eaurc': eaurc(confidence, correct),
   }

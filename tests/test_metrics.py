@@ -118,11 +118,55 @@ def test_ece_by_hand_with_right_closed_boundary():
   assert metrics.expected_calibration_error(confidence, correct) == pytest.approx(10.0)
 
 
-def test_ece_float32_boundary_stays_in_lower_bin():
-  # float32(0.3) is slightly above 0.3 in float64; it must still be read as the 0.3 edge.
+def _official_ece(confidences, correct, bin_size=0.1):
+  """The PS-KD code's ECE transcribed as loops over Python floats: the oracle for the tests."""
+  confidences = [float(c) for c in confidences]
+  total = len(confidences)
+  contributions = []
+  for upper in np.arange(bin_size, 1 + bin_size, bin_size):
+    lower = upper - bin_size
+    members = [(c, k) for c, k in zip(confidences, correct) if c > lower and c <= upper]
+    if not members:
+      contributions.append(0)
+      continue
+    accuracy = float(len([k for _, k in members if k])) / len(members)
+    average = sum([c for c, _ in members]) / len(members)
+    contributions.append(abs(accuracy - average) * len(members))
+  return 100 * sum(contributions) / total
+
+
+def test_ece_float32_point_three_falls_in_the_bin_above_as_in_the_official_code():
+  # float32(0.3) = 0.30000001192..., above the float64 edge 0.30000000000000004: bin (0.3, 0.4].
+  # (0.2, 0.3]: 0.25 wrong -> 0.25; (0.3, 0.4]: 0.3 right -> 0.7; (0.9, 1.0]: 0.95, 1.0 -> 0.05.
+  # Zero is in no bin (the first is (0, 0.1]) but counts: ECE = (0.25 + 0.7 + 0.05) / 5 -> 20 %.
   confidence = np.array([0.3, 0.25, 0.95, 0.0, 1.0], dtype=np.float32)
   correct = np.array([1, 0, 1, 0, 1], dtype=np.float32)
-  assert metrics.expected_calibration_error(confidence, correct) == pytest.approx(10.0, abs=1e-5)
+  ece = metrics.expected_calibration_error(confidence, correct)
+  assert ece == pytest.approx(20.0, abs=1e-5)
+  assert ece == _official_ece(confidence, correct)
+
+
+def test_ece_a_confidence_on_a_float64_edge_falls_in_no_bin_but_counts():
+  # 0.20000000000000004 is the float64 lower edge of the third bin and above the second's upper
+  # edge 0.2: in no bin. Alone with a right example at 0.95, ECE = |1 - 0.95| * 1 / 2 -> 2.5 %.
+  confidence = np.array([0.20000000000000004, 0.95])
+  correct = np.array([0, 1])
+  assert metrics.expected_calibration_error(confidence, correct) == pytest.approx(2.5)
+  assert metrics.expected_calibration_error(confidence, correct) == _official_ece(
+      confidence, correct
+  )
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_ece_equals_the_official_code_bit_for_bit(seed):
+  rng = np.random.default_rng(seed)
+  edges = np.arange(0.1, 1.1, 0.1)
+  near_edges = np.concatenate([edges, edges - 0.1, np.nextafter(edges, 2), np.nextafter(edges, 0)])
+  confidence = np.concatenate([rng.random(500), near_edges, [0.0, 1.0]]).astype(np.float32)
+  correct = (rng.random(confidence.size) < 0.7).astype(np.float32)
+  assert metrics.expected_calibration_error(confidence, correct) == _official_ece(
+      confidence, correct
+  )
 
 
 def test_ece_separate_bins_and_num_bins():
@@ -158,11 +202,29 @@ def test_aurc_by_hand():
   assert metrics.eaurc(confidence, correct) == pytest.approx(125.0)
 
 
-def test_aurc_ties_use_stable_order():
-  # Equal confidences keep input order: errors [1, 0] -> risks 1, 1/2 -> 0.75.
-  assert metrics.aurc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(750.0)
-  # Errors [0, 1] -> risks 0, 1/2 -> 0.25.
-  assert metrics.aurc(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(250.0)
+def test_aurc_ties_follow_the_official_reversed_argsort():
+  # numpy's argsort puts the tie in input order, [0, 1]; reversed, example 1 comes first.
+  # Errors then [0, 1] -> risks 0, 1/2 -> 0.25.
+  assert metrics.aurc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(250.0)
+  assert metrics.aurc(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(750.0)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_aurc_and_eaurc_equal_the_official_code_bit_for_bit(seed):
+  rng = np.random.default_rng(seed)
+  confidence = rng.choice(np.float32([0.2, 0.5, 0.7, 0.9]), 300)  # many ties
+  correct = (rng.random(300) < 0.6).astype(np.float32)
+  # The official calc_aurc, step by step, on Python floats.
+  max_confs = np.array([float(c) for c in confidence])
+  order = np.argsort(max_confs)[::-1]
+  wrong = correct[order] == 0
+  risks = np.divide(np.cumsum(wrong).astype(float), np.arange(1, 301))
+  r = int(np.sum(wrong))
+  optimum = (1.0 / 300) * np.sum(
+      np.divide(np.arange(1, r + 1).astype(float), 300 - r + np.arange(1, r + 1))
+  )
+  assert metrics.aurc(confidence, correct) == np.mean(risks) * 1000
+  assert metrics.eaurc(confidence, correct) == (np.mean(risks) - optimum) * 1000
 
 
 def test_aurc_extremes():
@@ -251,8 +313,9 @@ def test_summarize_by_hand():
   assert summary['top1'] == pytest.approx(50.0)
   assert summary['top5'] == pytest.approx(75.0)
   assert summary['nll'] == pytest.approx(0.25, rel=1e-6)
-  # Each example alone in its bin: (0.1 + 0.8 + 0.3 + 0.6) / 4 = 0.45 -> 45 %.
-  assert summary['ece'] == pytest.approx(45.0, rel=1e-6)
+  # float32 0.8 and 0.6 lie just above their float64 edges and join 0.9 and 0.7 in the bins above
+  # (official binning): |0.5 - 0.85| * 2 + |0.5 - 0.65| * 2 = 1.0, over 4 -> 25 %.
+  assert summary['ece'] == pytest.approx(25.0, rel=1e-6)
   # Same ranking as test_aurc_by_hand: AURC = 1/3, AURC_opt = 5/24.
   assert summary['aurc'] == pytest.approx(1000.0 / 3.0)
   assert summary['eaurc'] == pytest.approx(125.0)
