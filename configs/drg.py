@@ -10,7 +10,7 @@ lr 0.1 / 10 at epochs 60, 120 and 160, weight decay 5e-4). Needs CIFAR-100 throu
   python -m skd_jax.main --config=configs/drg.py --workdir=/tmp/drg
 
 Expected: the paper reports gains of "up to 2.87%" over the baseline; its per-table numbers are
-unverified (METHODS.md section 2.2).
+unverified (docs/methods.md, "LightSKD").
 
 Offline Fashion-MNIST (`quick`, the baseline's setup with the head on stage 2 of 3):
 

@@ -10,7 +10,7 @@ lr 0.1 / 10 at epochs 60, 120 and 160, weight decay 5e-4). Needs CIFAR-100 throu
 
   python -m skd_jax.main --config=configs/dsr.py --workdir=/tmp/dsr
 
-Expected: per-table numbers of the paper are unverified (METHODS.md section 2.2).
+Expected: per-table numbers of the paper are unverified (docs/methods.md, "LightSKD").
 
 Offline Fashion-MNIST (`quick`, the baseline's setup):
 

@@ -1,4 +1,4 @@
-"""Loss functions against closed forms and invariances (METHODS.md section 5)."""
+"""Loss functions against closed forms, invariances, gradients and dtypes."""
 
 import chex
 import jax

@@ -70,6 +70,12 @@ def drg_loss(
 
   The final head's own :math:`H(y, z)` is not included: combine with a cross-entropy term.
 
+  >>> import jax.numpy as jnp
+  >>> from skd_jax import losses
+  >>> z = jnp.array([[3., 0.]])  # final head and auxiliary head agree: only the head's CE remains
+  >>> round(float(losses.drg_loss(z, z, jnp.array([[1., 0.]]))[0]), 4)  # log(1 + e^-3)
+  0.0486
+
   Args:
     logits: ``[B, C]`` final-head logits.
     aux_logits: ``[B, C]`` shallow head's logits (the teacher of the KL, the student of the CE).
@@ -104,6 +110,12 @@ def dsr_loss(
   Gradients flow through the sort. The loss is invariant to permuting the classes of either
   argument.
 
+  >>> import jax.numpy as jnp
+  >>> from skd_jax import losses
+  >>> # Sorted, [0, 2, 1] is [0, 1, 2]: the same shape as [5, 6, 7] up to a shift, so no loss.
+  >>> float(losses.dsr_loss(jnp.array([[0., 2., 1.]]), jnp.array([[5., 6., 7.]]))[0])
+  0.0
+
   Args:
     logits: ``[B, C]`` logits of the current step.
     previous_sorted_logits: ``[B, C]`` ascending-sorted logits of the previous step
@@ -123,6 +135,12 @@ def rotation_joint_labels(labels: jax.typing.ArrayLike, num_rotations: int = 4) 
 
   Example ``i`` rotated by ``k`` quarter turns has joint class :math:`R\,y_i + k` among
   :math:`R\,C` (class-major: index ``R*c + k``).
+
+  >>> import jax.numpy as jnp
+  >>> from skd_jax import losses
+  >>> losses.rotation_joint_labels(jnp.array([[0., 1.]]), num_rotations=2)  # class 1: 2 + k
+  Array([[[0., 0., 1., 0.],
+          [0., 0., 0., 1.]]], dtype=float32)
 
   Args:
     labels: ``[B, C]`` one-hot (or soft) labels.
@@ -148,6 +166,12 @@ def aggregate_joint_logits(
     mean over copies of the score of the rotation that copy really has.
   * ``'sum'``: :math:`a_c = \sum_k s^{(0)}_{Rc+k}`, the unrotated copy's scores summed over
     rotations (the HSAKD monitoring score).
+
+  >>> import jax.numpy as jnp
+  >>> from skd_jax import losses
+  >>> s = jnp.arange(8.).reshape(1, 2, 4)  # 2 classes x 2 rotations, copies 0 and 1
+  >>> losses.aggregate_joint_logits(s), losses.aggregate_joint_logits(s, mode='sum')
+  (Array([[2.5, 4.5]], dtype=float32), Array([[1., 5.]], dtype=float32))
 
   Args:
     joint_logits: ``[B, R, R*C]``.
@@ -185,7 +209,7 @@ def lsskd_loss(
   Built on HSAKD (Yang et al., IJCAI 2021): every example comes as its ``R`` rotations, auxiliary
   heads :math:`l = 1..L` (shallow to deep) predict the joint label :math:`Ry + k`, and knowledge
   flows from deeper heads to shallower ones and from the deepest head to the final classifier.
-  The paper's code is not public; this is our documented reading of METHODS.md section 2.3:
+  The paper's code is not public; this is our documented reading (docs/methods.md, "LSSKD"):
 
   .. math::
     L_i = w_{ce} \sum_l \frac1R \sum_k H(\tilde y_{ik}, s_{l,ik})
@@ -199,6 +223,13 @@ def lsskd_loss(
   transfer between neighbouring stages), and ``agg`` from :func:`aggregate_joint_logits`. The
   final head's own cross-entropy on the unrotated copy is not included: combine with a
   cross-entropy term.
+
+  >>> import jax.numpy as jnp
+  >>> from skd_jax import losses
+  >>> heads = [jnp.zeros((2, 4, 12))] * 2  # two heads, 4 rotations, 4 x 3 joint classes
+  >>> loss = losses.lsskd_loss(jnp.zeros((2, 3)), heads, jnp.eye(3)[:2])
+  >>> loss.shape, round(float(loss[0]), 4)  # uniform heads: 2 x log(12) of joint CE, no KL
+  ((2,), 4.9698)
 
   Args:
     logits: ``[B, C]`` final-head logits of the unrotated copies.

@@ -59,6 +59,13 @@ def label_smoothing_targets(
   ``variant='non_target'`` (TF-KD / Zipf's LS code): the true class gets :math:`1-\epsilon`, every
   other class :math:`\epsilon / (C-1)`.
 
+  >>> import jax.numpy as jnp
+  >>> from skd_jax import losses
+  >>> losses.label_smoothing_targets(jnp.array([[1., 0., 0.]]), epsilon=0.3)
+  Array([[0.8, 0.1, 0.1]], dtype=float32)
+  >>> losses.label_smoothing_targets(jnp.array([[1., 0., 0.]]), epsilon=0.3, variant='non_target')
+  Array([[0.7 , 0.15, 0.15]], dtype=float32)
+
   Args:
     labels: ``[..., C]`` one-hot labels.
     epsilon: smoothing mass in ``[0, 1]``.
@@ -87,6 +94,11 @@ def label_smoothing_cross_entropy(
 
   See :func:`label_smoothing_targets` for the two variants. ``epsilon=0`` is plain cross-entropy.
 
+  >>> import jax.numpy as jnp
+  >>> from skd_jax import losses
+  >>> round(float(losses.label_smoothing_cross_entropy(jnp.zeros((1, 3)), jnp.eye(3)[:1])[0]), 4)
+  1.0986
+
   Args:
     logits: ``[..., C]`` unnormalised scores.
     labels: ``[..., C]`` one-hot labels.
@@ -109,6 +121,10 @@ def pskd_alpha(epoch: jax.typing.ArrayLike, *, alpha_T: float, num_epochs: int) 
   with 0-based epoch :math:`t` and :math:`E` total epochs, so the last epoch uses
   :math:`\alpha_T`.
 
+  >>> from skd_jax import losses
+  >>> round(float(losses.pskd_alpha(9, alpha_T=0.8, num_epochs=300)), 4)  # epoch 10 of 300
+  0.0267
+
   Args:
     epoch: 0-based epoch (integer scalar or array; may be traced).
     alpha_T: final weight in ``[0, 1]`` (0.8 in the paper).
@@ -130,6 +146,11 @@ def pskd_targets(
 
   .. math::
     \hat y_i = (1 - \alpha_t)\, y_i + \alpha_t\, P_{\mathrm{idx}_i}
+
+  >>> import jax.numpy as jnp
+  >>> from skd_jax import losses
+  >>> losses.pskd_targets(jnp.array([[1., 0.]]), jnp.array([[0.6, 0.4]]), alpha=0.5)
+  Array([[0.8, 0.2]], dtype=float32)
 
   Args:
     labels: ``[B, C]`` one-hot labels.
