@@ -7,6 +7,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 import types
 
 import ml_collections
@@ -311,18 +312,55 @@ def test_load_tfds_not_prepared(tmp_path):
   assert '\n' not in message
 
 
-def test_load_tfds_download_failure_is_one_config_error(monkeypatch):
+def test_offline_download_fails_at_once_and_leaves_nothing(tmp_path, monkeypatch, capfd):
+  """The real cifar100 builder and data dir, with its download host made unresolvable.
+
+  `.invalid` never resolves (RFC 6761), so the test behaves alike with or without internet.
+  """
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.setattr(tfds_source, '_download_hosts', lambda name, data_dir: ['cifar.invalid'])
+  data_dir = tmp_path / 'tfds'
+  started = time.time()
+  with pytest.raises(ConfigError) as e:
+    tfds_source.load_tfds('cifar100', 'train', data_dir=str(data_dir), download=True)
+  assert time.time() - started < 30
+  message = str(e.value)
+  assert message.startswith(
+      f"data.name: TFDS dataset 'cifar100' is not prepared in {data_dir} and cannot be "
+      'downloaded (cannot reach cifar.invalid: '
+  )
+  assert 'tfds build cifar100 --file_format=array_record' in message and '\n' not in message
+  assert list(tmp_path.iterdir()) == []  # no data dir, no ~/tensorflow_datasets
+  out, err = capfd.readouterr()
+  assert 'cifar100' not in out + err  # TFDS's own lines stay out of the terminal
+
+
+def test_the_download_hosts_are_the_builders_registered_urls():
+  assert tfds_source._download_hosts('cifar100', None) == ['www.cs.toronto.edu']
+
+
+def test_a_failed_preparation_removes_what_it_created(tmp_path, monkeypatch):
+  data_dir = tmp_path / 'tfds'
+  (data_dir / 'mnist').mkdir(parents=True)  # someone else's dataset: kept
+  monkeypatch.setattr(tfds_source, '_download_hosts', lambda name, data_dir: [])
+  real = tfds.data_source
+
   def fail(*args, **kwargs):
+    if not kwargs['download']:
+      return real(*args, **kwargs)
     assert kwargs['download_and_prepare_kwargs'] == {'file_format': 'array_record'}
+    (data_dir / 'cifar10' / '3.0.2.incompleteABC').mkdir(parents=True)
+    (data_dir / 'downloads').mkdir()
+    (data_dir / 'downloads' / 'cifar.tar.gz.tmp').write_text('partial')
     raise ConnectionError('Network is unreachable\nmore detail')
 
   monkeypatch.setattr(tfds, 'data_source', fail)
   with pytest.raises(ConfigError) as e:
-    tfds_source.load_tfds('cifar10', 'train', download=True)
+    tfds_source.load_tfds('cifar10', 'train', data_dir=str(data_dir), download=True)
   message = str(e.value)
-  assert 'could not be downloaded (ConnectionError: Network is unreachable)' in message
-  assert 'tfds build cifar10' in message
-  assert '\n' not in message
+  assert 'could not be downloaded and prepared in' in message
+  assert '(ConnectionError: Network is unreachable)' in message and '\n' not in message
+  assert sorted(p.name for p in data_dir.iterdir()) == ['mnist']
 
 
 def test_load_tfds_unknown_split(monkeypatch):

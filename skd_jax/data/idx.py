@@ -176,7 +176,9 @@ def load_fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarr
         f'{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images'
         f' in {images_path}; expected one label per image'
     )
-  if labels.size and labels.max() >= FASHION_MNIST_NUM_CLASSES:
+  if images.shape[0] == 0:
+    raise ConfigError(f'{images_path}: holds 0 images; expected at least one example')
+  if labels.max() >= FASHION_MNIST_NUM_CLASSES:
     raise ConfigError(
         f'{labels_path}: label {int(labels.max())} out of range; expected'
         f' labels in [0, {FASHION_MNIST_NUM_CLASSES})'

@@ -7,8 +7,14 @@ image-classification keys: 'image' (a fixed-shape uint8 `tfds.features.Image`)
 and 'label' (a `tfds.features.ClassLabel`).
 """
 
+import contextlib
+import io
 import os
+import shutil
+import socket
+import urllib.parse
 
+from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -19,6 +25,9 @@ _CHUNK = 1024
 
 # Longest error reason quoted from TFDS inside our one-line messages.
 _MAX_REASON = 160
+
+# How long a download host may take to accept a connection before it counts as unreachable.
+_PROBE_SECONDS = 5
 
 
 def _short_reason(e: BaseException) -> str:
@@ -31,18 +40,86 @@ def _short_reason(e: BaseException) -> str:
   return reason
 
 
+def _fix(name: str) -> str:
+  return (
+      f'on a machine with internet run `pip install tensorflow && tfds build {name}'
+      ' --file_format=array_record --data_dir=DIR` and point --config.data.dir at DIR'
+  )
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Keeps TFDS's log lines, prints and progress bars out of the user's terminal."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+      yield
+  finally:
+    absl_logging.set_verbosity(level)
+
+
+def _unreachable(hosts: list[str]) -> str | None:
+  """Why the first unreachable host cannot be reached, or None when all answer (HTTPS port)."""
+  for host in hosts:
+    try:
+      socket.create_connection((host, 443), timeout=_PROBE_SECONDS).close()
+    except OSError as e:
+      return f'cannot reach {host}: {e.strerror or type(e).__name__}'
+  return None
+
+
+def _download_hosts(name: str, data_dir: str | None) -> list[str]:
+  """The hosts a dataset's registered download URLs point to (none when TFDS lists none)."""
+  urls = tfds.builder(name, data_dir=data_dir).url_infos or {}
+  return sorted({urllib.parse.urlparse(url).hostname for url in urls})
+
+
+def _paths(root: str) -> set[str]:
+  return {os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files}
+
+
+def _prepare(name: str, split: str, data_dir: str | None):
+  """Downloads and prepares the dataset; on failure removes everything the attempt created."""
+  root = os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+  why = _unreachable(_download_hosts(name, data_dir))
+  if why:  # fail at once: TFDS itself retries for minutes and leaves incomplete folders
+    raise ConfigError(
+        f'data.name: TFDS dataset {name!r} is not prepared in {root} and cannot be downloaded'
+        f' ({why}); {_fix(name)}'
+    )
+  existed = os.path.isdir(root)
+  before = _paths(root)
+  try:
+    with _quiet():
+      return tfds.data_source(
+          name,
+          split=split,
+          data_dir=data_dir,
+          download=True,
+          # Random access only works on array_record (or parquet) files, while TFDS prepares
+          # TFRecord by default whenever data_dir is given.
+          download_and_prepare_kwargs={'file_format': 'array_record'},
+      )
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    created = _paths(root) - before
+    for path in sorted(created, key=len):  # the top-most new paths first
+      if any(path.startswith(p + os.sep) for p in created if p != path):
+        continue
+      shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    if not existed:
+      shutil.rmtree(root, ignore_errors=True)
+    raise ConfigError(
+        f'data.name: TFDS dataset {name!r} could not be downloaded and prepared in {root}'
+        f' ({_short_reason(e)}); {_fix(name)}'
+    ) from e
+
+
 def _open(name: str, split: str, data_dir: str | None, download: bool):
   """Returns the TFDS random-access data source, or raises ConfigError."""
   try:
-    return tfds.data_source(
-        name,
-        split=split,
-        data_dir=data_dir,
-        download=download,
-        # Random access only works on array_record (or parquet) files, while
-        # TFDS prepares TFRecord by default whenever data_dir is given.
-        download_and_prepare_kwargs=({'file_format': 'array_record'} if download else None),
-    )
+    with _quiet():
+      return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except tfds.core.registered.DatasetNotFoundError:
     raise ConfigError(
         f'data.name: unknown TFDS dataset {name!r}; expected a registered'
@@ -50,32 +127,21 @@ def _open(name: str, split: str, data_dir: str | None, download: bool):
         ' fashion_mnist, svhn_cropped'
     ) from None
   except Exception as e:  # pylint: disable=broad-exception-caught
-    # TFDS reports a missing or TFRecord-only dataset, and a failed download
-    # or preparation, through many unrelated exception types (ValueError,
-    # NotImplementedError, ModuleNotFoundError, network errors, ...); the user
-    # needs the same advice for all of them. A bad split is the exception.
-    # The cause stays chained for debugging; the message is what users see.
+    # TFDS reports a missing or TFRecord-only dataset through many unrelated exception types
+    # (ValueError, AssertionError, FileNotFoundError, ...); the user needs the same advice for
+    # all of them. A bad split is the exception. The cause stays chained for debugging.
     reason = _short_reason(e)
     if isinstance(e, ValueError) and 'Unknown split' in str(e):
       raise ConfigError(
           f'data.name: TFDS dataset {name!r} has no split {split!r} ({reason});'
           " expected one of its splits, optionally sliced as in 'train[:90%]'"
       ) from e
-    where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
-    build = (
-        f'on a machine with internet run `pip install tensorflow && tfds build'
-        f' {name} --file_format=array_record --data_dir=DIR` and point'
-        ' --config.data.dir at DIR'
-    )
     if download:
-      raise ConfigError(
-          f'data.name: TFDS dataset {name!r} (split {split!r}) is not prepared'
-          f' in array_record format in {where} and could not be downloaded'
-          f' ({reason}); {build}'
-      ) from e
+      return _prepare(name, split, data_dir)
+    where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
     raise ConfigError(
         f'data.name: TFDS dataset {name!r} (split {split!r}) is not prepared'
-        f' in array_record format in {where} ({reason}); {build}, or set'
+        f' in array_record format in {where} ({reason}); {_fix(name)}, or set'
         ' --config.data.download=True'
     ) from e
 
