@@ -1,5 +1,15 @@
 """skd_jax: self-knowledge distillation in JAX/Flax.
 
 Loss functions live in `skd_jax.losses` (pure, per-example, importable without TFDS or orbax);
-composable loss terms in `skd_jax.terms`; the trainer in `skd_jax.train`.
+composable loss terms in `skd_jax.terms`; the trainer in `skd_jax.train`; `skd_jax.load_model`
+loads a trained model (see `skd_jax.export`).
 """
+
+
+def __getattr__(name):
+  # Imported on first use, so that `import skd_jax.losses` stays free of orbax and Flax modules.
+  if name == 'load_model':
+    from skd_jax.export import load_model  # pylint: disable=g-import-not-at-top
+
+    return load_model
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -5,6 +5,8 @@ paper need. The argument after the colon (``--config=configs/pskd.py:quick``) is
 :func:`parse_arg`; ``quick`` switches to the offline Fashion-MNIST setup.
 """
 
+import math
+
 import ml_collections
 
 from skd_jax.data.idx import FASHION_MNIST_DIR
@@ -33,7 +35,7 @@ PROTOCOLS = ('pskd', 'lightskd', 'selfkd_lib')
 
 
 def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDict:
-  """The shared defaults.
+  """The shared defaults; every key is described in :data:`KEYS`.
 
   Without ``quick``, a paper's CIFAR-100 protocol (all with batch 128, SGD with momentum 0.9, lr
   0.1, weight decay 5e-4, random crop with 4 pixels of padding and horizontal flips):
@@ -41,8 +43,8 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   * ``'pskd'`` (PS-KD): PreAct ResNet-18, 300 epochs, Nesterov, lr / 10 at epochs 150 and 225.
   * ``'lightskd'`` (LightSKD's DRG/DSR): CIFAR ResNet-18, 200 epochs, lr / 10 at 60, 120 and 160;
     the paper does not state Nesterov, so plain momentum.
-  * ``'selfkd_lib'`` (the common self-KD table of METHODS.md section 4): CIFAR ResNet-18, 200
-    epochs, 5 warm-up epochs, lr / 10 at 100 and 150, plain momentum.
+  * ``'selfkd_lib'`` (Self-KD-Lib's common self-KD table; see docs/methods.md): CIFAR
+    ResNet-18, 200 epochs, 5 warm-up epochs, lr / 10 at 100 and 150, plain momentum.
 
   With ``quick`` (any protocol): Fashion-MNIST from the Debian package ``dataset-fashion-mnist``,
   a small ResNet (first stage at half resolution, ~2,000 img/s on a 2-core CPU), 8 epochs, cosine
@@ -54,10 +56,10 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'tfds'  # 'tfds' or 'idx' (Fashion-MNIST idx files).
+  c.data.source = 'tfds'
   c.data.name = 'cifar100'
-  c.data.dir = ''  # idx folder, or TFDS data_dir ('' = TFDS default).
-  c.data.download = True  # TFDS only: download and prepare when missing.
+  c.data.dir = ''
+  c.data.download = True
   c.data.train_split = 'train'
   c.data.test_split = 'test'
   c.data.crop_padding = 4
@@ -76,8 +78,8 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.optim.momentum = 0.9
   c.optim.nesterov = True
   c.optim.weight_decay = 5e-4
-  c.optim.schedule = 'step'  # 'step' or 'cosine'.
-  c.optim.boundaries = (150, 225)  # epochs, for 'step'.
+  c.optim.schedule = 'step'
+  c.optim.boundaries = (150, 225)
   c.optim.decay_factor = 0.1
   c.optim.warmup_epochs = 0
 
@@ -87,7 +89,7 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.log_every_steps = 50
   c.checkpoint_every_epochs = 1
   c.keep_checkpoints = 2
-  c.distributed = False  # call jax.distributed.initialize() (TPU pods, SLURM).
+  c.distributed = False
 
   if protocol != 'pskd':
     c.model.name = 'cifar_resnet18'
@@ -117,6 +119,77 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   return c
 
 
+# Every key of `base_config`, documented; `python -m skd_jax.main --help` prints this with the
+# defaults. `model.*` and `loss.*` stand for the families of keys a config adds.
+KEYS = {
+    'seed': 'PRNG seed of the initialisation, the data order and the augmentation',
+    'data.source': "'tfds' (any TFDS image-classification dataset) or 'idx' (Fashion-MNIST files)",
+    'data.name': "TFDS dataset name, e.g. 'cifar100'; 'fashion_mnist' for source 'idx'",
+    'data.dir': "TFDS data_dir, or the folder of the idx files ('' = the default)",
+    'data.download': 'TFDS: download and prepare a missing dataset (needs internet and tensorflow)',
+    'data.train_split': "split to train on, e.g. 'train' or 'train[:90%]'",
+    'data.test_split': 'split evaluated after every epoch',
+    'data.crop_padding': 'random crop after zero padding by this many pixels (0: no crop)',
+    'data.flip': 'random horizontal flips',
+    'model.name': 'cifar_resnet18, preact_resnet18 or small_resnet (see skd_jax/models)',
+    'model.dtype': "computation dtype, 'float32' or 'bfloat16' (parameters stay float32)",
+    'model.*': "the model's architecture options, e.g. model.widths and model.strides",
+    'num_epochs': 'epochs to train',
+    'batch_size': 'global batch size, divisible by the number of devices',
+    'eval_batch_size': 'global evaluation batch size, divisible by the number of devices',
+    'optim.lr': 'peak learning rate of SGD',
+    'optim.momentum': 'SGD momentum, in [0, 1)',
+    'optim.nesterov': 'Nesterov momentum',
+    'optim.weight_decay': 'L2 penalty added to the gradient (PyTorch SGD), >= 0',
+    'optim.schedule': "'step' (multiply by decay_factor at boundaries) or 'cosine'",
+    'optim.boundaries': "epochs at which 'step' decays the learning rate",
+    'optim.decay_factor': "factor of each 'step' decay",
+    'optim.warmup_epochs': 'epochs of linear warm-up from 0',
+    'loss.*': 'loss terms, summed: loss.TERM.weight and the settings of skd_jax/terms/TERM.py',
+    'log_every_steps': 'steps per train record in metrics.jsonl (the mean over those steps)',
+    'checkpoint_every_epochs': 'epochs between checkpoints (the last epoch is always saved)',
+    'keep_checkpoints': 'checkpoints kept, >= 1 (older ones are deleted)',
+    'distributed': 'call jax.distributed.initialize() to auto-detect a TPU pod or SLURM cluster',
+}
+
+# Keys a run may change when it is resumed: the optimizer's hyperparameters (e.g. a lower learning
+# rate after a divergence) and settings that do not change what is trained. Every change is
+# recorded in the workdir's config_changes.jsonl with the step it took effect at; changing any
+# other key is refused.
+RESUMABLE = (
+    'optim.*',
+    'data.dir',
+    'data.download',
+    'eval_batch_size',
+    'log_every_steps',
+    'checkpoint_every_epochs',
+    'keep_checkpoints',
+    'distributed',
+)
+
+
+def flatten(tree, prefix: str = '') -> dict[str, object]:
+  """``{'optim': {'lr': 0.1}}`` -> ``{'optim.lr': 0.1}`` (a ConfigDict, or its JSON)."""
+  items = tree.items() if hasattr(tree, 'items') else ()
+  flat = {}
+  for key, value in items:
+    if hasattr(value, 'items'):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def documentation(key: str) -> str | None:
+  """The description of ``key`` in :data:`KEYS` (or of its family, ``model.*``), or None."""
+  family = key.split('.')[0] + '.*'
+  return KEYS.get(key, KEYS.get(family))
+
+
+def resumable(key: str) -> bool:
+  return any(key == k or (k.endswith('.*') and key.startswith(k[:-1])) for k in RESUMABLE)
+
+
 _DTYPES = ('float32', 'bfloat16')
 
 
@@ -131,28 +204,39 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
     if not ok:
       raise ConfigError(f'{field}: {expectation}')
 
+  def number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+  def integer(field, low):
+    value = config[field]
+    check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= low,
+        field,
+        f'expected an integer >= {low}, got {value!r}',
+    )
+
+  # NaN and infinity pass most range checks (nan > 0 is False, but so is every check's negation),
+  # so every number of the config, loss-term settings included, is checked once here.
+  for key, value in flatten(config).items():
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+      check(not number(v) or math.isfinite(v), key, f'expected a finite number, got {v!r}')
+
   check(
       config.data.source in ('tfds', 'idx'),
       'data.source',
       f"expected 'tfds' or 'idx', got {config.data.source!r}",
   )
-  check(
-      isinstance(config.num_epochs, int) and config.num_epochs > 0,
-      'num_epochs',
-      f'expected a positive integer, got {config.num_epochs!r}',
-  )
-  check(
-      isinstance(config.batch_size, int) and config.batch_size > 0,
-      'batch_size',
-      f'expected a positive integer, got {config.batch_size!r}',
-  )
+  integer('num_epochs', 1)
+  integer('batch_size', 1)
   check(
       config.batch_size % device_count == 0,
       'batch_size',
       f'{config.batch_size} is not divisible by the {device_count} devices',
   )
+  integer('eval_batch_size', 1)
   check(
-      config.eval_batch_size > 0 and config.eval_batch_size % device_count == 0,
+      config.eval_batch_size % device_count == 0,
       'eval_batch_size',
       f'expected a positive multiple of the {device_count} devices, '
       f'got {config.eval_batch_size}',
@@ -162,29 +246,40 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
       'model.dtype',
       f'expected one of {_DTYPES}, got {config.model.dtype!r}',
   )
+  optim = config.optim
   check(
-      config.optim.schedule in ('step', 'cosine'),
+      optim.schedule in ('step', 'cosine'),
       'optim.schedule',
-      f"expected 'step' or 'cosine', got {config.optim.schedule!r}",
+      f"expected 'step' or 'cosine', got {optim.schedule!r}",
   )
-  check(config.optim.lr > 0, 'optim.lr', f'expected > 0, got {config.optim.lr}')
+  check(number(optim.lr) and optim.lr > 0, 'optim.lr', f'expected > 0, got {optim.lr!r}')
   check(
-      0 <= config.optim.warmup_epochs < config.num_epochs,
+      number(optim.momentum) and 0 <= optim.momentum < 1,
+      'optim.momentum',
+      f'expected a number in [0, 1), got {optim.momentum!r}',
+  )
+  check(
+      number(optim.weight_decay) and optim.weight_decay >= 0,
+      'optim.weight_decay',
+      f'expected a number >= 0, got {optim.weight_decay!r}',
+  )
+  check(
+      number(optim.decay_factor) and optim.decay_factor > 0,
+      'optim.decay_factor',
+      f'expected a number > 0, got {optim.decay_factor!r}',
+  )
+  check(
+      0 <= optim.warmup_epochs < config.num_epochs,
       'optim.warmup_epochs',
-      f'expected in [0, num_epochs), got {config.optim.warmup_epochs}',
+      f'expected in [0, num_epochs), got {optim.warmup_epochs}',
   )
   check(
-      all(0 < b < config.num_epochs for b in config.optim.boundaries),
+      all(0 < b < config.num_epochs for b in optim.boundaries),
       'optim.boundaries',
-      f'expected epochs in (0, num_epochs={config.num_epochs}), got {config.optim.boundaries}',
+      f'expected epochs in (0, num_epochs={config.num_epochs}), got {optim.boundaries}',
   )
-  check(
-      config.data.crop_padding >= 0,
-      'data.crop_padding',
-      f'expected >= 0, got {config.data.crop_padding}',
-  )
+  integer('data.crop_padding', 0)
   check(len(config.loss) > 0, 'loss', 'expected at least one loss term')
-  check(config.log_every_steps > 0, 'log_every_steps', 'expected a positive integer')
-  check(
-      config.checkpoint_every_epochs > 0, 'checkpoint_every_epochs', 'expected a positive integer'
-  )
+  integer('log_every_steps', 1)
+  integer('checkpoint_every_epochs', 1)
+  integer('keep_checkpoints', 1)

@@ -3,14 +3,26 @@ r"""Command-line entry point.
   python -m skd_jax.main --config=configs/pskd.py:quick --workdir=/tmp/pskd \
       [--config.KEY=VALUE ...]
 
-Exit status: 0 when training finished (the summary is printed) or when a signal stopped it after a
-checkpoint (rerun the same command to continue); 2 for invalid configuration or data, with one
-line naming the field and nothing written to the workdir; 1 for a non-finite loss, keeping the
-last good checkpoint.
+``--help`` lists the configs and every key. Exit status: 0 when training finished (the summary is
+printed) or when a signal stopped it (after a checkpoint, or during start-up with nothing
+written; rerun the same command to continue); 1 when it diverged (the last good checkpoint is
+kept) or a file could not be written; 2 for invalid configuration or data, with one line naming
+the field and nothing written to the workdir.
 """
 
+from skd_jax import preemption
+
+if __name__ == '__main__':
+  # Before the slow imports below, so that a signal during start-up never ends in a traceback.
+  preemption.install()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import ast
+import difflib
+import importlib.util
 import json
 import logging as pylogging
+import os
 import re
 import sys
 
@@ -20,18 +32,76 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from skd_jax import config_lib
+from skd_jax import terms
 from skd_jax import train
+from skd_jax.checkpoints import SaveError
 from skd_jax.errors import ConfigError
+
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file[:argument].', lock_config=True
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, summary.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process runs: HOST:PORT of process 0.'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process runs: process count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "Multi-process runs: this process's index.")
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fail(message: str, status: int):
   print(f'error: {message}', file=sys.stderr)
   sys.exit(status)
+
+
+def _configs_dir() -> str:
+  return 'configs' if os.path.isdir('configs') else os.path.join(_REPO, 'configs')
+
+
+def _help() -> str:
+  """The text of ``--help``: usage, the configs, every key with its default, the loss terms."""
+  lines = [
+      'usage: python -m skd_jax.main --config=configs/NAME.py[:quick] --workdir=DIR '
+      '[--config.KEY=VALUE ...]',
+      '',
+      'Trains and evaluates one run in DIR; rerunning the same command resumes it.',
+      '',
+      f'Configs (in {_configs_dir()}/; the argument `:quick` switches to offline Fashion-MNIST, a',
+      'small ResNet and 8 epochs, minutes on a CPU; without it, the paper protocol on CIFAR-100):',
+  ]
+  for path in sorted(os.listdir(_configs_dir())):
+    if path.endswith('.py') and not path.startswith('_'):
+      with open(os.path.join(_configs_dir(), path)) as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ''
+      lines.append(f'  {path[:-3]:<16} {doc.splitlines()[0] if doc else ""}')
+  defaults = config_lib.flatten(config_lib.base_config(quick=False))
+  lines += [
+      '',
+      'Keys (--config.KEY=VALUE; the defaults of the PS-KD protocol, which configs change):',
+  ]
+  for key, doc in config_lib.KEYS.items():
+    default = '' if key.endswith('*') else f' = {defaults[key]!r}'
+    lines.append(f'  {key}{default}')
+    lines.append(f'      {doc}')
+  lines += ['', 'Loss terms (loss.TERM.SETTING, with their defaults; see skd_jax/terms/TERM.py):']
+  for name, settings in terms.settings().items():
+    lines.append(f'  {name}: ' + ', '.join(f'{k}={v!r}' for k, v in settings.items()))
+  lines += [
+      '',
+      'Keys that may change when a run is resumed (recorded in config_changes.jsonl): '
+      + ', '.join(config_lib.RESUMABLE),
+      '',
+      'Several processes: --config.distributed=True detects a Cloud TPU pod or a SLURM job;',
+      'elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I to each.',
+      '',
+      'Exit status: 0 finished, or stopped by SIGTERM/SIGINT/SIGHUP (rerun to continue); 1 diverged',
+      'or could not write; 2 invalid configuration or data (one line, nothing written).',
+  ]
+  return '\n'.join(lines)
 
 
 def _one_line(error: Exception) -> str:
@@ -44,7 +114,28 @@ def _one_line(error: Exception) -> str:
   return lines[0]
 
 
+def _unknown_key(argv) -> str:
+  """Names the first ``--config.KEY`` that the config file does not define, with a suggestion."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_skd_jax_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  known = config_lib.flatten(module.get_config(arg or None))
+  where = 'every key is listed by `python -m skd_jax.main --help`'
+  for a in argv:
+    key = re.match(r'--config\.([\w.]+)', a)
+    if key and key.group(1) not in known:
+      match = difflib.get_close_matches(key.group(1), list(known), n=1)
+      hint = f'; did you mean --config.{match[0]}?' if match else ''
+      return f'--config.{key.group(1)}: unknown key{hint} ({where})'
+  return f'--config: unknown key ({where})'
+
+
 def _parse_flags(argv):
+  if any(a in ('-h', '--help', '-help', '--helpfull', '-?') for a in argv[1:]):
+    print(_help())
+    sys.exit(0)
   try:
     argv = flags.FLAGS(argv)
     config = _CONFIG.value
@@ -56,12 +147,10 @@ def _parse_flags(argv):
         f'({str(e).strip().splitlines()[-1].strip()})',
         2,
     )
-  except (KeyError, AttributeError) as e:
-    # ConfigDict reports an unknown --config.KEY as a KeyError (wrapped in an AttributeError).
-    key = re.search(r"'(\w+)'", str(e))
-    _fail(
-        f"--config: unknown key '{key.group(1) if key else e}'; the config file lists the keys", 2
-    )
+  except (KeyError, AttributeError):
+    # ConfigDict reports an unknown --config.KEY as a KeyError (wrapped in an AttributeError),
+    # with a message that quotes it twice over.
+    _fail(_unknown_key(argv), 2)
   except (flags.Error, ConfigError, ValueError, TypeError) as e:
     # A bad --config.KEY value or an error raised by get_config: one line, status 2.
     _fail(_one_line(e), 2)
@@ -72,21 +161,79 @@ def _parse_flags(argv):
   return argv
 
 
+def _initialize_distributed(config) -> None:
+  """Starts ``jax.distributed`` from the explicit flags, or by auto-detection if asked to."""
+  explicit = {
+      '--coordinator_address': _COORDINATOR.value,
+      '--num_processes': _NUM_PROCESSES.value,
+      '--process_id': _PROCESS_ID.value,
+  }
+  given = [k for k, v in explicit.items() if v is not None]
+  if given and len(given) < len(explicit):
+    missing = ', '.join(k for k in explicit if k not in given)
+    raise ConfigError(f'{missing}: expected together with {", ".join(given)}')
+  if not given and not config.distributed:
+    return
+  try:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except (ValueError, RuntimeError, TypeError) as e:
+    if given:
+      raise ConfigError(f'--coordinator_address: cannot start ({_one_line(e)})') from None
+    raise ConfigError(
+        'distributed: no Cloud TPU, SLURM, Open MPI or Kubernetes cluster detected '
+        f'({_one_line(e)}); expected one, or --coordinator_address, --num_processes and '
+        '--process_id'
+    ) from None
+  preemption.join_processes()
+
+
+class _WithoutOrbax(pylogging.Filter):
+  """Drops orbax's records, and asyncio's about orbax's tasks.
+
+  Orbax logs a failed save as tracebacks from each of its threads and tasks; the trainer reports
+  the failure itself, in one line.
+  """
+
+  def filter(self, record):
+    about_orbax = 'orbax' in record.pathname or 'orbax' in record.getMessage()
+    return record.name.startswith('skd_jax') or not about_orbax
+
+
+def _quiet_closed_loops(unraisablehook):
+  """An unraisable hook without the errors of writes that finish after a failed save gave up.
+
+  When one write of an orbax save fails, orbax closes the save's event loop while tensorstore is
+  still finishing the others; each then reports "Event loop is closed" as unraisable.
+  """
+
+  def hook(unraisable):
+    if not (
+        unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed'
+    ):
+      unraisablehook(unraisable)
+
+  return hook
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}', 2)
-  # Our progress at INFO; the libraries' (orbax logs every checkpoint file) at WARNING.
+  # Our progress at INFO; the libraries' at WARNING.
   logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(_WithoutOrbax())
+  sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
   pylogging.getLogger('skd_jax').setLevel(pylogging.INFO)
-  config = _CONFIG.value
-  if config.get('distributed'):
-    jax.distributed.initialize()  # auto-detects Cloud TPU, SLURM, Open MPI, Kubernetes
   try:
-    summary = train.train_and_evaluate(config, _WORKDIR.value)
+    _initialize_distributed(_CONFIG.value)
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:
     _fail(str(e), 2)
-  except FloatingPointError as e:
-    _fail(f'{e}; stopped, the last good checkpoint is kept', 1)
+  except train.Diverged as e:
+    _fail(str(e), 1)
+  except SaveError as e:
+    _fail(f'{e}; stopped, the previous checkpoint is intact', 1)
+  except OSError as e:  # a workdir file could not be written (a full disk, say)
+    _fail(f'{e.filename or "workdir"}: cannot write ({e.strerror or e}); stopped', 1)
   except train.Preempted as e:
     logging.warning('%s', e)
     return

@@ -13,32 +13,39 @@ every process:
   one GPU the two coincide.)
 * Everything a run needs to continue is in the train state (checkpointed) or derived from the step
   number: the data order from ``(seed, epoch)``, augmentation randomness from ``(seed, step)``.
+  The measurements of steps not yet logged travel in the checkpoint too, so a resumed run writes
+  the same ``metrics.jsonl`` as an uninterrupted one.
+* A run never trains on, saves or exports a non-finite state: every step reports whether its loss,
+  gradient norm, parameters and BatchNorm statistics are finite, these reports are checked at
+  every train record and before every save, and a restored checkpoint must match its fingerprint
+  (``skd_jax.checkpoints``).
 """
 
 import functools
 import logging
-import signal
 import time
 from typing import Any, NamedTuple
 
 from flax import struct
 import flax.training.train_state
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import tqdm
 
+from skd_jax import checkpoints as checkpoints_lib
 from skd_jax import config_lib
 from skd_jax import data as data_lib
 from skd_jax import example_rows
+from skd_jax import export
 from skd_jax import metrics as metrics_lib
 from skd_jax import models
+from skd_jax import optim as optim_lib
+from skd_jax import preemption
 from skd_jax import terms as terms_lib
+from skd_jax import train_log
 from skd_jax import workdir as workdir_lib
 from skd_jax.data import pipeline
 
@@ -90,44 +97,8 @@ def to_devices(dataset: data_lib.Dataset, mesh) -> DeviceData:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model & optimizer
+# Model & optimizer (skd_jax.optim)
 # ---------------------------------------------------------------------------------------------
-
-
-def make_schedule(
-    optim: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int
-) -> optax.Schedule:
-  """Learning rate per step: optional linear warm-up, then step or cosine decay."""
-  total = num_epochs * steps_per_epoch
-  warmup = optim.warmup_epochs * steps_per_epoch
-  if optim.schedule == 'cosine':
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else optim.lr,
-        peak_value=optim.lr,
-        warmup_steps=warmup,
-        decay_steps=total,
-        end_value=0.0,
-    )
-  # 'step': multiply by decay_factor at each boundary epoch (PyTorch's MultiStepLR).
-  step_decay = optax.piecewise_constant_schedule(
-      optim.lr, {b * steps_per_epoch: optim.decay_factor for b in optim.boundaries}
-  )
-  if not warmup:
-    return step_decay
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, optim.lr, warmup), lambda s: step_decay(s + warmup)], [warmup]
-  )
-
-
-def make_optimizer(
-    optim: ml_collections.ConfigDict, schedule: optax.Schedule
-) -> optax.GradientTransformation:
-  # Weight decay added to the gradient before momentum: PyTorch SGD's semantics, applied to every
-  # parameter (BatchNorm and biases included) as in the reference implementations.
-  return optax.chain(
-      optax.add_decayed_weights(optim.weight_decay),
-      optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov),
-  )
 
 
 def init_state(
@@ -228,7 +199,10 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch; returns the new state and scalar measurements.
 
-  ``batch_options`` are :func:`training_batch`'s keyword arguments.
+  The measurements are the loss, each term's unweighted loss (``loss/<term>``), the terms' metrics,
+  the training top-1 (%) of the final head, the learning rate and the gradient norm, all averaged
+  over the batch's real examples, plus ``finite``: whether the updated parameters and BatchNorm
+  statistics are all finite. ``batch_options`` are :func:`training_batch`'s keyword arguments.
   """
   step = state.step
   epoch = step // steps_per_epoch
@@ -252,7 +226,7 @@ def train_step(
     out = method(inputs, rows, state.carry)
     measured = {f'loss/{name}': average(v) for name, v in out.losses.items()}
     measured.update({k: average(v) for k, v in out.metrics.items()})
-    measured['accuracy'] = average(jnp.argmax(inputs.logits, -1) == batch.labels)
+    measured['top1'] = 100.0 * average(jnp.argmax(inputs.logits, -1) == batch.labels)
     return average(out.loss), (new_model_state['batch_stats'], out.rows, out.carry, measured)
 
   (loss, (batch_stats, new_rows, carry, measured)), grads = jax.value_and_grad(
@@ -265,10 +239,13 @@ def train_step(
           for name, table in state.rows.items()
       }
   )
+  finite = jax.tree.leaves(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.params))
+  finite += jax.tree.leaves(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.batch_stats))
   return state, {
       'loss': loss,
       'lr': schedule(step),
       'grad_norm': optax.global_norm(grads),
+      'finite': jnp.all(jnp.stack(finite)),
       **measured,
   }
 
@@ -321,121 +298,73 @@ def evaluate(eval_fn, state: TrainState, test: DeviceData, batch_size: int) -> d
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint and preemption
+# Building a run
 # ---------------------------------------------------------------------------------------------
-
-
-class StopRequest:
-  """Turns SIGTERM and Ctrl-C into a request to save at the next step boundary and exit.
-
-  With several processes every process must stop at the same step, so there the signal handling
-  of ``jax.distributed``'s preemption service decides (it installs its own SIGTERM handler and
-  agrees on a step through the coordination service); a single process handles signals itself.
-  """
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    if jax.process_count() == 1:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signal.Signals(signum).name
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.signal is not None
-
-
-def abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def export_model(state: TrainState, path: str) -> None:
-  """Saves the inference model: the backbone's parameters and BatchNorm statistics only.
-
-  Restore with ``orbax.checkpoint.StandardCheckpointer().restore(path)`` and apply with the
-  backbone (``skd_jax.models.get_model``) as ``model.apply(variables, x, train=False)``.
-  """
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(
-        path,
-        {'params': state.params['backbone'], 'batch_stats': state.batch_stats['backbone']},
-        force=True,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Train loop
-# ---------------------------------------------------------------------------------------------
-
-
-class Preempted(Exception):
-  """Raised (and handled by ``main``) when a signal stopped the run after a checkpoint."""
-
-
-def _flush(pending, workdir, epoch, bar, *, log=True):
-  """Fetches pending step measurements, stops on a non-finite loss, logs their mean.
-
-  With ``log=False`` (before a preemption checkpoint) the losses are only checked, so that the
-  resumed run logs at the same steps as an uninterrupted one.
-  """
-  if not pending:
-    return
-  steps, measured = zip(*pending)
-  measured = jax.device_get(measured)
-  for step, m in zip(steps, measured):
-    if not np.isfinite(m['loss']):
-      raise FloatingPointError(f'loss is {m["loss"]} at step {step}')
-  if not log:
-    return
-  record = {k: float(np.mean([m[k] for m in measured])) for k in measured[0]}
-  workdir.log({'kind': 'train', 'step': steps[-1], 'epoch': epoch, **record})
-  bar.set_postfix(loss=f'{record["loss"]:.4f}', refresh=False)
-  pending.clear()
 
 
 class Job(NamedTuple):
   """Everything a run is built from its config: compiled functions, data and the initial state."""
 
   state: TrainState
-  step_fn: Any  # (state, order, train) -> (state, measurements), jitted, donates the state
-  eval_fn: Any  # (params, batch_stats, test, batch) -> per-example statistics
+  step_fn: Any  # (state, order, train) -> (state, measurements), compiled, donates the state
+  eval_fn: Any  # (params, batch_stats, test, batch) -> per-example statistics, compiled
   order_fn: Any  # (key, epoch) -> the epoch's example order
   order_key: jax.Array
   train: DeviceData
   test: DeviceData
   steps_per_epoch: int
+  model_spec: Any  # what the exported model needs besides its variables (skd_jax.export)
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _stop_if_signalled():
+  """Ends start-up when a signal has arrived (single process only: ``skd_jax.preemption``)."""
+  signal_name = preemption.stop_before_training()
+  if signal_name:
+    raise Preempted(f'{signal_name} during start-up: stopped before training; nothing was written')
 
 
 def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
-  """Validates ``config``, loads the data onto the devices, builds the model and the loss.
+  """Validates ``config``, loads the data onto the devices, builds and compiles model and loss.
 
-  Writes nothing.
+  Writes nothing. Logs the devices, the data, the model and the loss.
 
   Raises:
     ConfigError: invalid configuration or data.
+    Preempted: a signal arrived during start-up.
   """
   mesh = make_mesh(devices)
   config_lib.validate(config, device_count=mesh.size)
+  log.info(
+      'Devices: %d x %s in %d process(es); mesh %s.',
+      mesh.size,
+      mesh.devices.flat[0].device_kind,
+      jax.process_count(),
+      dict(mesh.shape),
+  )
   train_set = data_lib.load_split(config.data, config.data.train_split)
   test_set = data_lib.load_split(config.data, config.data.test_split)
+  _stop_if_signalled()  # before the slow part: initialisation and compilation
   num_classes = train_set.num_classes
+  image_shape = train_set.images.shape[1:]
+  log.info(
+      'Data: %s, %d training (%s) and %d test (%s) images of %s, %d classes.',
+      config.data.name,
+      len(train_set.labels),
+      config.data.train_split,
+      len(test_set.labels),
+      config.data.test_split,
+      'x'.join(map(str, image_shape)),
+      num_classes,
+  )
   context = terms_lib.Context(
       num_classes=num_classes,
       num_epochs=config.num_epochs,
       batch_size=config.batch_size,
-      image_shape=train_set.images.shape[1:],
+      image_shape=image_shape,
   )
   method = terms_lib.build(config.loss, context)
   dtype = jnp.dtype(config.model.dtype)
@@ -446,169 +375,249 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
   num_train = len(train_set.labels)
   spe = pipeline.steps_per_epoch(num_train, config.batch_size)
   mean, std = pipeline.channel_stats(train_set.images)
-  schedule = make_schedule(config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs)
+  schedule = optim_lib.make_schedule(
+      config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs
+  )
   train, test = to_devices(train_set, mesh), to_devices(test_set, mesh)
   state = init_state(
       model,
-      make_optimizer(config.optim, schedule),
+      optim_lib.make_optimizer(config.optim, schedule),
       method,
       train,
-      train_set.images.shape[1:],
+      image_shape,
       seed=config.seed,
       mesh=mesh,
   )
+  heads = {k: _count(v) for k, v in state.params.items() if k != 'backbone'}
+  log.info(
+      'Model: %s %s (%s), %s parameters%s. Loss: %s.',
+      config.model.name,
+      options or '',
+      config.model.dtype,
+      f'{_count(state.params["backbone"]):,}',
+      ''.join(f' + {n:,} in the training-only head {k}' for k, n in heads.items()),
+      ' + '.join(f'{t.weight:g} {t.name}' for t in method.terms),
+  )
 
   replicated = NamedSharding(mesh, P())
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = jax.jit(
-      functools.partial(
-          train_step,
-          method=method,
-          mesh=mesh,
-          seed=config.seed,
-          steps_per_epoch=spe,
-          batch_size=config.batch_size,
-          crop_padding=config.data.crop_padding,
-          flip=config.data.flip,
-          mean=mean,
-          std=std,
-          dtype=dtype,
-          schedule=schedule,
-      ),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,),
-  )
-  eval_fn = jax.jit(
-      functools.partial(
-          eval_step,
-          apply_fn=backbone.apply,
-          mesh=mesh,
-          batch_size=config.eval_batch_size,
-          mean=mean,
-          std=std,
-          dtype=dtype,
-      ),
-      out_shardings=replicated,
-  )
   order_fn = jax.jit(
       functools.partial(pipeline.epoch_order, num_examples=num_train, batch_size=config.batch_size),
       out_shardings=replicated,
   )
-  return Job(
-      state,
-      step_fn,
-      eval_fn,
-      order_fn,
-      jax.random.fold_in(jax.random.key(config.seed), 2),
-      train,
-      test,
-      spe,
+  order_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+  # Compiled ahead of time, so that start-up ends here and the progress bar times training only.
+  started = time.perf_counter()
+  step_fn = (
+      jax.jit(
+          functools.partial(
+              train_step,
+              method=method,
+              mesh=mesh,
+              seed=config.seed,
+              steps_per_epoch=spe,
+              batch_size=config.batch_size,
+              crop_padding=config.data.crop_padding,
+              flip=config.data.flip,
+              mean=mean,
+              std=std,
+              dtype=dtype,
+              schedule=schedule,
+          ),
+          out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated),
+          donate_argnums=(0,),
+      )
+      .lower(state, order_fn(order_key, 0), train)
+      .compile()
   )
+  eval_fn = (
+      jax.jit(
+          functools.partial(
+              eval_step,
+              apply_fn=backbone.apply,
+              mesh=mesh,
+              batch_size=config.eval_batch_size,
+              mean=mean,
+              std=std,
+              dtype=dtype,
+          ),
+          out_shardings=replicated,
+      )
+      .lower(state.params, state.batch_stats, test, np.int32(0))
+      .compile()
+  )
+  log.info('Compiled the train and evaluation steps in %.1f s.', time.perf_counter() - started)
+  model_spec = export.ModelSpec(
+      name=config.model.name,
+      options={'dtype': config.model.dtype, **options},
+      num_classes=num_classes,
+      input_shape=tuple(image_shape),
+      mean=tuple(map(float, mean)),
+      std=tuple(map(float, std)),
+  )
+  return Job(state, step_fn, eval_fn, order_fn, order_key, train, test, spe, model_spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Preempted(Exception):
+  """A signal stopped the run: after saving a checkpoint, or before anything was written."""
+
+
+class Diverged(FloatingPointError):
+  """A non-finite loss, gradient norm or state stopped the run.
+
+  Attributes:
+    kept_step: the step of the last committed checkpoint, or None when there is none.
+  """
+
+  def __init__(self, cause: str, kept_step: int | None, checkpoints: str):
+    self.kept_step = kept_step
+    if kept_step is None:
+      kept = 'no checkpoint was saved; rerunning starts again from scratch'
+    else:
+      kept = f'the checkpoint at step {kept_step} is kept ({checkpoints}/{kept_step})'
+    super().__init__(
+        f'{cause}; stopped, {kept}. To take another path, rerun with changed optim settings, '
+        'e.g. a lower --config.optim.lr (README: "Changing hyperparameters on resume")'
+    )
+
+
+def abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices=None
 ) -> dict[str, Any]:
-  """Trains, evaluates each epoch, checkpoints, and returns the summary.
+  """Trains, evaluates each epoch, checkpoints, exports the model, and returns the summary.
+
+  SIGTERM, SIGINT and SIGHUP stop the run cleanly (``skd_jax.preemption``).
 
   Args:
     config: see ``skd_jax.config_lib.base_config``.
-    workdir: directory for config.json, metrics.jsonl, checkpoints, summary.json and the exported
-      model; a workdir with a checkpoint is resumed.
+    workdir: directory for the run's files (``skd_jax.workdir``); a workdir with a checkpoint is
+      resumed from its newest intact checkpoint.
     devices: devices to train on (default: all devices of all processes).
 
   Raises:
     ConfigError: invalid configuration or data, before anything is written to ``workdir``.
-    FloatingPointError: a non-finite loss; the last good checkpoint is kept.
-    Preempted: a signal stopped the run; a checkpoint at the current step was saved.
+    Diverged: a non-finite loss, gradient norm or state; the last good checkpoint is kept.
+    Preempted: a signal stopped the run, after saving a checkpoint at the current step or, during
+      start-up, before writing anything.
+    checkpoints.SaveError: a checkpoint could not be written; the previous one is intact.
   """
-  job = build_job(config, devices)
-  # Everything is validated: from here on the workdir may be written.
-  workdir = workdir_lib.Workdir(workdir, config, is_main=jax.process_index() == 0)
-  state, step_fn, eval_fn, order_fn, order_key, train, test, spe = job
-  total_steps = config.num_epochs * spe
+  installed = preemption.install()
+  try:
+    return _train_and_evaluate(config, workdir, devices)
+  finally:
+    if installed:
+      preemption.uninstall()
 
-  manager = ocp.CheckpointManager(
-      workdir.checkpoints,
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, cleanup_tmp_directories=True, create=True
-      ),
+
+def _train_and_evaluate(config, workdir, devices):
+  workdir_lib.check_path(workdir)
+  job = build_job(config, devices)
+  _stop_if_signalled()
+  workdir = workdir_lib.Workdir(workdir, config, is_main=jax.process_index() == 0)
+  # From here on the workdir is written.
+  checkpoints = checkpoints_lib.Checkpoints(
+      workdir.checkpoints, workdir.broken_checkpoints, keep=config.keep_checkpoints
   )
   try:
-    start = manager.latest_step()
-    if start is not None:
-      state = manager.restore(start, args=ocp.args.StandardRestore(abstract(state)))
-      workdir.truncate_metrics(start)
-      log.info('Resumed from the checkpoint at step %d.', start)
-    start = start or 0
-    seconds_before = max(
-        [r['train_seconds'] for r in workdir.records() if r['kind'] == 'eval'], default=0.0
-    )
-    run_start = time.time()
+    summary = _train(config, job, workdir, checkpoints)
+  except BaseException:
+    try:  # the first error is the one to report
+      checkpoints.close()
+    except checkpoints_lib.SaveError:
+      pass
+    raise
+  checkpoints.close()
+  return summary
 
-    epoch = start // spe
-    order = order_fn(order_key, epoch)
-    pending, result = [], None
-    progress = lambda epoch, initial=0: tqdm.tqdm(
-        total=spe,
-        initial=initial,
-        desc=f'epoch {epoch + 1}/{config.num_epochs}',
-        disable=jax.process_index() != 0,
-        dynamic_ncols=True,
-    )
-    bar = progress(epoch, start % spe)
-    with StopRequest() as stop:
-      for step in range(start, total_steps):
-        if stop.reached(step):
-          _flush(pending, workdir, epoch, bar, log=False)
-          if step not in manager.all_steps():  # a signal before the first step after resuming
-            manager.save(step, args=ocp.args.StandardSave(state), force=True)
-          manager.wait_until_finished()
-          bar.close()
-          raise Preempted(
-              f'{stop.signal or "preemption"}: saved a checkpoint at step {step}; '
-              'rerun the same command to continue'
-          )
-        state, measured = step_fn(state, order, train)
-        pending.append((step + 1, measured))
-        bar.update()
-        done = step + 1
-        if done % config.log_every_steps == 0 or done % spe == 0:
-          _flush(pending, workdir, epoch, bar)
-        if done % spe:
-          continue
-        # End of an epoch: evaluate, checkpoint, start the next epoch's order.
-        bar.close()
-        epoch += 1
-        result = evaluate(eval_fn, state, test, config.eval_batch_size)
-        result['train_seconds'] = seconds_before + time.time() - run_start
-        workdir.log({'kind': 'eval', 'step': done, 'epoch': epoch, **result})
-        log.info(
-            'epoch %d/%d: %s',
-            epoch,
-            config.num_epochs,
-            ', '.join(f'{k} {v:.4g}' for k, v in result.items()),
+
+def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
+  state, start, pending = job.state, 0, []
+  restored = checkpoints.restore(abstract(job.state))
+  if restored is not None:
+    start, state, meta = restored
+    pending = meta['pending']
+    log.info('Resumed from the checkpoint at step %d.', start)
+  workdir.begin(start)
+  evals = [r for r in workdir.records() if r['kind'] == 'eval']
+  seconds_before = max([r['train_seconds'] for r in evals], default=0.0)
+  run_start = time.time()
+
+  spe = job.steps_per_epoch
+  total = config.num_epochs * spe
+  window = train_log.Window(pending)
+  order = job.order_fn(job.order_key, start // spe)
+  progress = train_log.Progress(config, start, total, spe)
+  result = None
+  try:
+    for step in range(start, total):
+      if preemption.reached(step):
+        pending = window.check()
+        if step not in checkpoints.all_steps():  # a signal before the first step after resuming
+          checkpoints.save(step, state, {'pending': pending})
+        checkpoints.finish()
+        signal_name = preemption.received() or 'a signal to another process'
+        raise Preempted(
+            f'{signal_name}: saved a checkpoint at step {step}; rerun the same command to continue'
         )
-        if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
-          manager.save(done, args=ocp.args.StandardSave(state))
-        if done < total_steps:
-          order = order_fn(order_key, epoch)
-          bar = progress(epoch)
+      state, measured = job.step_fn(state, order, job.train)
+      done = step + 1
+      window.add(done, measured)
+      checkpoints.poll()
+      record = None
+      if done % config.log_every_steps == 0 or done == total:
+        record = {'kind': 'train', 'step': done, 'epoch': round(done / spe, 4), **window.take()}
+        workdir.log(record)
+      progress.update(done, record)
+      if done % spe:
+        continue
+      # End of an epoch: evaluate, checkpoint, start the next epoch's order.
+      epoch = done // spe
+      result = evaluate(job.eval_fn, state, job.test, config.eval_batch_size)
+      result['train_seconds'] = seconds_before + time.time() - run_start
+      workdir.log({'kind': 'eval', 'step': done, 'epoch': float(epoch), **result})
+      log.info(
+          'epoch %d/%d: %s',
+          epoch,
+          config.num_epochs,
+          ', '.join(f'{k} {v:.4g}' for k, v in result.items()),
+      )
+      if epoch % config.checkpoint_every_epochs == 0 or done == total:
+        checkpoints.save(done, state, {'pending': window.check()})
+      if done < total:
+        order = job.order_fn(job.order_key, epoch)
+  except FloatingPointError as e:
+    checkpoints.finish()
+    raise Diverged(str(e), checkpoints.latest_step(), checkpoints.directory) from None
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    progress.close()
 
   if result is None:  # the run had already finished: evaluate the restored model again
-    result = evaluate(eval_fn, state, test, config.eval_batch_size)
-    result.update(train_seconds=seconds_before, epoch=config.num_epochs)
-  else:
-    result['epoch'] = config.num_epochs
-  evals = [r for r in workdir.records() if r['kind'] == 'eval'] or [result]
+    result = evaluate(job.eval_fn, state, job.test, config.eval_batch_size)
+    result['train_seconds'] = seconds_before
+  evals = [r for r in workdir.records() if r['kind'] == 'eval'] or [
+      {**result, 'epoch': config.num_epochs}
+  ]
   best = max(evals, key=lambda r: r['top1'])
   summary = {k: result[k] for k in ('top1', 'top5', 'nll', 'ece', 'aurc', 'eaurc', 'train_seconds')}
   summary.update(
-      best_top1=best['top1'], best_epoch=best['epoch'], epochs=config.num_epochs, steps=total_steps
+      best_top1=best['top1'],
+      best_epoch=int(best['epoch']),
+      epochs=config.num_epochs,
+      steps=total,
   )
-  export_model(state, workdir.model)
+  export.save_model(
+      workdir.model,
+      params=state.params['backbone'],
+      batch_stats=state.batch_stats['backbone'],
+      spec=job.model_spec,
+  )
   workdir.write_summary(summary)
   return summary

@@ -10,7 +10,7 @@ import pytest
 
 from skd_jax import config_lib
 from skd_jax import terms as terms_lib
-from skd_jax import train
+from skd_jax import optim
 from skd_jax.errors import ConfigError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
@@ -80,7 +80,7 @@ def test_unknown_term_is_a_config_error():
 def test_step_schedule_with_warmup():
   config = importlib.import_module('configs.pskd').get_config()
   config.optim.warmup_epochs = 2
-  schedule = train.make_schedule(config.optim, steps_per_epoch=10, num_epochs=300)
+  schedule = optim.make_schedule(config.optim, steps_per_epoch=10, num_epochs=300)
   lr = lambda step: float(schedule(step))
   assert lr(0) == 0.0 and lr(10) == pytest.approx(0.05) and lr(20) == pytest.approx(0.1)
   assert lr(1499) == pytest.approx(0.1) and lr(1500) == pytest.approx(0.01)
@@ -89,7 +89,7 @@ def test_step_schedule_with_warmup():
 
 def test_step_schedule_without_warmup_matches_multistep_lr():
   config = importlib.import_module('configs.pskd').get_config()
-  schedule = train.make_schedule(config.optim, steps_per_epoch=391, num_epochs=300)
+  schedule = optim.make_schedule(config.optim, steps_per_epoch=391, num_epochs=300)
   epochs = np.array([0, 149, 150, 224, 225, 299])
   np.testing.assert_allclose(
       [float(schedule(e * 391)) for e in epochs], [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6
@@ -99,7 +99,7 @@ def test_step_schedule_without_warmup_matches_multistep_lr():
 def test_cosine_schedule_with_warmup():
   config = importlib.import_module('configs.pskd').get_config('quick')
   config.optim.warmup_epochs = 1
-  schedule = train.make_schedule(config.optim, steps_per_epoch=10, num_epochs=4)
+  schedule = optim.make_schedule(config.optim, steps_per_epoch=10, num_epochs=4)
   assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(0.1)
   assert float(schedule(25)) == pytest.approx(0.05, rel=1e-5)
   assert float(schedule(40)) == pytest.approx(0.0, abs=1e-7)
@@ -107,7 +107,7 @@ def test_cosine_schedule_with_warmup():
 
 def test_weight_decay_is_added_to_the_gradient_before_momentum():
   config = importlib.import_module('configs.pskd').get_config()
-  tx = train.make_optimizer(config.optim, lambda step: 0.1)
+  tx = optim.make_optimizer(config.optim, lambda step: 0.1)
   params = {'w': jax.numpy.array([2.0])}
   updates, _ = tx.update({'w': jax.numpy.array([1.0])}, tx.init(params), params)
   # Nesterov: d = g + wd*w = 1.001; buf = d; update = -lr * (d + 0.9 * buf) = -0.1 * 1.9019.

@@ -1,35 +1,28 @@
-"""The command line: one-line errors with exit status 2 and an untouched workdir; SIGTERM."""
+"""The command line as users meet it: --help, one-line errors with exit status 2 and nothing
+written, signals in every phase and in every process, a disk that fills up."""
 
 import json
 import os
+import re
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
+
+import runs
+from skd_jax import config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _write_idx(path, array):
-  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
-      int(d).to_bytes(4, 'big') for d in array.shape
-  )
-  with open(path, 'wb') as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope='module')
 def tiny_fashion_mnist(tmp_path_factory):
-  """Fashion-MNIST-format idx files with 96 train and 32 test images."""
-  directory = tmp_path_factory.mktemp('fmnist')
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 96), ('t10k', 32)):
-    _write_idx(directory / f'{split}-images-idx3-ubyte', rng.integers(0, 256, (n, 28, 28)))
-    _write_idx(directory / f'{split}-labels-idx1-ubyte', np.arange(n) % 10)
-  return str(directory)
+  """96 train and 32 test images: 12 steps per epoch at batch size 8."""
+  return runs.fashion_mnist(tmp_path_factory.mktemp('fmnist'), 96, 32)
 
 
 def _main(*args, devices=1, **kwargs):
@@ -54,7 +47,20 @@ def _main(*args, devices=1, **kwargs):
             'data.name: unknown TFDS dataset',
         ),
         (['--config.model.name=resnet9000'], 1, 'model.name: unknown model'),
-        (['--config.no_such_key=1'], 1, "--config: unknown key 'no_such_key'"),
+        (
+            ['--config.num_epoch=3'],
+            1,
+            '--config.num_epoch: unknown key; did you mean --config.num_epochs? (every key is '
+            'listed by `python -m skd_jax.main --help`)',
+        ),
+        (['--config.optim.lr=inf'], 1, 'optim.lr: expected a finite number, got inf'),
+        (['--config.optim.weight_decay=nan'], 1, 'optim.weight_decay: expected a finite number'),
+        (['--config.optim.momentum=nan'], 1, 'optim.momentum: expected a finite number'),
+        (['--config.loss.pskd.weight=nan'], 1, 'loss.pskd.weight: expected a finite number'),
+        (['--config.keep_checkpoints=0'], 1, 'keep_checkpoints: expected an integer >= 1, got 0'),
+        (['--config.keep_checkpoints=-1'], 1, 'keep_checkpoints: expected an integer >= 1'),
+        (['--config.distributed=True'], 1, 'distributed: no Cloud TPU, SLURM, Open MPI'),
+        (['--num_processes=2'], 1, '--coordinator_address, --process_id: expected together'),
         (['--config.loss.pskd.alpha_T=1.5'], 1, 'loss.pskd.alpha_T: expected a number in [0, 1]'),
         (['--config.batch_size=12'], 8, 'batch_size: 12 is not divisible by the 8 devices'),
         (['--config.data.dir=/no/such/dir'], 1, 'data.dir: /no/such/dir does not exist'),
@@ -68,6 +74,76 @@ def test_invalid_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, 
   assert proc.returncode == 2, stderr
   last = stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and message in last, stderr
+  assert 'Traceback' not in stderr
+  assert not workdir.exists()
+
+
+@pytest.fixture(scope='module')
+def empty_fashion_mnist(tmp_path_factory):
+  """Valid idx files holding 0 examples."""
+  return runs.fashion_mnist(tmp_path_factory.mktemp('empty'), 0, 0)
+
+
+def test_bad_workdirs_and_empty_data_exit_2_with_one_line(tmp_path, empty_fashion_mnist):
+  (tmp_path / 'file').write_text('')
+  cases = [
+      ([f'--workdir={tmp_path / "file"}'], f'workdir: {tmp_path / "file"} is a file'),
+      ([f'--workdir={tmp_path / "file" / "wd"}'], f'lies under the file {tmp_path / "file"}'),
+      (
+          [f'--workdir={tmp_path / "wd"}', f'--config.data.dir={empty_fashion_mnist}'],
+          'train-images-idx3-ubyte',
+      ),
+  ]
+  for args, message in cases:
+    proc = _main('--config=configs/pskd.py:quick', *args)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr
+    assert stderr.strip().splitlines()[-1].startswith('error: ') and message in stderr, stderr
+    assert 'Traceback' not in stderr
+  assert sorted(os.listdir(tmp_path)) == ['file'] and (tmp_path / 'file').read_text() == ''
+
+
+def test_help_lists_the_configs_and_every_key_and_exits_0():
+  proc = _main('--help')
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr
+  for text in ('configs/NAME.py[:quick]', ':quick', 'pskd ', 'lsskd ', 'optim.lr = 0.1'):
+    assert text in stdout, text
+  for key in config_lib.KEYS:
+    assert f'  {key}' in stdout, key
+  assert 'pskd: weight=1.0, alpha_T=0.8' in stdout
+
+
+def _read_until(proc, text, timeout=180):
+  """Reads ``proc``'s stderr until a line contains ``text``; returns the lines read."""
+  lines, deadline = [], time.time() + timeout
+  while time.time() < deadline:
+    line = proc.stderr.readline()
+    if not line:
+      break
+    lines.append(line)
+    if text in line:
+      return lines
+  raise AssertionError(f'{text!r} never appeared in:\n{"".join(lines)}')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_exits_cleanly_and_writes_nothing(
+    tmp_path, tiny_fashion_mnist, sig
+):
+  workdir = tmp_path / 'wd'
+  proc = _main(
+      '--config=configs/pskd.py:quick',
+      f'--workdir={workdir}',
+      f'--config.data.dir={tiny_fashion_mnist}',
+  )
+  _read_until(proc, 'Devices:')  # start-up has begun: data, model and compilation follow
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr
+  assert f'{sig.name} during start-up: stopped before training; nothing was written' in stderr
+  assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr
   assert not workdir.exists()
 
 
@@ -84,7 +160,7 @@ def test_sigterm_saves_exits_cleanly_and_rerun_finishes(tmp_path, tiny_fashion_m
       f'--workdir={workdir}',
       f'--config.data.dir={tiny_fashion_mnist}',
       '--config.batch_size=8',
-      '--config.num_epochs=20',
+      '--config.num_epochs=10',
       '--config.log_every_steps=1',
   )
   proc = _main(*args)
@@ -99,10 +175,99 @@ def test_sigterm_saves_exits_cleanly_and_rerun_finishes(tmp_path, tiny_fashion_m
   assert 'SIGTERM: saved a checkpoint at step' in stderr
   assert not (workdir / 'summary.json').exists()
   saved = [int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]
-  assert saved and max(saved) < 20 * 12
+  assert saved and max(saved) < 10 * 12
 
   proc = _main(*args)
   stdout, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr
   summary = json.loads((workdir / 'summary.json').read_text())
-  assert summary['steps'] == 20 * 12 and json.loads(stdout) == summary
+  assert summary['steps'] == 10 * 12 and json.loads(stdout) == summary
+  # Written to a pipe (a log file, SLURM): start-up facts, then one line per train record with
+  # the rate and the ETA measured after compilation; no progress-bar carriage returns.
+  assert '\r' not in stderr
+  for fact in ('Devices: 1 x cpu', 'Data: fashion_mnist, 96 training', 'parameters. Loss: 1 pskd'):
+    assert fact in stderr, fact
+  compiled = stderr.index('Compiled the train and evaluation steps')
+  assert compiled < stderr.index(f'step {max(saved) + 1}/120 (epoch ') and 'img/s, ETA' in stderr
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigint_to_one_of_two_processes_stops_both_at_one_step_and_the_rerun_finishes(
+    tmp_path, tiny_fashion_mnist
+):
+  """SIGINT reaches JAX's preemption service only through our handler; SIGTERM goes there anyway."""
+  workdir = tmp_path / 'wd'
+  args = (
+      '--config=configs/pskd.py:quick',
+      f'--workdir={workdir}',
+      f'--config.data.dir={tiny_fashion_mnist}',
+      '--config.batch_size=8',
+      '--config.num_epochs=10',
+      '--config.log_every_steps=1',
+  )
+
+  def start():
+    cluster = (f'--coordinator_address=localhost:{_free_port()}', '--num_processes=2')
+    return [_main(*args, *cluster, f'--process_id={i}') for i in range(2)]
+
+  procs = start()
+  _read_until(procs[0], 'step 1/120')  # process 0 logs the train records: training is on
+  procs[1].send_signal(signal.SIGINT)
+  results = [p.communicate(timeout=120) for p in procs]
+  for proc, (_, stderr) in zip(procs, results):
+    assert proc.returncode == 0, stderr
+  saved = [re.search(r'saved a checkpoint at step (\d+)', stderr) for _, stderr in results]
+  assert saved[0] and saved[1] and saved[0].group(1) == saved[1].group(1), results
+  assert 'SIGINT: saved' in results[1][1] and 'a signal to another process: saved' in results[0][1]
+  assert int(saved[0].group(1)) in [int(d) for d in os.listdir(workdir / 'checkpoints')]
+
+  procs = start()
+  results = [p.communicate(timeout=600) for p in procs]
+  for proc, (_, stderr) in zip(procs, results):
+    assert proc.returncode == 0, stderr
+  assert json.loads((workdir / 'summary.json').read_text())['steps'] == 10 * 12
+
+
+@pytest.mark.slow
+def test_a_failed_save_stops_the_run_at_once_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
+  """The disk fills up after the first checkpoint (a file-size limit gives the same write error)."""
+  workdir = tmp_path / 'wd'
+  args = (
+      '--config=configs/pskd.py:quick',
+      f'--workdir={workdir}',
+      f'--config.data.dir={runs.fashion_mnist(tmp_path, 480, 32)}',  # epochs of 60 steps
+      '--config.batch_size=8',
+      '--config.num_epochs=6',
+      '--config.log_every_steps=1',
+  )
+  proc = _main(*args)
+  _read_until(proc, 'epoch 1/6:')  # the first evaluation; its checkpoint follows
+  deadline = time.time() + 60
+  while not (workdir / 'checkpoints' / '60' / 'commit_success.txt').exists():
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.01)
+  resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))  # a checkpoint is ~1 MB
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 1, stderr
+  lines = stderr.strip().splitlines()
+  assert 'Traceback' not in stderr, stderr
+  assert re.fullmatch(
+      r'error: checkpoint: saving step (\d+) to \S+/checkpoints/\1 failed: File too large '
+      r'\(errno 27\); stopped, the previous checkpoint is intact',
+      lines[-1],
+  ), stderr
+  failed = int(re.search(r'saving step (\d+)', lines[-1]).group(1))
+  # Reported when it happened: no evaluation after the epoch whose checkpoint failed.
+  evals = [json.loads(l)['step'] for l in open(workdir / 'metrics.jsonl') if '"eval"' in l]
+  assert max(evals) == failed
+  proc = _main(*args)  # the rerun resumes from the intact checkpoint and finishes
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr
+  assert 'Resumed from the checkpoint at step' in stderr
+  assert json.loads(stdout)['steps'] == 6 * 60

@@ -103,7 +103,7 @@ def test_lsskd_term_reads_its_heads_from_the_views():
   expected = losses.lsskd_loss(inputs.logits, heads, inputs.one_hot, pairing='adjacent')
   out = term(inputs)
   np.testing.assert_allclose(out.loss, expected, rtol=1e-6)
-  assert set(out.metrics) == {'lsskd1/accuracy', 'lsskd2/accuracy', 'lsskd3/accuracy'}
+  assert set(out.metrics) == {'lsskd1/top1', 'lsskd2/top1', 'lsskd3/top1'}
 
 
 def test_heads_attach_at_the_backbones_stages():

@@ -1,65 +1,37 @@
 """The trainer end to end on mocked TFDS data: devices, PS-KD state, resume, failures."""
 
-import dataclasses
 import functools
 import importlib
 import json
 import os
-import sys
-import types
+import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
+import runs
+import skd_jax
 from skd_jax import data as data_lib
-from skd_jax import losses
 from skd_jax import models
+from skd_jax import optim
 from skd_jax import terms as terms_lib
 from skd_jax import train
+from skd_jax import train_log
 from skd_jax.data import pipeline
 from skd_jax.errors import ConfigError
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from configs import baseline as baseline_config  # pylint: disable=g-import-not-at-top
-from configs import pskd as pskd_config  # pylint: disable=g-import-not-at-top
-from configs import pskd_dsr_drg as pskd_dsr_drg_config  # pylint: disable=g-import-not-at-top
+pytestmark = pytest.mark.slow
 
-NUM_EXAMPLES = 72  # 72 / 16 = 4.5: the last batch of every epoch is padded.
-
-
-def _config(module=pskd_config, **overrides):
-  config = module.get_config('quick')
-  config.data.source = 'tfds'
-  config.data.name = 'cifar10'
-  config.data.dir = ''
-  config.num_epochs = 2
-  config.batch_size = 16
-  config.eval_batch_size = 32
-  config.log_every_steps = 2
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+NUM_EXAMPLES = runs.NUM_EXAMPLES
+_config, _records, _restore = runs.config, runs.records, runs.restore
 
 
 def _run(config, workdir, devices=8):
-  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    return train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:devices])
-
-
-def _records(workdir, kind):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [r for r in map(json.loads, f) if r['kind'] == kind]
-
-
-def _restore(workdir, step=None):
-  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
-    step = manager.latest_step() if step is None else step
-    return step, manager.restore(step, args=ocp.args.StandardRestore())
+  return runs.run(config, workdir, devices)
 
 
 def test_trains_on_1_and_8_devices_with_the_same_losses(tmp_path):
@@ -91,7 +63,7 @@ def test_trains_on_1_and_8_devices_with_the_same_losses(tmp_path):
 
 def test_pskd_epoch_zero_is_cross_entropy_and_history_holds_last_predictions(tmp_path):
   _run(_config(num_epochs=1), tmp_path / 'pskd')
-  _run(_config(baseline_config, num_epochs=1), tmp_path / 'ce')
+  _run(_config('baseline', num_epochs=1), tmp_path / 'ce')
   pskd = _records(tmp_path / 'pskd', 'train')
   ce = _records(tmp_path / 'ce', 'train')
   np.testing.assert_allclose([r['loss'] for r in pskd], [r['loss'] for r in ce], rtol=1e-6)
@@ -123,10 +95,10 @@ def _manual(config) -> _Manual:
   method = terms_lib.build(config.loss, terms_lib.Context(10, 2, 16, (32, 32, 3)))
   backbone = models.get_model('small_resnet', num_classes=10)
   model = models.WithHeads(backbone, method.heads(backbone))
-  schedule = train.make_schedule(config.optim, steps_per_epoch=5, num_epochs=2)
+  schedule = optim.make_schedule(config.optim, steps_per_epoch=5, num_epochs=2)
   state = train.init_state(
       model,
-      train.make_optimizer(config.optim, schedule),
+      optim.make_optimizer(config.optim, schedule),
       method,
       device_data,
       (32, 32, 3),
@@ -156,6 +128,25 @@ def _manual(config) -> _Manual:
   return _Manual(model, method, state, step, device_data, order, mesh, options)
 
 
+def test_a_non_finite_batchnorm_statistic_is_reported_and_stops_the_run():
+  """A running variance can go bad while the loss and the gradient stay finite (eval-mode only)."""
+  run = _manual(_config())
+  state, measured = run.step(run.state, run.order, run.data)
+  assert bool(measured['finite'])
+  stats = jax.tree.map(lambda x: x, state.batch_stats)
+  var = stats['backbone']['stem_bn']['var']
+  stats['backbone']['stem_bn']['var'] = var.at[0].set(jnp.inf)
+  state, measured = run.step(state.replace(batch_stats=stats), run.order, run.data)
+  assert np.isfinite(measured['loss']) and np.isfinite(measured['grad_norm'])
+  assert not bool(measured['finite'])
+  window = train_log.Window()
+  window.add(2, measured)
+  with pytest.raises(
+      FloatingPointError, match='non-finite parameters or BatchNorm statistics at ' 'step 2'
+  ):
+    window.take()
+
+
 def test_pskd_step_writes_pre_update_predictions_and_keeps_padding_rows():
   """One step by hand: the written rows are softmax of the pre-update forward pass."""
   run = _manual(_config())
@@ -180,7 +171,7 @@ def test_pskd_step_writes_pre_update_predictions_and_keeps_padding_rows():
 
 def test_combined_loss_is_the_sum_of_the_weighted_terms_computed_separately():
   """PS-KD + DRG + DSR in the trainer: each term recomputed alone on the same forward pass."""
-  config = _config(pskd_dsr_drg_config)
+  config = _config('pskd_dsr_drg')
   config.loss.pskd.weight, config.loss.drg.weight, config.loss.dsr.weight = 0.7, 1.5, 2.0
   run = _manual(config)
   state = run.state
@@ -222,7 +213,7 @@ METHODS = ['drg', 'dsr', 'lightskd', 'lsskd', 'pskd_dsr_drg']
 
 @pytest.mark.parametrize('name', METHODS)
 def test_method_trains_on_1_and_8_devices_and_exports_only_the_backbone(tmp_path, name):
-  config = _config(importlib.import_module(f'configs.{name}'))
+  config = _config(name)
   one = _run(config, tmp_path / 'one', devices=1)
   eight = _run(config, tmp_path / 'eight', devices=8)
   assert one['steps'] == eight['steps'] == 10
@@ -247,60 +238,10 @@ def test_method_trains_on_1_and_8_devices_and_exports_only_the_backbone(tmp_path
   )
   assert set(state['params']) == {'backbone'} | heads
   assert _count(state['params']['backbone']) == _count(variables['params'])
-  exported = ocp.StandardCheckpointer().restore(tmp_path / 'eight' / 'model')
+  exported = skd_jax.load_model(tmp_path / 'eight').variables
   assert set(exported) == {'params', 'batch_stats'}
   assert _count(exported['params']) == _count(variables['params'])
   assert jax.tree.structure(exported['batch_stats']) == jax.tree.structure(variables['batch_stats'])
-
-
-def test_resume_after_preemption_is_bit_identical(tmp_path, monkeypatch):
-  """With every kind of state: PS-KD's rows, DSR's carry and DRG's head."""
-  config = _config(pskd_dsr_drg_config)
-  full = _run(config, tmp_path / 'full')
-  real_reached = train.StopRequest.reached
-  monkeypatch.setattr(train.StopRequest, 'reached', lambda self, step: step == 7)
-  with pytest.raises(train.Preempted, match='step 7'):
-    _run(config, tmp_path / 'resumed')
-  assert _restore(tmp_path / 'resumed')[0] == 7
-  assert not os.path.exists(tmp_path / 'resumed' / 'summary.json')
-  with pytest.raises(train.Preempted, match='step 7'):  # again, before the first step
-    _run(config, tmp_path / 'resumed')
-  monkeypatch.setattr(train.StopRequest, 'reached', real_reached)
-  resumed = _run(config, tmp_path / 'resumed')
-  assert {k: v for k, v in resumed.items() if k != 'train_seconds'} == {
-      k: v for k, v in full.items() if k != 'train_seconds'
-  }
-  _, state_full = _restore(tmp_path / 'full')
-  _, state_resumed = _restore(tmp_path / 'resumed')
-  jax.tree.map(np.testing.assert_array_equal, state_full, state_resumed)
-  assert state_full['carry']['dsr']['has_previous'] and 'drg' in state_full['params']
-  # The metrics file reads as one run: each step logged once.
-  steps = [r['step'] for r in _records(tmp_path / 'resumed', 'train')]
-  assert steps == sorted(set(steps)) == [r['step'] for r in _records(tmp_path / 'full', 'train')]
-
-
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
-    tmp_path, monkeypatch
-):
-  @dataclasses.dataclass(frozen=True)
-  class NaNFromEpochOne(terms_lib.LossTerm):
-    weight: float = 1.0
-    name: str = 'nan_term'
-
-    def __call__(self, inputs, rows=None, carry=None):
-      ce = losses.soft_target_cross_entropy(inputs.logits, inputs.one_hot)
-      return terms_lib.TermOutput(jnp.where(inputs.epoch >= 1, jnp.nan, ce))
-
-  module = types.SimpleNamespace(make=lambda settings, context: NaNFromEpochOne())
-  monkeypatch.setitem(sys.modules, 'skd_jax.terms.nan_term', module)
-  config = _config(baseline_config)
-  config.loss = {'nan_term': {'weight': 1.0}}
-  with pytest.raises(FloatingPointError, match='at step 6'):
-    _run(config, tmp_path)
-  step, state = _restore(tmp_path)
-  assert step == 5
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
-  assert not os.path.exists(tmp_path / 'summary.json')
 
 
 def test_invalid_alpha_fails_before_writing_anything(tmp_path):
@@ -309,3 +250,57 @@ def test_invalid_alpha_fails_before_writing_anything(tmp_path):
   with pytest.raises(ConfigError, match=r'loss.pskd.alpha_T: expected a number in \[0, 1\]'):
     _run(config, tmp_path / 'wd')
   assert not os.path.exists(tmp_path / 'wd')
+
+
+def test_the_exported_model_loads_in_one_call_and_reproduces_the_summarys_top1(
+    tmp_path, monkeypatch
+):
+  summary = _run(_config('pskd_dsr_drg'), tmp_path / 'wd')  # with a training-only head
+  monkeypatch.chdir(tmp_path)
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    test = data_lib.load_split(_config().data, 'test')
+  for path in ('wd', 'wd/model', tmp_path / 'wd'):  # relative or absolute, workdir or model/
+    model = skd_jax.load_model(path)
+    logits = model(test.images)
+    assert logits.dtype == jnp.float32 and logits.shape == (NUM_EXAMPLES, 10)
+    assert 100 * np.mean(np.argmax(logits, -1) == test.labels) == summary['top1']
+  assert model.spec.options == {'dtype': 'float32', 'widths': (16, 32, 64), 'strides': (2, 2, 2)}
+  with open(tmp_path / 'wd' / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  # Units and numbering shared by both kinds of record: accuracies in %, epoch = step / 5.
+  for r in records:
+    assert r['epoch'] == round(r['step'] / runs.STEPS_PER_EPOCH, 4) and 0 <= r['top1'] <= 100
+  assert [r['step'] for r in records if r['kind'] == 'train'] == [2, 4, 6, 8, 10]
+  assert [(r['step'], r['epoch']) for r in records if r['kind'] == 'eval'] == [(5, 1.0), (10, 2.0)]
+  assert set(next(r for r in records if r['kind'] == 'train')) == {
+      'kind',
+      'step',
+      'epoch',
+      'loss',
+      'loss/dsr',
+      'loss/drg',
+      'loss/pskd',
+      'top1',
+      'lr',
+      'grad_norm',
+      'pskd/alpha',
+      'drg/top1',
+  }
+
+
+def test_the_readmes_load_model_example_reproduces_the_summarys_top1(tmp_path, monkeypatch):
+  """The README's "Using a trained model" block, run on a small real idx run."""
+  fashion = runs.fashion_mnist(tmp_path, 64, 48)
+  config = importlib.import_module('configs.pskd').get_config('quick')
+  config.data.dir, config.num_epochs, config.batch_size = fashion, 1, 16
+  summary = train.train_and_evaluate(config, str(tmp_path / 'wd'), devices=jax.devices()[:1])
+  with open(os.path.join(os.path.dirname(__file__), '..', 'README.md')) as f:
+    readme = f.read()
+  block = re.findall(
+      r'```python\n(.*?)```', readme[readme.index('## Using a trained model') :], re.S
+  )[0]
+  block = block.replace("'workdirs/pskd_quick'", repr(str(tmp_path / 'wd')))
+  monkeypatch.setattr(data_lib, 'FASHION_MNIST_DIR', fashion)
+  printed = []
+  exec(compile(block, 'README.md', 'exec'), {'print': printed.append})  # pylint: disable=exec-used
+  assert printed == [f'test top-1 {summary["top1"]:.2f}%']

@@ -35,6 +35,7 @@ uses, and other JAX code can call it, or any single term, on plain arrays.
 import abc
 import dataclasses
 import importlib
+import pkgutil
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -120,6 +121,10 @@ class Context:
   num_epochs: int
   batch_size: int
   image_shape: tuple[int, ...] | None = None  # (H, W, channels) of one example
+
+
+# Term fields a config does not set: the name, and the facts of the run.
+_NOT_SETTINGS = {'name'} | {f.name for f in dataclasses.fields(Context)}
 
 
 class LossTerm(abc.ABC):
@@ -267,12 +272,7 @@ def build(loss_config: ml_collections.ConfigDict, context: Context) -> Combined:
     if 'weight' not in settings or settings.weight < 0:
       raise ConfigError(f'loss.{name}.weight: expected a non-negative number')
     term = module.make(settings, context)
-    # Context facts come from the run, not from the settings.
-    known = (
-        {f.name for f in dataclasses.fields(term)}
-        - {'name'}
-        - {f.name for f in dataclasses.fields(Context)}
-    )
+    known = {f.name for f in dataclasses.fields(term)} - _NOT_SETTINGS
     for key in settings:
       if key not in known:
         raise ConfigError(
@@ -283,6 +283,29 @@ def build(loss_config: ml_collections.ConfigDict, context: Context) -> Combined:
     return Combined(tuple(terms))
   except ValueError as e:
     raise ConfigError(f'loss: {str(e).removeprefix("terms: ")}') from None
+
+
+def settings() -> dict[str, dict[str, Any]]:
+  """Every term module of this package: ``{name: {setting: default}}`` (for ``--help``).
+
+  A setting is a field of the term's dataclass that the config sets; ``name`` and the facts of
+  :class:`Context` are not settings.
+  """
+  found = {}
+  for info in pkgutil.iter_modules(__path__):
+    module = importlib.import_module(f'{__name__}.{info.name}')
+    for value in vars(module).values():
+      if (
+          isinstance(value, type)
+          and issubclass(value, LossTerm)
+          and value.__module__ == module.__name__
+      ):
+        found[info.name] = {
+            f.name: f.default
+            for f in dataclasses.fields(value)
+            if f.name not in _NOT_SETTINGS and f.default is not dataclasses.MISSING
+        }
+  return found
 
 
 def check_range(

@@ -50,8 +50,8 @@ class DRG(terms.LossTerm):
     loss = losses.drg_loss(
         inputs.logits, aux, inputs.one_hot, alpha=self.alpha, temperature=self.temperature
     )
-    accuracy = (jnp.argmax(aux, -1) == inputs.labels).astype(jnp.float32)
-    return terms.TermOutput(loss, metrics={'drg/head_accuracy': accuracy})
+    top1 = 100.0 * (jnp.argmax(aux, -1) == inputs.labels).astype(jnp.float32)
+    return terms.TermOutput(loss, metrics={'drg/top1': top1})
 
 
 def make(settings, context):

@@ -84,10 +84,10 @@ class LSSKD(terms.LossTerm):
         head_features=features,
         feature_weight=self.feature_weight,
     )
+    # Each head's training top-1 (%) from its aggregated class scores.
     metrics = {
-        f'{k}/accuracy': (jnp.argmax(losses.aggregate_joint_logits(s), -1) == inputs.labels).astype(
-            jnp.float32
-        )
+        f'{k}/top1': 100.0
+        * (jnp.argmax(losses.aggregate_joint_logits(s), -1) == inputs.labels).astype(jnp.float32)
         for k, s in zip(names, head_logits)
     }
     return terms.TermOutput(loss, metrics=metrics)

@@ -1,0 +1,210 @@
+"""Checkpoints that never restore silently corrupted state and never fail silently.
+
+A checkpoint is an orbax step directory with two items: ``state`` (the whole train state) and
+``meta`` (JSON: a fingerprint of the state and what the trainer needs besides it, such as the
+measurements of the steps not logged yet).
+
+* **Fingerprint.** Before each save every array of the state is reduced on its devices to a 32-bit
+  checksum (a position-weighted sum of its bits, in wrapping uint32 arithmetic, so it is exact
+  and independent of the sharding), and every floating-point array is checked to be finite. A
+  non-finite state is never saved. On restore the checksums are recomputed: a flipped bit, a
+  truncated or rewritten data file gives a different checksum, or orbax fails to read it.
+* **Fall back.** :meth:`Checkpoints.restore` tries the checkpoints newest first and returns the
+  first that restores and matches its fingerprint. Each one skipped is logged in one line with
+  the reason and moved aside into ``broken_directory`` (never deleted), so it can be inspected and
+  orbax no longer sees it.
+* **Failed saves.** Saves are asynchronous. :meth:`Checkpoints.poll`, called every step, notices
+  a save that finished with an error (a full disk, say) at once and raises :class:`SaveError`
+  with one line naming the path and the cause. Orbax removes nothing: the last committed
+  checkpoint stays intact, and the failed attempt's temporary directory is cleaned up by the next
+  run.
+"""
+
+import logging
+import os
+import re
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class SaveError(OSError):
+  """A checkpoint could not be written; the message is one line with the path and the cause."""
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The array's raw bits as uint32 values, one per element."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  bits = _bits(x).reshape(-1)
+  # Odd weights: changing any single element changes the sum modulo 2^32; distinct weights make
+  # swapped elements visible too.
+  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.uint32(1)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def _finite(x: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.array(True)
+
+
+@jax.jit
+def _summaries(tree):
+  return jax.tree.map(_checksum, tree), jax.tree.map(_finite, tree)
+
+
+def fingerprint(tree) -> tuple[dict[str, int], list[str]]:
+  """Per-leaf checksums (leaf path -> uint32) and the paths of non-finite floating-point leaves."""
+  checksums, finite = jax.device_get(_summaries(tree))
+  name = lambda path: jax.tree_util.keystr(path, simple=True, separator='/')
+  return (
+      {name(p): int(c) for p, c in jax.tree_util.tree_leaves_with_path(checksums)},
+      [name(p) for p, ok in jax.tree_util.tree_leaves_with_path(finite) if not ok],
+  )
+
+
+def _first_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
+
+
+def _cause(error: BaseException) -> str:
+  """The root cause of an orbax/tensorstore error, e.g. ``No space left on device``."""
+  text = _first_line(error)
+  os_error = re.search(r':\s*([^:]+?)\s*\[os_error_code=.?(\d+).?\]', text)
+  if os_error:
+    return f'{os_error.group(1)} (errno {os_error.group(2)})'
+  return text if len(text) <= 200 else text[:197] + '...'
+
+
+class Checkpoints:
+  """The checkpoints of one run (see the module docstring)."""
+
+  def __init__(self, directory: str, broken_directory: str, *, keep: int):
+    self.directory = directory
+    self.broken_directory = broken_directory
+    self._manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, cleanup_tmp_directories=True, create=True
+        ),
+    )
+    self._saving = None  # the step of a save that may still be running
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, meta: dict[str, Any]) -> None:
+    """Starts saving ``state`` with ``meta`` at ``step``; refuses a non-finite state.
+
+    Raises:
+      FloatingPointError: a floating-point array of ``state`` is not finite.
+      SaveError: the previous save failed.
+    """
+    checksums, non_finite = fingerprint(state)
+    if non_finite:
+      raise FloatingPointError(f'non-finite values in {non_finite[0]} at step {step}')
+    self.finish()
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({**meta, 'fingerprint': checksums}),
+        ),
+        force=True,
+    )
+    self._saving = step
+
+  def poll(self) -> None:
+    """Raises :class:`SaveError` if a save finished with an error; never blocks on a running one."""
+    if self._saving is not None and not self._manager.is_saving_in_progress():
+      self.finish()
+
+  def finish(self) -> None:
+    """Waits for a running save; raises :class:`SaveError` if it failed."""
+    if self._saving is None:
+      return
+    step, self._saving = self._saving, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # orbax and tensorstore fail with many types  # pylint: disable=broad-except
+      raise SaveError(
+          f'checkpoint: saving step {step} to {os.path.join(self.directory, str(step))} failed: '
+          f'{_cause(e)}'
+      ) from e
+
+  def restore(self, abstract_state) -> tuple[int, Any, dict[str, Any]] | None:
+    """The newest checkpoint that restores and matches its fingerprint: ``(step, state, meta)``.
+
+    ``abstract_state`` gives the shapes, dtypes and shardings to restore onto. Broken checkpoints
+    are moved aside (see the module docstring). Returns None when no checkpoint is usable.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      reason = None
+      try:
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+      except Exception as e:  # pylint: disable=broad-except
+        reason = f'does not restore ({_cause(e)})'
+      else:
+        reason = self._verify(restored.state, restored.meta)
+      if reason is None:
+        meta = dict(restored.meta)
+        meta.pop('fingerprint')
+        return step, restored.state, meta
+      self._move_aside(step, reason)
+    return None
+
+  @staticmethod
+  def _verify(state, meta) -> str | None:
+    saved = (meta or {}).get('fingerprint')
+    if not isinstance(saved, dict):
+      return 'has no fingerprint'
+    checksums, non_finite = fingerprint(state)
+    if non_finite:
+      return f'holds non-finite values in {non_finite[0]}'
+    differ = [name for name in checksums if saved.get(name) != checksums[name]]
+    if differ or set(saved) != set(checksums):
+      where = differ[0] if differ else 'its structure'
+      more = f' and {len(differ) - 1} more arrays' if len(differ) > 1 else ''
+      return f'does not match its fingerprint in {where}{more}'
+    return None
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.broken_directory, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(self.broken_directory, exist_ok=True)
+      suffix = 1
+      while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(self.broken_directory, f'{step}.{suffix}')
+      os.rename(source, target)
+    multihost_utils.sync_global_devices(f'skd_jax: checkpoint {step} moved aside')
+    self._manager.reload()
+    log.warning('Skipped the checkpoint at step %d: it %s; moved it to %s.', step, reason, target)
+
+  def close(self) -> None:
+    """Waits for a running save and releases orbax's threads; raises :class:`SaveError`."""
+    try:
+      self.finish()
+    finally:
+      self._manager.close()

@@ -1,0 +1,272 @@
+"""Faults made to happen in the real trainer: kills, torn files, corrupt checkpoints, divergence.
+
+Every interrupted run below is finished by rerunning it, and must then equal one uninterrupted run
+(the same model bit for bit, the same metrics.jsonl apart from wall-clock seconds).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import runs
+from skd_jax import checkpoints as checkpoints_lib
+from skd_jax import losses
+from skd_jax import optim
+from skd_jax import preemption
+from skd_jax import terms as terms_lib
+from skd_jax import train
+from skd_jax import workdir as workdir_lib
+from skd_jax.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+CONFIG = 'pskd_dsr_drg'  # every kind of state: PS-KD rows, DSR carry, DRG head
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  summary = runs.run(runs.config(CONFIG), workdir)
+  return workdir, summary
+
+
+def _assert_same_run(workdir, uninterrupted):
+  expected_dir, expected_summary = uninterrupted
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  assert {k: v for k, v in summary.items() if k != 'train_seconds'} == {
+      k: v for k, v in expected_summary.items() if k != 'train_seconds'
+  }
+  assert runs.without_time(runs.records(workdir)) == runs.without_time(runs.records(expected_dir))
+  _, state = runs.restore(workdir, 10)
+  _, expected = runs.restore(expected_dir, 10)
+  jax.tree.map(np.testing.assert_array_equal, state, expected)
+
+
+class Killed(BaseException):
+  """Stands in for SIGKILL: nothing in the trainer catches it."""
+
+
+def _kill_at_first_save(monkeypatch):
+  def save(self, step, state, meta):
+    raise Killed(step)
+
+  monkeypatch.setattr(checkpoints_lib.Checkpoints, 'save', save)
+
+
+def _kill_after_record(step):
+  def install(monkeypatch):
+    real_log = workdir_lib.Workdir.log
+
+    def log(self, record):
+      real_log(self, record)
+      if record['step'] == step:
+        raise Killed(step)
+
+    monkeypatch.setattr(workdir_lib.Workdir, 'log', log)
+
+  return install
+
+
+def _preempt_at(step):
+  def install(monkeypatch):
+    monkeypatch.setattr(preemption, 'reached', lambda s: s == step)
+
+  return install
+
+
+@pytest.mark.parametrize(
+    'fault, interruption',
+    [
+        (_kill_at_first_save, Killed),  # nothing committed: the rerun starts from scratch
+        (_kill_after_record(8), Killed),  # records past the checkpoint at step 5
+        (_preempt_at(7), train.Preempted),  # saved mid-window: step 7's measurements pending
+    ],
+    ids=['killed_before_first_save', 'killed_after_a_checkpoint', 'preempted_mid_window'],
+)
+def test_an_interrupted_run_finishes_as_one_uninterrupted_run(
+    tmp_path, monkeypatch, uninterrupted, fault, interruption
+):
+  with monkeypatch.context() as patch:
+    fault(patch)
+    with pytest.raises(interruption):
+      runs.run(runs.config(CONFIG), tmp_path)
+  if interruption is train.Preempted:  # a second signal, before the resumed run's first step
+    saved = sorted(os.listdir(tmp_path / 'checkpoints'))
+    with monkeypatch.context() as patch:
+      patch.setattr(preemption, 'reached', lambda step: True)
+      with pytest.raises(train.Preempted, match='at step 7'):
+        runs.run(runs.config(CONFIG), tmp_path)
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == saved  # nothing new to save
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"kind": "train", "step": 9, "lo')  # the line a killed process was writing
+  runs.run(runs.config(CONFIG), tmp_path)
+  _assert_same_run(tmp_path, uninterrupted)
+
+
+def _largest_data_file(checkpoint):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(checkpoint) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _flip_bytes(checkpoint):
+  path = _largest_data_file(checkpoint)
+  with open(path, 'r+b') as f:
+    data = bytearray(f.read())
+    middle = len(data) // 2
+    data[middle : middle + 400] = bytes(b ^ 0xFF for b in data[middle : middle + 400])
+    f.seek(0)
+    f.write(data)
+
+
+def _truncate(checkpoint):
+  path = _largest_data_file(checkpoint)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _delete_metadata(checkpoint):
+  os.remove(os.path.join(checkpoint, 'state', '_METADATA'))
+
+
+@pytest.mark.parametrize('corrupt', [_flip_bytes, _truncate, _delete_metadata])
+def test_a_broken_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(
+    tmp_path, caplog, uninterrupted, corrupt
+):
+  workdir = tmp_path / 'wd'
+  shutil.copytree(uninterrupted[0], workdir)
+  corrupt(str(workdir / 'checkpoints' / '10'))
+  with caplog.at_level(logging.WARNING, logger='skd_jax'):
+    runs.run(runs.config(CONFIG), workdir)
+  skipped = [r.getMessage() for r in caplog.records if 'Skipped the checkpoint' in r.getMessage()]
+  assert len(skipped) == 1 and skipped[0].startswith('Skipped the checkpoint at step 10: it ')
+  assert '\n' not in skipped[0]
+  assert sorted(os.listdir(workdir / 'broken_checkpoints')) == ['10']  # kept for inspection
+  _assert_same_run(workdir, uninterrupted)
+
+
+def test_with_every_checkpoint_broken_the_run_starts_over(tmp_path, caplog, uninterrupted):
+  workdir = tmp_path / 'wd'
+  shutil.copytree(uninterrupted[0], workdir)
+  _flip_bytes(str(workdir / 'checkpoints' / '10'))
+  _delete_metadata(str(workdir / 'checkpoints' / '5'))
+  with caplog.at_level(logging.WARNING, logger='skd_jax'):
+    runs.run(runs.config(CONFIG), workdir)
+  assert sum('Skipped the checkpoint' in r.getMessage() for r in caplog.records) == 2
+  assert sorted(os.listdir(workdir / 'broken_checkpoints')) == ['10', '5']
+  _assert_same_run(workdir, uninterrupted)
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  checkpoints = checkpoints_lib.Checkpoints(str(tmp_path / 'c'), str(tmp_path / 'b'), keep=2)
+  with pytest.raises(FloatingPointError, match=r'non-finite values in w at step 3'):
+    checkpoints.save(3, {'w': jnp.array([1.0, jnp.nan]), 'n': jnp.arange(2)}, {})
+  checkpoints.close()
+  assert os.listdir(tmp_path / 'c') == []
+
+
+def test_the_fingerprint_sees_a_single_flipped_bit_and_swapped_elements():
+  x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
+  checksums, non_finite = checkpoints_lib.fingerprint({'x': x, 'k': jax.random.key(0)})
+  assert set(checksums) == {'x', 'k'} and non_finite == []
+  flipped = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(x, jnp.uint32).at[2, 1].add(1), jnp.float32
+  )
+  assert checkpoints_lib.fingerprint({'x': flipped})[0]['x'] != checksums['x']
+  assert checkpoints_lib.fingerprint({'x': x[::-1]})[0]['x'] != checksums['x']
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence
+# ----------------------------------------------------------------------------------------------
+
+
+_NAN = {'from_epoch': 1, 'kind': 'loss'}  # what the test term below breaks, and when
+
+
+@dataclasses.dataclass(frozen=True)
+class _Breaking(terms_lib.LossTerm):
+  """Cross-entropy whose loss, or only its gradient, becomes NaN from a given epoch."""
+
+  weight: float = 1.0
+  name: str = 'breaking'
+
+  def __call__(self, inputs, rows=None, carry=None):
+    ce = losses.soft_target_cross_entropy(inputs.logits, inputs.one_hot)
+    broken = inputs.epoch >= _NAN['from_epoch']
+    if _NAN['kind'] == 'loss':
+      return terms_lib.TermOutput(jnp.where(broken, jnp.nan, ce))
+    # sqrt(s |z|) - sqrt(s |z|) is 0, and so is its gradient, except for s = 0, where the gradient
+    # is 0 / 0 = NaN: a finite loss with a NaN gradient.
+    scaled = jnp.where(broken, 0.0, 1.0) * jnp.abs(inputs.logits[:, 0])
+    return terms_lib.TermOutput(ce + jnp.sqrt(scaled) - jnp.sqrt(scaled))
+
+
+@pytest.fixture
+def breaking_term(monkeypatch):
+  module = types.SimpleNamespace(make=lambda settings, context: _Breaking())
+  monkeypatch.setitem(sys.modules, 'skd_jax.terms.breaking', module)
+  monkeypatch.setattr(terms_lib, 'settings', lambda: {'breaking': {'weight': 1.0}})
+  config = runs.config('baseline')
+  config.loss = {'breaking': {'weight': 1.0}}
+  return config
+
+
+@pytest.mark.parametrize(
+    'kind, message',
+    [('loss', 'loss is nan at step 6'), ('grad', 'gradient norm is nan at step 6')],
+)
+def test_divergence_stops_keeps_the_last_good_checkpoint_and_a_changed_lr_continues(
+    tmp_path, monkeypatch, breaking_term, kind, message
+):
+  monkeypatch.setitem(_NAN, 'kind', kind)
+  with pytest.raises(train.Diverged, match=message) as raised:
+    runs.run(breaking_term, tmp_path)
+  assert raised.value.kept_step == 5
+  assert f'the checkpoint at step 5 is kept ({tmp_path}/checkpoints/5)' in str(raised.value)
+  assert 'optim.lr' in str(raised.value)
+  assert not (tmp_path / 'summary.json').exists() and not (tmp_path / 'model').exists()
+  step, state = runs.restore(tmp_path)
+  assert step == 5 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+  # The documented way forward: the same workdir with another learning rate resumes at step 5.
+  monkeypatch.setitem(_NAN, 'from_epoch', 99)
+  breaking_term.optim.lr = 0.05
+  runs.run(breaking_term, tmp_path)
+  with open(tmp_path / 'config_changes.jsonl') as f:
+    assert [json.loads(line) for line in f] == [{'step': 5, 'changes': {'optim.lr': [0.1, 0.05]}}]
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['optim']['lr'] == 0.05
+  schedule = optim.make_schedule(breaking_term.optim, steps_per_epoch=5, num_epochs=2)
+  record = next(r for r in runs.records(tmp_path, 'train') if r['step'] == 8)
+  np.testing.assert_allclose(record['lr'], (schedule(6) + schedule(7)) / 2, rtol=1e-6)
+
+
+def test_divergence_before_the_first_checkpoint_says_none_was_kept(
+    tmp_path, monkeypatch, breaking_term
+):
+  monkeypatch.setitem(_NAN, 'from_epoch', 0)
+  with pytest.raises(train.Diverged, match='loss is nan at step 1') as raised:
+    runs.run(breaking_term, tmp_path)
+  assert raised.value.kept_step is None
+  assert 'no checkpoint was saved' in str(raised.value)
+
+
+def test_a_resume_with_other_keys_is_refused_naming_them(tmp_path, monkeypatch):
+  monkeypatch.setattr(preemption, 'reached', lambda step: True)
+  with pytest.raises(train.Preempted):
+    runs.run(runs.config('baseline'), tmp_path)
+  changed = runs.config('baseline', num_epochs=3, seed=1)
+  changed.optim.lr = 0.05  # resumable: not named
+  with pytest.raises(ConfigError) as raised:
+    runs.run(changed, tmp_path)
+  message = str(raised.value)
+  assert 'num_epochs (2 -> 3), seed (0 -> 1)' in message and 'optim.lr' not in message.split(';')[0]
