@@ -16,8 +16,8 @@ Offline Fashion-MNIST (`quick`, the baseline's setup):
 
   python -m skd_jax.main --config=configs/lightskd.py:quick --workdir=/tmp/lightskd_quick
 
-Measured (2-core CPU, 421 s wall; baseline 259 s on the same machine): top-1 91.29%, NLL 0.248,
-ECE 2.17, AURC 12.8 (baseline 91.56%, ECE 0.46); steps take 1.79x the baseline's.
+Measured (2-core CPU, 414 s wall; baseline 233 s): top-1 91.12%, NLL 0.251, ECE 2.17, AURC 12.6
+(baseline 91.35%, ECE 0.50); steps take 1.79x the baseline's.
 """
 
 from skd_jax import config_lib

@@ -19,8 +19,8 @@ Offline Fashion-MNIST (`quick`, the baseline's setup):
 
   python -m skd_jax.main --config=configs/pskd_dsr_drg.py:quick --workdir=/tmp/pskd_dsr_drg_quick
 
-Measured (2-core CPU, 428 s wall; baseline 259 s on the same machine): top-1 90.37%, NLL 0.280,
-ECE 2.57, AURC 16.5 (baseline 91.56%; PS-KD alone 90.84%); steps take 1.82x the baseline's.
+Measured (2-core CPU, 420 s wall; baseline 233 s): top-1 90.30%, NLL 0.283, ECE 2.74, AURC 15.2
+(baseline 91.35%; PS-KD alone 90.73%); steps take 1.82x the baseline's.
 """
 
 from skd_jax import config_lib

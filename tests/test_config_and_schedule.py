@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import re
 import sys
 
 import jax
@@ -27,13 +28,27 @@ def test_configs_are_valid_and_build_their_terms(name, arg):
   assert importlib.import_module(f'configs.{name}').__doc__.count('python -m skd_jax.main') >= 2
 
 
+# Quick setups lighter than the baseline's because theirs would take over 10 minutes on a 2-core
+# CPU; each config's docstring says so.
+LIGHTER_QUICK = {'lsskd': {'num_epochs': 2}}
+
+
 def test_quick_variants_share_the_baselines_setup():
   """Quick runs differ from the baseline's only in the loss, so their numbers compare."""
   baseline = importlib.import_module('configs.baseline').get_config('quick')
   for name in CONFIGS:
     quick = importlib.import_module(f'configs.{name}').get_config('quick')
     quick.loss = baseline.loss
+    for key, value in LIGHTER_QUICK.get(name, {}).items():
+      assert quick[key] == value, name
+      quick[key] = baseline[key]
     assert quick.to_dict() == baseline.to_dict(), name
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_quick_config_states_its_measured_wall_time(name):
+  doc = importlib.import_module(f'configs.{name}').__doc__
+  assert re.search(r'Measured \(2-core CPU, [\d,]+ s wall', doc), name
 
 
 def test_paper_protocol_defaults():
