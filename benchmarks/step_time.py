@@ -7,6 +7,7 @@ ratio to the baseline's median.
 
   pip install -e . && python benchmarks/step_time.py  # quick configs (Fashion-MNIST, CPU-sized)
   python benchmarks/step_time.py --steps=20 --rounds=5 --configs=baseline,drg,lsskd
+  python benchmarks/step_time.py --configs=baseline,teacher_kd --teacher=/tmp/baseline_quick
   python benchmarks/step_time.py --arg='' --configs=baseline,lightskd   # paper setups, CIFAR-100
 """
 
@@ -23,12 +24,27 @@ from skd_jax import train
 
 _CONFIGS = flags.DEFINE_list(
     'configs',
-    ['baseline', 'drg', 'dsr', 'lightskd', 'pskd_dsr_drg', 'lsskd'],
+    [
+        'baseline',
+        'drg',
+        'dsr',
+        'lightskd',
+        'pskd_dsr_drg',
+        'lsskd',
+        'cskd',
+        'dlb',
+        'sd_dropout',
+        'beta_smoothing',
+    ],
     'Config files in configs/ to time; the first is the reference.',
 )
 _ARG = flags.DEFINE_string('arg', 'quick', 'Argument passed to every get_config.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed block.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; the median block counts.')
+
+_TEACHER = flags.DEFINE_string(
+    'teacher', '', "teacher.workdir of the configs with a teacher_kd term (an earlier run's)"
+)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,29 +53,32 @@ def _config(name):
   spec = importlib.util.spec_from_file_location(name, os.path.join(_ROOT, 'configs', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(_ARG.value or None)
+  config = module.get_config(_ARG.value or None)
+  if 'teacher_kd' in config.loss:
+    config.teacher.workdir = _TEACHER.value
+  return config
 
 
 def main(argv):
   del argv
   configs = {name: _config(name) for name in _CONFIGS.value}
-  jobs, states, orders = {}, {}, {}
+  jobs, states = {}, {}
   for name, config in configs.items():
     jobs[name] = train.build_job(config)
-    orders[name] = jobs[name].order_fn(jobs[name].order_key, 0)
-    state, measured = jobs[name].step_fn(jobs[name].state, orders[name], jobs[name].train)
+    state, measured = jobs[name].step(jobs[name].state, 0)
     jax.block_until_ready(measured)  # compiled and warm
-    states[name] = state
+    states[name] = (1, state)
   times = {name: [] for name in jobs}
   for _ in range(_ROUNDS.value):
     for name, job in jobs.items():
-      state = states[name]
+      step, state = states[name]
       start = time.perf_counter()
       for _ in range(_STEPS.value):
-        state, measured = job.step_fn(state, orders[name], job.train)
+        state, measured = job.step(state, step)
+        step += 1
       jax.block_until_ready((state, measured))
       times[name].append((time.perf_counter() - start) / _STEPS.value)
-      states[name] = state
+      states[name] = (step, state)
   reference = statistics.median(times[_CONFIGS.value[0]])
   print(
       f'{jax.device_count()} x {jax.devices()[0].device_kind}, '

@@ -64,6 +64,9 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.data.test_split = 'test'
   c.data.crop_padding = 4
   c.data.flip = True
+  c.data.pipeline = 'device'
+  c.data.workers = 0
+  c.data.prefetch = 4
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'preact_resnet18'
@@ -85,6 +88,10 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
 
   # Loss terms: name -> settings (always with a `weight`); the terms are summed.
   c.loss = ml_collections.ConfigDict()
+
+  # A frozen teacher for the terms that ask for one (teacher_kd): another run's workdir.
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.workdir = ''
 
   c.log_every_steps = 50
   c.checkpoint_every_epochs = 1
@@ -131,6 +138,10 @@ KEYS = {
     'data.test_split': 'split evaluated after every epoch',
     'data.crop_padding': 'random crop after zero padding by this many pixels (0: no crop)',
     'data.flip': 'random horizontal flips',
+    'data.pipeline': "'device' (the split on every device, batches made in the step) or 'host' "
+    '(each process reads its share of every batch on the host: data larger than device memory)',
+    'data.workers': "'host' pipeline: worker processes that read and augment (0: threads)",
+    'data.prefetch': "'host' pipeline: steps read ahead",
     'model.name': 'cifar_resnet18, preact_resnet18 or small_resnet (see skd_jax/models)',
     'model.dtype': "computation dtype, 'float32' or 'bfloat16' (parameters stay float32)",
     'model.*': "the model's architecture options, e.g. model.widths and model.strides",
@@ -146,6 +157,7 @@ KEYS = {
     'optim.decay_factor': "factor of each 'step' decay",
     'optim.warmup_epochs': 'epochs of linear warm-up from 0',
     'loss.*': 'loss terms, summed: loss.TERM.weight and the settings of skd_jax/terms/TERM.py',
+    'teacher.workdir': "an earlier run's workdir (or its model/ folder): the frozen teacher",
     'log_every_steps': 'steps per train record in metrics.jsonl (the mean over those steps)',
     'checkpoint_every_epochs': 'epochs between checkpoints (the last epoch is always saved)',
     'keep_checkpoints': 'checkpoints kept, >= 1 (older ones are deleted)',
@@ -160,6 +172,8 @@ RESUMABLE = (
     'optim.*',
     'data.dir',
     'data.download',
+    'data.workers',
+    'data.prefetch',
     'eval_batch_size',
     'log_every_steps',
     'checkpoint_every_epochs',
@@ -279,6 +293,13 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
       f'expected epochs in (0, num_epochs={config.num_epochs}), got {optim.boundaries}',
   )
   integer('data.crop_padding', 0)
+  check(
+      config.data.pipeline in ('device', 'host'),
+      'data.pipeline',
+      f"expected 'device' or 'host', got {config.data.pipeline!r}",
+  )
+  integer('data.workers', 0)
+  integer('data.prefetch', 1)
   check(len(config.loss) > 0, 'loss', 'expected at least one loss term')
   integer('log_every_steps', 1)
   integer('checkpoint_every_epochs', 1)

@@ -1,7 +1,7 @@
 r"""Command-line entry point.
 
   python -m skd_jax.main --config=configs/pskd.py:quick --workdir=/tmp/pskd \
-      [--config.KEY=VALUE ...]
+      [--config.KEY=VALUE ...] [--generations=K]
 
 ``--help`` lists the configs and every key. Exit status: 0 when training finished (the summary is
 printed) or when a signal stopped it (after a checkpoint, or during start-up with nothing
@@ -33,6 +33,7 @@ import jax
 from ml_collections import config_flags
 
 from skd_jax import config_lib
+from skd_jax import generations
 from skd_jax import terms
 from skd_jax import train
 from skd_jax.checkpoints import SaveError
@@ -49,6 +50,12 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process runs: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "Multi-process runs: this process's index.")
+_GENERATIONS = flags.DEFINE_integer(
+    'generations',
+    None,
+    'Born-again networks: train this many generations in WORKDIR/generationG, each taught by the '
+    'previous one (skd_jax.generations).',
+)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,6 +101,10 @@ def _help() -> str:
       '',
       'Keys that may change when a run is resumed (recorded in config_changes.jsonl): '
       + ', '.join(config_lib.RESUMABLE),
+      '',
+      'Born-again networks: --generations=K trains K generations in DIR/generation1..K, each taught',
+      'by the one before (a config with a teacher term, e.g. configs/teacher_kd.py); rerun to',
+      'continue.',
       '',
       'Several processes: --config.distributed=True detects a Cloud TPU pod or a SLURM job;',
       'elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I to each.',
@@ -225,7 +236,11 @@ def main(argv):
   pylogging.getLogger('skd_jax').setLevel(pylogging.INFO)
   try:
     _initialize_distributed(_CONFIG.value)
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _GENERATIONS.value is None:
+      summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+      summaries = generations.train_generations(_CONFIG.value, _WORKDIR.value, _GENERATIONS.value)
+      summary = summaries[-1]
   except ConfigError as e:
     _fail(str(e), 2)
   except train.Diverged as e:

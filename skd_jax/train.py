@@ -26,7 +26,6 @@ import logging
 import time
 from typing import Any, NamedTuple
 
-from flax import struct
 import flax.training.train_state
 import jax
 import jax.numpy as jnp
@@ -38,31 +37,36 @@ import optax
 from skd_jax import checkpoints as checkpoints_lib
 from skd_jax import config_lib
 from skd_jax import data as data_lib
+from skd_jax import evaluation
 from skd_jax import example_rows
 from skd_jax import export
-from skd_jax import metrics as metrics_lib
-from skd_jax import models
+from skd_jax import networks as networks_lib
 from skd_jax import optim as optim_lib
 from skd_jax import preemption
 from skd_jax import terms as terms_lib
 from skd_jax import train_log
 from skd_jax import workdir as workdir_lib
 from skd_jax.data import pipeline
+from skd_jax.data import samplers
+from skd_jax.data import sources
 
 log = logging.getLogger(__name__)
 
+_TERMS = 3  # fold-in constant of the terms' PRNG stream (skd_jax.data.sources uses 1, 2, 4-6)
+
 
 class TrainState(flax.training.train_state.TrainState):
-  """Parameters and optimizer state, plus BatchNorm statistics and the loss terms' state.
+  """The student's parameters and optimizer state, plus BatchNorm statistics and the terms' state.
 
   ``params`` and ``batch_stats`` hold the backbone under ``'backbone'`` and each training-only
-  head under its name (``skd_jax.models.WithHeads``); evaluation and export use the backbone's
-  subtrees alone.
+  head under its name; ``ema`` is the EMA copy of the backbone, if a term keeps one
+  (``skd_jax.networks``).
   """
 
   batch_stats: Any
   rows: dict[str, jax.Array]  # term name -> per-example table, sharded along examples
-  carry: dict[str, Any]  # term name -> step-to-step state, replicated
+  carry: dict[str, Any]  # term name -> step-to-step state, replicated or sharded with the batch
+  ema: dict[str, Any]  # {'params', 'batch_stats'} of the backbone's EMA copy, or {}
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -78,59 +82,48 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 # ---------------------------------------------------------------------------------------------
-# Input pipeline
-# ---------------------------------------------------------------------------------------------
-
-
-class DeviceData(struct.PyTreeNode):
-  """A split on every device: uint8 images ``[N, H, W, C]`` and int32 labels ``[N]``."""
-
-  images: jax.Array
-  labels: jax.Array
-
-
-def to_devices(dataset: data_lib.Dataset, mesh) -> DeviceData:
-  # Every process loaded the whole split; the global array is the same data on every device.
-  replicated = NamedSharding(mesh, P())
-  put = lambda x: jax.make_array_from_process_local_data(replicated, x)
-  return DeviceData(images=put(dataset.images), labels=put(dataset.labels.astype(np.int32)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Model & optimizer (skd_jax.optim)
+# Model & optimizer (skd_jax.networks, skd_jax.optim)
 # ---------------------------------------------------------------------------------------------
 
 
 def init_state(
-    model, tx, method: terms_lib.Combined, train: DeviceData, image_shape, *, seed: int, mesh
+    networks: networks_lib.Networks,
+    tx,
+    method: terms_lib.Combined,
+    labels: jax.Array,
+    *,
+    seed: int,
+    mesh,
 ) -> TrainState:
   """The initial state, created on the devices with its final shardings.
 
-  ``model`` is the training model (backbone with heads); ``method`` creates the terms' state.
+  ``labels`` are the ``[N]`` training labels from which ``method`` creates its per-example rows.
   """
   replicated = NamedSharding(mesh, P())
+  sharded = NamedSharding(mesh, P(example_rows.AXIS))
 
   @functools.partial(jax.jit, out_shardings=replicated)
   def init_model():
-    variables = model.init(
-        jax.random.fold_in(jax.random.key(seed), 0),
-        jnp.zeros((1, *image_shape), jnp.float32),
-        train=False,
-    )
+    variables = networks.init(jax.random.fold_in(jax.random.key(seed), 0))
     return TrainState.create(
-        apply_fn=model.apply,
-        params=variables['params'],
+        apply_fn=networks.student.apply,
         tx=tx,
-        batch_stats=variables.get('batch_stats', {}),
         rows={},
-        carry=method.init_carry(),
+        carry={},
+        ema=networks.init_ema(variables['params'], variables['batch_stats']),
+        **variables,
     )
 
   state = init_model()
-  num_rows = example_rows.padded_rows(train.labels.shape[0], mesh)
-  labels = jnp.pad(train.labels, (0, num_rows - train.labels.shape[0]))
+  num_rows = example_rows.padded_rows(labels.shape[0], mesh)
+  labels = jnp.pad(labels, (0, num_rows - labels.shape[0]))
+  carry_shardings = {
+      name: sharded if kind == 'batch' else replicated
+      for name, kind in method.carry_sharding().items()
+  }
   return state.replace(
-      rows=jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))(labels)
+      rows=jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))(labels),
+      carry=jax.jit(method.init_carry, out_shardings=carry_shardings)(),
   )
 
 
@@ -139,95 +132,56 @@ def init_state(
 # ---------------------------------------------------------------------------------------------
 
 
-class Batch(NamedTuple):
-  """One step's global batch.
-
-  Attributes:
-    index: ``[B]`` example indices into the training split.
-    valid: ``[B]`` False on the padding slots of an epoch's last batch.
-    x: ``[B * V, H, W, C]`` the model's input: ``V`` views per example, example-major.
-    labels: ``[B]`` integer labels.
-  """
-
-  index: jax.Array
-  valid: jax.Array
-  x: jax.Array
-  labels: jax.Array
-
-
-def training_batch(
-    step: jax.Array,
-    order: jax.Array,
-    train: DeviceData,
-    *,
-    method: terms_lib.Combined,
-    mesh,
-    seed: int,
-    steps_per_epoch: int,
-    batch_size: int,
-    crop_padding: int,
-    flip: bool,
-    mean,
-    std,
-    dtype,
-) -> Batch:
-  """Selects, augments, expands into views and normalises step ``step``'s batch on the device."""
-  num_examples = train.labels.shape[0]
-  index, valid = pipeline.batch_slots(
-      order, step % steps_per_epoch, num_examples=num_examples, batch_size=batch_size
-  )
-  batch_sharding = NamedSharding(mesh, P(example_rows.AXIS))
-  images = jax.lax.with_sharding_constraint(train.images[index], batch_sharding)
-  labels = jax.lax.with_sharding_constraint(train.labels[index], batch_sharding)
-  aug_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), step)
-  images = pipeline.augment(aug_key, images, crop_padding=crop_padding, flip=flip)
-  # Views are built per example and laid out example-major, so they stay on the example's device.
-  x = pipeline.normalize(method.views(images), mean, std, dtype)
-  return Batch(index, valid, jax.lax.with_sharding_constraint(x, batch_sharding), labels)
-
-
 def train_step(
     state: TrainState,
-    order: jax.Array,
-    train: DeviceData,
+    batch: sources.Batch,
+    teacher=None,
     *,
+    networks: networks_lib.Networks,
     method: terms_lib.Combined,
     mesh,
     schedule,
     steps_per_epoch: int,
-    **batch_options,
+    seed: int,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch; returns the new state and scalar measurements.
 
-  The measurements are the loss, each term's unweighted loss (``loss/<term>``), the terms' metrics,
-  the training top-1 (%) of the final head, the learning rate and the gradient norm, all averaged
-  over the batch's real examples, plus ``finite``: whether the updated parameters and BatchNorm
-  statistics are all finite. ``batch_options`` are :func:`training_batch`'s keyword arguments.
+  ``batch`` is the step's :data:`skd_jax.data.sources.Batch`; ``teacher`` the frozen teacher's
+  variables (when a term asks for a teacher pass). The measurements are the loss, each term's
+  unweighted loss (``loss/<term>``), the terms' metrics, the training top-1 (%) of the final
+  head, the learning rate and the gradient norm, all averaged over the batch's real examples,
+  plus ``finite``: whether the updated parameters and BatchNorm statistics are all finite.
   """
   step = state.step
-  epoch = step // steps_per_epoch
-  batch = training_batch(
-      step, order, train, method=method, mesh=mesh, steps_per_epoch=steps_per_epoch, **batch_options
-  )
-  rows = {name: example_rows.gather(table, batch.index, mesh) for name, table in state.rows.items()}
-  weights = batch.valid.astype(jnp.float32) / jnp.sum(batch.valid)
+  main = batch['main']
+  rows = {name: example_rows.gather(table, main.index, mesh) for name, table in state.rows.items()}
+  weights = main.valid.astype(jnp.float32) / jnp.sum(main.valid)
   average = lambda v: jnp.sum(weights * v) if jnp.ndim(v) else v
+  # Views are built per example and laid out example-major, so they stay on the example's device.
+  views = jax.lax.with_sharding_constraint(
+      method.views(main.images), NamedSharding(mesh, P(example_rows.AXIS))
+  )
 
   def loss_fn(params):
-    (logits, outputs), new_model_state = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats},
-        batch.x,
-        train=True,
-        mutable=['batch_stats'],
+    logits, outputs, passes, batch_stats = networks.forward(
+        params, state.batch_stats, views, batch, method.forwards, ema=state.ema, teacher=teacher
     )
     inputs = terms_lib.TermInputs.from_forward(
-        logits, outputs, batch.labels, epoch, num_views=method.num_views
+        logits,
+        outputs,
+        main.labels,
+        step // steps_per_epoch,
+        num_views=method.num_views,
+        valid=main.valid,
+        passes=passes,
+        key=sources.step_key(seed, _TERMS, step),
+        classify=functools.partial(networks.classify, params),
     )
     out = method(inputs, rows, state.carry)
     measured = {f'loss/{name}': average(v) for name, v in out.losses.items()}
     measured.update({k: average(v) for k, v in out.metrics.items()})
-    measured['top1'] = 100.0 * average(jnp.argmax(inputs.logits, -1) == batch.labels)
-    return average(out.loss), (new_model_state['batch_stats'], out.rows, out.carry, measured)
+    measured['top1'] = 100.0 * average(jnp.argmax(inputs.logits, -1) == main.labels)
+    return average(out.loss), (batch_stats, out.rows, out.carry, measured)
 
   (loss, (batch_stats, new_rows, carry, measured)), grads = jax.value_and_grad(
       loss_fn, has_aux=True
@@ -235,9 +189,10 @@ def train_step(
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats, carry=carry)
   state = state.replace(
       rows={
-          name: example_rows.scatter(table, batch.index, new_rows[name], batch.valid, mesh)
+          name: example_rows.scatter(table, main.index, new_rows[name], main.valid, mesh)
           for name, table in state.rows.items()
-      }
+      },
+      ema=networks.update_ema(state.ema, state.params, state.batch_stats, step),
   )
   finite = jax.tree.leaves(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.params))
   finite += jax.tree.leaves(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.batch_stats))
@@ -251,53 +206,6 @@ def train_step(
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-def eval_step(
-    params,
-    batch_stats,
-    test: DeviceData,
-    batch: jax.Array,
-    *,
-    apply_fn,
-    mesh,
-    batch_size: int,
-    mean,
-    std,
-    dtype,
-) -> dict[str, jax.Array]:
-  """Per-example statistics of test batch ``batch`` (``valid`` marks the real examples).
-
-  ``apply_fn`` is the backbone's: it sees only the ``'backbone'`` subtrees of the training
-  ``params`` and ``batch_stats``, so auxiliary heads play no part in evaluation.
-  """
-  num_examples = test.labels.shape[0]
-  position = batch * batch_size + jnp.arange(batch_size)
-  valid = position < num_examples
-  index = jax.lax.with_sharding_constraint(
-      jnp.minimum(position, num_examples - 1), NamedSharding(mesh, P(example_rows.AXIS))
-  )
-  x = pipeline.normalize(test.images[index], mean, std, dtype)
-  logits, _ = apply_fn(
-      {'params': params['backbone'], 'batch_stats': batch_stats['backbone']}, x, train=False
-  )
-  return {**metrics_lib.per_example_stats(logits, test.labels[index]), 'valid': valid}
-
-
-def evaluate(eval_fn, state: TrainState, test: DeviceData, batch_size: int) -> dict[str, float]:
-  num_batches = pipeline.steps_per_epoch(test.labels.shape[0], batch_size)
-  batches = [
-      eval_fn(state.params, state.batch_stats, test, np.int32(b)) for b in range(num_batches)
-  ]
-  stats = jax.device_get(batches)
-  merged = {k: np.concatenate([b[k] for b in stats]) for k in stats[0]}
-  valid = merged.pop('valid')
-  return metrics_lib.summarize({k: v[valid] for k, v in merged.items()})
-
-
-# ---------------------------------------------------------------------------------------------
 # Building a run
 # ---------------------------------------------------------------------------------------------
 
@@ -306,14 +214,27 @@ class Job(NamedTuple):
   """Everything a run is built from its config: compiled functions, data and the initial state."""
 
   state: TrainState
-  step_fn: Any  # (state, order, train) -> (state, measurements), compiled, donates the state
-  eval_fn: Any  # (params, batch_stats, test, batch) -> per-example statistics, compiled
-  order_fn: Any  # (key, epoch) -> the epoch's example order
-  order_key: jax.Array
-  train: DeviceData
-  test: DeviceData
-  steps_per_epoch: int
-  model_spec: Any  # what the exported model needs besides its variables (skd_jax.export)
+  step_fn: Any  # (state, source.step_args(step), teacher) -> (state, measurements); compiled
+  eval_fn: Any  # (backbone variables, test, batch) -> per-example statistics, compiled
+  source: Any  # skd_jax.data.sources.OnDeviceSource or skd_jax.data.streaming.HostSource
+  test: sources.DeviceData
+  networks: networks_lib.Networks
+  teacher: Any  # the frozen teacher's variables on the devices, or None
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.source.steps_per_epoch
+
+  def step(self, state: TrainState, step: int):
+    return self.step_fn(state, self.source.step_args(step), self.teacher)
+
+
+def _evaluate(job: Job, state: TrainState, batch_size: int) -> dict[str, float]:
+  """Test metrics of the student, and of its EMA copy (``ema/<metric>``) when there is one."""
+  models = {'': networks_lib.Networks.inference(state.params, state.batch_stats)}
+  if state.ema:
+    models['ema/'] = state.ema
+  return evaluation.evaluate(job.eval_fn, job.test, models, batch_size)
 
 
 def _count(tree) -> int:
@@ -345,108 +266,31 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
       jax.process_count(),
       dict(mesh.shape),
   )
-  train_set = data_lib.load_split(config.data, config.data.train_split)
+  if config.data.pipeline == 'host':  # read when needed, each process its share of every batch
+    train_set = data_lib.open_records(config.data, config.data.train_split)
+    # The normalisation from an evenly spaced sample of at most 10,000 images.
+    sample = np.linspace(0, len(train_set) - 1, min(len(train_set), 10_000)).astype(np.int64)
+    mean, std = pipeline.channel_stats(train_set.read(sample)[0])
+    num_classes, image_shape = train_set.num_classes, tuple(train_set.image_shape)
+  else:
+    train_set = data_lib.load_split(config.data, config.data.train_split)
+    mean, std = pipeline.channel_stats(train_set.images)
+    num_classes, image_shape = train_set.num_classes, train_set.images.shape[1:]
   test_set = data_lib.load_split(config.data, config.data.test_split)
   _stop_if_signalled()  # before the slow part: initialisation and compilation
-  num_classes = train_set.num_classes
-  image_shape = train_set.images.shape[1:]
   log.info(
-      'Data: %s, %d training (%s) and %d test (%s) images of %s, %d classes.',
+      'Data: %s, %d training (%s, %s pipeline) and %d test (%s) images of %s, %d classes.',
       config.data.name,
       len(train_set.labels),
       config.data.train_split,
+      config.data.pipeline,
       len(test_set.labels),
       config.data.test_split,
       'x'.join(map(str, image_shape)),
       num_classes,
   )
-  context = terms_lib.Context(
-      num_classes=num_classes,
-      num_epochs=config.num_epochs,
-      batch_size=config.batch_size,
-      image_shape=image_shape,
-  )
-  method = terms_lib.build(config.loss, context)
-  dtype = jnp.dtype(config.model.dtype)
   options = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
-  backbone = models.get_model(config.model.name, num_classes=num_classes, dtype=dtype, **options)
-  model = models.WithHeads(backbone, method.heads(backbone))
-
-  num_train = len(train_set.labels)
-  spe = pipeline.steps_per_epoch(num_train, config.batch_size)
-  mean, std = pipeline.channel_stats(train_set.images)
-  schedule = optim_lib.make_schedule(
-      config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs
-  )
-  train, test = to_devices(train_set, mesh), to_devices(test_set, mesh)
-  state = init_state(
-      model,
-      optim_lib.make_optimizer(config.optim, schedule),
-      method,
-      train,
-      image_shape,
-      seed=config.seed,
-      mesh=mesh,
-  )
-  heads = {k: _count(v) for k, v in state.params.items() if k != 'backbone'}
-  log.info(
-      'Model: %s %s (%s), %s parameters%s. Loss: %s.',
-      config.model.name,
-      options or '',
-      config.model.dtype,
-      f'{_count(state.params["backbone"]):,}',
-      ''.join(f' + {n:,} in the training-only head {k}' for k, n in heads.items()),
-      ' + '.join(f'{t.weight:g} {t.name}' for t in method.terms),
-  )
-
-  replicated = NamedSharding(mesh, P())
-  order_fn = jax.jit(
-      functools.partial(pipeline.epoch_order, num_examples=num_train, batch_size=config.batch_size),
-      out_shardings=replicated,
-  )
-  order_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-  # Compiled ahead of time, so that start-up ends here and the progress bar times training only.
-  started = time.perf_counter()
-  step_fn = (
-      jax.jit(
-          functools.partial(
-              train_step,
-              method=method,
-              mesh=mesh,
-              seed=config.seed,
-              steps_per_epoch=spe,
-              batch_size=config.batch_size,
-              crop_padding=config.data.crop_padding,
-              flip=config.data.flip,
-              mean=mean,
-              std=std,
-              dtype=dtype,
-              schedule=schedule,
-          ),
-          out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated),
-          donate_argnums=(0,),
-      )
-      .lower(state, order_fn(order_key, 0), train)
-      .compile()
-  )
-  eval_fn = (
-      jax.jit(
-          functools.partial(
-              eval_step,
-              apply_fn=backbone.apply,
-              mesh=mesh,
-              batch_size=config.eval_batch_size,
-              mean=mean,
-              std=std,
-              dtype=dtype,
-          ),
-          out_shardings=replicated,
-      )
-      .lower(state.params, state.batch_stats, test, np.int32(0))
-      .compile()
-  )
-  log.info('Compiled the train and evaluation steps in %.1f s.', time.perf_counter() - started)
-  model_spec = export.ModelSpec(
+  spec = export.ModelSpec(
       name=config.model.name,
       options={'dtype': config.model.dtype, **options},
       num_classes=num_classes,
@@ -454,7 +298,105 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
       mean=tuple(map(float, mean)),
       std=tuple(map(float, std)),
   )
-  return Job(state, step_fn, eval_fn, order_fn, order_key, train, test, spe, model_spec)
+  backbone = spec.module()
+  context = terms_lib.Context(
+      num_classes=num_classes,
+      num_epochs=config.num_epochs,
+      batch_size=config.batch_size,
+      image_shape=image_shape,
+      num_stages=getattr(backbone, 'num_stages', None),
+  )
+  method = terms_lib.build(config.loss, context)
+  networks = networks_lib.Networks(
+      spec,
+      method.heads(),
+      ema_max_decay=method.ema_max_decay,
+      teacher=networks_lib.load_teacher(
+          config.teacher.workdir, wanted=any(f.network == 'teacher' for f in method.forwards)
+      ),
+  )
+  spe = samplers.steps_per_epoch(len(train_set.labels), config.batch_size)
+  source_options = dict(
+      seed=config.seed,
+      batch_size=config.batch_size,
+      groups=method.groups,
+      crop_padding=config.data.crop_padding,
+      flip=config.data.flip,
+  )
+  if config.data.pipeline == 'host':
+    # Imported here: grain adds most of a second to every start-up that does not need it.
+    from skd_jax.data import streaming  # pylint: disable=g-import-not-at-top
+
+    source = streaming.HostSource(
+        train_set,
+        mesh,
+        num_steps=config.num_epochs * spe,
+        workers=config.data.workers,
+        prefetch=config.data.prefetch,
+        **source_options,
+    )
+  else:
+    source = sources.OnDeviceSource(
+        train_set.images, train_set.labels, num_classes, mesh, **source_options
+    )
+  test = sources.to_devices(test_set.images, test_set.labels, mesh)
+  schedule = optim_lib.make_schedule(
+      config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs
+  )
+  state = init_state(
+      networks,
+      optim_lib.make_optimizer(config.optim, schedule),
+      method,
+      source.labels,
+      seed=config.seed,
+      mesh=mesh,
+  )
+  heads = {k: _count(v) for k, v in state.params.items() if k != 'backbone'}
+  log.info(
+      'Model: %s %s (%s), %s parameters%s%s. Loss: %s.',
+      config.model.name,
+      options or '',
+      config.model.dtype,
+      f'{_count(state.params["backbone"]):,}',
+      ''.join(f' + {n:,} in the training-only head {k}' for k, n in heads.items()),
+      f'; teacher {networks.teacher.spec.name}' if networks.teacher else '',
+      ' + '.join(f'{t.weight:g} {t.name}' for t in method.terms),
+  )
+
+  # Compiled ahead of time, so that start-up ends here and the progress bar times training only.
+  started = time.perf_counter()
+  teacher = networks.teacher_variables(mesh)
+  replicated = NamedSharding(mesh, P())
+  step = functools.partial(
+      train_step,
+      networks=networks,
+      method=method,
+      mesh=mesh,
+      schedule=schedule,
+      steps_per_epoch=spe,
+      seed=config.seed,
+  )
+  step_fn = (
+      jax.jit(
+          lambda state, args, teacher: step(state, source.batch(state.step, *args), teacher),
+          out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated),
+          donate_argnums=(0,),
+      )
+      .lower(state, source.step_args(0), teacher)
+      .compile()
+  )
+  eval_fn = (
+      jax.jit(
+          functools.partial(
+              evaluation.eval_step, networks=networks, mesh=mesh, batch_size=config.eval_batch_size
+          ),
+          out_shardings=replicated,
+      )
+      .lower(networks.inference(state.params, state.batch_stats), test, np.int32(0))
+      .compile()
+  )
+  log.info('Compiled the train and evaluation steps in %.1f s.', time.perf_counter() - started)
+  return Job(state, step_fn, eval_fn, source, test, networks, teacher)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,22 +462,25 @@ def train_and_evaluate(
 def _train_and_evaluate(config, workdir, devices):
   workdir_lib.check_path(workdir)
   job = build_job(config, devices)
-  _stop_if_signalled()
-  workdir = workdir_lib.Workdir(workdir, config, is_main=jax.process_index() == 0)
-  # From here on the workdir is written.
-  checkpoints = checkpoints_lib.Checkpoints(
-      workdir.checkpoints, workdir.broken_checkpoints, keep=config.keep_checkpoints
-  )
   try:
-    summary = _train(config, job, workdir, checkpoints)
-  except BaseException:
-    try:  # the first error is the one to report
-      checkpoints.close()
-    except checkpoints_lib.SaveError:
-      pass
-    raise
-  checkpoints.close()
-  return summary
+    _stop_if_signalled()
+    workdir = workdir_lib.Workdir(workdir, config, is_main=jax.process_index() == 0)
+    # From here on the workdir is written.
+    checkpoints = checkpoints_lib.Checkpoints(
+        workdir.checkpoints, workdir.broken_checkpoints, keep=config.keep_checkpoints
+    )
+    try:
+      summary = _train(config, job, workdir, checkpoints)
+    except BaseException:
+      try:  # the first error is the one to report
+        checkpoints.close()
+      except checkpoints_lib.SaveError:
+        pass
+      raise
+    checkpoints.close()
+    return summary
+  finally:
+    job.source.close()
 
 
 def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
@@ -553,7 +498,6 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
   spe = job.steps_per_epoch
   total = config.num_epochs * spe
   window = train_log.Window(pending)
-  order = job.order_fn(job.order_key, start // spe)
   progress = train_log.Progress(config, start, total, spe)
   result = None
   try:
@@ -567,7 +511,7 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
         raise Preempted(
             f'{signal_name}: saved a checkpoint at step {step}; rerun the same command to continue'
         )
-      state, measured = job.step_fn(state, order, job.train)
+      state, measured = job.step(state, step)
       done = step + 1
       window.add(done, measured)
       checkpoints.poll()
@@ -578,9 +522,9 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
       progress.update(done, record)
       if done % spe:
         continue
-      # End of an epoch: evaluate, checkpoint, start the next epoch's order.
+      # End of an epoch: evaluate, checkpoint.
       epoch = done // spe
-      result = evaluate(job.eval_fn, state, job.test, config.eval_batch_size)
+      result = _evaluate(job, state, config.eval_batch_size)
       result['train_seconds'] = seconds_before + time.time() - run_start
       workdir.log({'kind': 'eval', 'step': done, 'epoch': float(epoch), **result})
       log.info(
@@ -589,10 +533,15 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
           config.num_epochs,
           ', '.join(f'{k} {v:.4g}' for k, v in result.items()),
       )
+      if job.source.wait_seconds:
+        log.info(
+            'The input pipeline kept training waiting for %.1f s of %.1f s so far (%.1f%%).',
+            job.source.wait_seconds,
+            result['train_seconds'] - seconds_before,
+            100 * job.source.wait_seconds / (result['train_seconds'] - seconds_before),
+        )
       if epoch % config.checkpoint_every_epochs == 0 or done == total:
         checkpoints.save(done, state, {'pending': window.check()})
-      if done < total:
-        order = job.order_fn(job.order_key, epoch)
   except FloatingPointError as e:
     checkpoints.finish()
     raise Diverged(str(e), checkpoints.latest_step(), checkpoints.directory) from None
@@ -600,24 +549,24 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
     progress.close()
 
   if result is None:  # the run had already finished: evaluate the restored model again
-    result = evaluate(job.eval_fn, state, job.test, config.eval_batch_size)
+    result = _evaluate(job, state, config.eval_batch_size)
     result['train_seconds'] = seconds_before
   evals = [r for r in workdir.records() if r['kind'] == 'eval'] or [
       {**result, 'epoch': config.num_epochs}
   ]
   best = max(evals, key=lambda r: r['top1'])
-  summary = {k: result[k] for k in ('top1', 'top5', 'nll', 'ece', 'aurc', 'eaurc', 'train_seconds')}
+  keys = ('top1', 'top5', 'nll', 'ece', 'aurc', 'eaurc')
+  summary = {
+      k: result[k]
+      for k in keys + tuple(f'ema/{k}' for k in keys) + ('train_seconds',)
+      if k in result
+  }
   summary.update(
       best_top1=best['top1'],
       best_epoch=int(best['epoch']),
       epochs=config.num_epochs,
       steps=total,
   )
-  export.save_model(
-      workdir.model,
-      params=state.params['backbone'],
-      batch_stats=state.batch_stats['backbone'],
-      spec=job.model_spec,
-  )
+  job.networks.export(workdir.model, state.params, state.batch_stats)
   workdir.write_summary(summary)
   return summary

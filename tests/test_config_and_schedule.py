@@ -15,7 +15,24 @@ from skd_jax import optim
 from skd_jax.errors import ConfigError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-CONFIGS = ['baseline', 'drg', 'dsr', 'label_smoothing', 'lightskd', 'lsskd', 'pskd', 'pskd_dsr_drg']
+CONFIGS = [
+    'baseline',
+    'beta_smoothing',
+    'cskd',
+    'cskd_lsskd',
+    'dlb',
+    'drg',
+    'dsr',
+    'label_smoothing',
+    'lightskd',
+    'lsskd',
+    'pskd',
+    'pskd_dlb',
+    'pskd_dsr_drg',
+    'sd_dropout',
+    'teacher_kd',
+    'tfkd_self',
+]
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -23,14 +40,14 @@ CONFIGS = ['baseline', 'drg', 'dsr', 'label_smoothing', 'lightskd', 'lsskd', 'ps
 def test_configs_are_valid_and_build_their_terms(name, arg):
   config = importlib.import_module(f'configs.{name}').get_config(arg)
   config_lib.validate(config, device_count=8)
-  method = terms_lib.build(config.loss, terms_lib.Context(10, config.num_epochs, 128))
+  method = terms_lib.build(config.loss, terms_lib.Context(10, config.num_epochs, 128, num_stages=3))
   assert [t.name for t in method.terms] == sorted(config.loss)
   assert importlib.import_module(f'configs.{name}').__doc__.count('python -m skd_jax.main') >= 2
 
 
 # Quick setups lighter than the baseline's because theirs would take over 10 minutes on a 2-core
 # CPU; each config's docstring says so.
-LIGHTER_QUICK = {'lsskd': {'num_epochs': 2}}
+LIGHTER_QUICK = {'lsskd': {'num_epochs': 2}, 'cskd_lsskd': {'num_epochs': 2}}
 
 
 def test_quick_variants_share_the_baselines_setup():

@@ -65,6 +65,9 @@ def _main(*args, devices=1, **kwargs):
         (['--config.batch_size=12'], 8, 'batch_size: 12 is not divisible by the 8 devices'),
         (['--config.data.dir=/no/such/dir'], 1, 'data.dir: /no/such/dir does not exist'),
         (['--config.optim.schedule=linear'], 1, "optim.schedule: expected 'step' or 'cosine'"),
+        (['--config.data.pipeline=disk'], 1, "data.pipeline: expected 'device' or 'host'"),
+        (['--config.teacher.workdir=/no/run'], 1, 'teacher.workdir: set, but no loss term uses'),
+        (['--generations=2'], 1, '--generations: the config has no loss term that uses a teacher'),
     ],
 )
 def test_invalid_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, devices, message):

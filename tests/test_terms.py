@@ -9,13 +9,17 @@ import ml_collections
 import numpy as np
 import pytest
 
+from skd_jax import export
 from skd_jax import losses
 from skd_jax import models
+from skd_jax import networks
 from skd_jax import terms as terms_lib
 from skd_jax.errors import ConfigError
 from skd_jax.terms import cross_entropy, drg, dsr, lsskd, pskd
 
-CONTEXT = terms_lib.Context(num_classes=5, num_epochs=4, batch_size=3, image_shape=(8, 8, 1))
+CONTEXT = terms_lib.Context(
+    num_classes=5, num_epochs=4, batch_size=3, image_shape=(8, 8, 1), num_stages=3
+)
 
 
 def _inputs(key=0, batch=3, classes=5, **outputs):
@@ -99,27 +103,32 @@ def test_lsskd_term_reads_its_heads_from_the_views():
   heads = [jax.random.normal(next(key), (batch, 4, 4 * classes)) for _ in range(3)]
   views.update({f'lsskd{l + 1}': h for l, h in enumerate(heads)})
   inputs = terms_lib.TermInputs(logits=views['logits'][:, 0], labels=jnp.array([1, 3]), views=views)
-  term = lsskd.LSSKD(num_classes=classes, pairing='adjacent')
+  term = lsskd.LSSKD(num_classes=classes, num_stages=3, pairing='adjacent')
   expected = losses.lsskd_loss(inputs.logits, heads, inputs.one_hot, pairing='adjacent')
   out = term(inputs)
   np.testing.assert_allclose(out.loss, expected, rtol=1e-6)
   assert set(out.metrics) == {'lsskd1/top1', 'lsskd2/top1', 'lsskd3/top1'}
 
 
-def test_heads_attach_at_the_backbones_stages():
-  backbone = models.small_resnet(num_classes=5, widths=(4, 8, 16), strides=(2, 2, 2))
-  (drg_head,) = drg.DRG(num_classes=5, stage=2).heads(backbone)
-  assert (drg_head.name, drg_head.stage) == ('drg', 'stage2')
-  lsskd_heads = lsskd.LSSKD(num_classes=5).heads(backbone)
-  assert [(h.name, h.stage) for h in lsskd_heads] == [
+def test_terms_request_heads_and_the_networks_build_them_at_the_backbones_stages():
+  spec = export.ModelSpec(
+      'small_resnet', {'widths': (4, 8, 16), 'strides': (2, 2, 2)}, 5, (8, 8, 1), (0.5,), (0.25,)
+  )
+  method = _build(drg=dict(weight=1.0), lsskd=dict(weight=1.0))
+  assert method.heads() == {
+      'drg': (terms_lib.HeadRequest('drg', 2, 'drg', 5),),
+      'lsskd': tuple(terms_lib.HeadRequest(f'lsskd{l}', l, 'later_stages', 20) for l in (1, 2, 3)),
+  }
+  student = networks.Networks(spec, method.heads()).student
+  assert [(h.name, h.stage) for h in student.heads] == [
+      ('drg', 'stage2'),
       ('lsskd1', 'stage1'),
       ('lsskd2', 'stage2'),
       ('lsskd3', 'stage3'),
   ]
+  assert isinstance(student.heads[0].module, models.DRGHead)
   with pytest.raises(ConfigError, match=r'loss.drg.stage: expected a stage in 1..3, got 4'):
-    drg.DRG(num_classes=5, stage=4).heads(backbone)
-  method = _build(drg=dict(weight=1.0), lsskd=dict(weight=1.0))
-  assert len(method.heads(backbone)) == 4
+    networks.Networks(spec, _build(drg=dict(weight=1.0, stage=4)).heads())
 
 
 @pytest.mark.parametrize(
@@ -138,14 +147,19 @@ def test_invalid_settings_are_config_errors(loss, message):
 
 
 def test_lsskd_needs_square_images():
-  context = terms_lib.Context(5, 4, 3, image_shape=(8, 6, 3))
+  context = terms_lib.Context(5, 4, 3, image_shape=(8, 6, 3), num_stages=3)
   with pytest.raises(ConfigError, match='loss.lsskd: rotations need square images, got 8x6'):
     terms_lib.build(ml_collections.ConfigDict({'lsskd': {'weight': 1.0}}), context)
 
 
 def test_two_terms_adding_views_are_refused():
   with pytest.raises(ValueError, match='a and b both add views'):
-    terms_lib.Combined((lsskd.LSSKD(num_classes=5, name='a'), lsskd.LSSKD(num_classes=5, name='b')))
+    terms_lib.Combined(
+        (
+            lsskd.LSSKD(num_classes=5, num_stages=3, name='a'),
+            lsskd.LSSKD(num_classes=5, num_stages=3, name='b'),
+        )
+    )
   with pytest.raises(ValueError, match='names must be unique'):
     terms_lib.Combined((cross_entropy.CrossEntropy(), cross_entropy.CrossEntropy()))
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from skd_jax.data.idx import FASHION_MNIST_DIR
 from skd_jax.data.idx import FASHION_MNIST_NUM_CLASSES
+from skd_jax.data.idx import FashionMnistRecords
 from skd_jax.data.idx import load_fashion_mnist
 from skd_jax.data.idx import read_idx
 from skd_jax.errors import ConfigError
@@ -25,6 +26,7 @@ __all__ = [
     'FASHION_MNIST_DIR',
     'load_fashion_mnist',
     'load_split',
+    'open_records',
     'read_idx',
 ]
 
@@ -41,6 +43,40 @@ class Dataset(NamedTuple):
   images: np.ndarray
   labels: np.ndarray
   num_classes: int
+
+
+def _source(data_config) -> tuple[str, str]:
+  source, name = data_config.get('source'), data_config.get('name')
+  if source == 'idx' and name != 'fashion_mnist':
+    raise ConfigError(
+        f"data.name: source 'idx' only supports 'fashion_mnist', got"
+        f" {name!r}; use data.source='tfds' for other datasets"
+    )
+  if source == 'tfds' and (not name or not isinstance(name, str)):
+    raise ConfigError(f'data.name: expected a TFDS dataset name such as cifar10, got {name!r}')
+  if source not in ('idx', 'tfds'):
+    raise ConfigError(f"data.source: expected 'idx' or 'tfds', got {source!r}")
+  return source, name
+
+
+def open_records(data_config, split: str):
+  """Random access to a split without loading it: ``len``, ``read(index)``, ``labels``,
+  ``num_classes`` and ``image_shape`` (``idx.FashionMnistRecords``, ``tfds_source.TfdsRecords``).
+
+  Raises:
+    ConfigError: an invalid config or missing data.
+  """
+  source, name = _source(data_config)
+  if source == 'idx':
+    return FashionMnistRecords(data_config.get('dir') or FASHION_MNIST_DIR, split)
+  from skd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+  return tfds_source.TfdsRecords(
+      name,
+      split,
+      data_dir=data_config.get('dir') or None,
+      download=bool(data_config.get('download', False)),
+  )
 
 
 def load_split(data_config, split: str) -> Dataset:
@@ -61,29 +97,17 @@ def load_split(data_config, split: str) -> Dataset:
   Raises:
     ConfigError: an invalid config or missing/corrupt data.
   """
-  source = data_config.get('source')
-  name = data_config.get('name')
+  source, name = _source(data_config)
   if source == 'idx':
-    if name != 'fashion_mnist':
-      raise ConfigError(
-          f"data.name: source 'idx' only supports 'fashion_mnist', got"
-          f" {name!r}; use data.source='tfds' for other datasets"
-      )
     images, labels = load_fashion_mnist(data_config.get('dir') or FASHION_MNIST_DIR, split)
     return Dataset(images, labels, FASHION_MNIST_NUM_CLASSES)
-  if source == 'tfds':
-    if not name or not isinstance(name, str):
-      raise ConfigError(
-          f'data.name: expected a TFDS dataset name such as cifar10, got' f' {name!r}'
-      )
-    # Imported here so that `import skd_jax.data` never pulls in TFDS.
-    from skd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  # Imported here so that `import skd_jax.data` never pulls in TFDS.
+  from skd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
 
-    images, labels, num_classes = tfds_source.load_tfds(
-        name,
-        split,
-        data_dir=data_config.get('dir') or None,
-        download=bool(data_config.get('download', False)),
-    )
-    return Dataset(images, labels, num_classes)
-  raise ConfigError(f"data.source: expected 'idx' or 'tfds', got {source!r}")
+  images, labels, num_classes = tfds_source.load_tfds(
+      name,
+      split,
+      data_dir=data_config.get('dir') or None,
+      download=bool(data_config.get('download', False)),
+  )
+  return Dataset(images, labels, num_classes)

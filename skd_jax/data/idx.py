@@ -115,6 +115,26 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
   return values.astype(dtype.newbyteorder('='))
 
 
+def map_idx(path: str) -> np.ndarray:
+  """An uncompressed IDX file as a read-only memory map: reading a row reads only its bytes.
+
+  Raises:
+    ConfigError: the file is gzip-compressed (no random access), or its header or size is bad.
+  """
+  with open(path, 'rb') as f:
+    header = f.read(4)
+    if header[:2] == _GZIP_MAGIC:
+      raise ConfigError(f'{path}: gzip-compressed; expected an uncompressed IDX file to map')
+    if len(header) < 4 or header[:2] != b'\0\0' or header[2] not in _IDX_DTYPES or not header[3]:
+      raise ConfigError(f'{path}: not an IDX file (bad magic number)')
+    ndim = header[3]
+    shape = tuple(int(d) for d in np.frombuffer(f.read(4 * ndim), dtype='>u4'))
+  dtype, offset = _IDX_DTYPES[header[2]], 4 + 4 * ndim
+  if len(shape) != ndim or os.path.getsize(path) != offset + math.prod(shape) * dtype.itemsize:
+    raise ConfigError(f'{path}: IDX size does not match its header; download the file again')
+  return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape)
+
+
 def _find_file(directory: str, base: str) -> str:
   """Returns the path of `base` or `base.gz` in `directory`, preferring .gz."""
   for name in (base + '.gz', base):
@@ -185,3 +205,52 @@ def load_fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarr
     )
   # Keep an explicit channel axis so grayscale and RGB data share NHWC code.
   return images[..., None], labels.astype(np.int32)
+
+
+class FashionMnistRecords:
+  """Random access to a Fashion-MNIST split for the host-streaming source.
+
+  An uncompressed images file is memory-mapped, so a process reads only the rows it asks for; a
+  gzip-compressed one (as the Debian package ships) has no random access and is decompressed
+  whole, once per process, on first read. Labels (60 KB) are read at once. Picklable: host
+  workers reopen the files themselves.
+  """
+
+  num_classes = FASHION_MNIST_NUM_CLASSES
+  image_shape = (28, 28, 1)
+
+  def __init__(self, directory: str, split: str):
+    if split not in _SPLIT_PREFIXES:
+      raise ConfigError(
+          f"split: expected 'train' or 'test' for Fashion-MNIST idx files, got {split!r}"
+      )
+    if not os.path.isdir(directory):
+      raise ConfigError(f'data.dir: {directory} does not exist; expected the Fashion-MNIST files')
+    prefix = _SPLIT_PREFIXES[split]
+    self._images_path = _find_file(directory, f'{prefix}-images-idx3-ubyte')
+    labels_path = _find_file(directory, f'{prefix}-labels-idx1-ubyte')
+    self.labels = read_idx(labels_path).astype(np.int32)
+    if self.labels.ndim != 1 or not len(self.labels) or self.labels.max() >= self.num_classes:
+      raise ConfigError(f'{labels_path}: expected at least one label in [0, {self.num_classes})')
+    self._images = None
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getstate__(self):
+    return {**self.__dict__, '_images': None}
+
+  def read(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``[n, 28, 28, 1]`` and int32 labels ``[n]`` of the examples ``index``."""
+    if self._images is None:
+      with open(self._images_path, 'rb') as f:
+        compressed = f.read(2) == _GZIP_MAGIC
+      images = read_idx(self._images_path) if compressed else map_idx(self._images_path)
+      if images.dtype != np.uint8 or images.shape != (len(self.labels), 28, 28):
+        raise ConfigError(
+            f'{self._images_path}: holds {images.dtype} {list(images.shape)}; expected uint8 '
+            f'images of shape [{len(self.labels)}, 28, 28]'
+        )
+      self._images = images
+    index = np.asarray(index)
+    return np.asarray(self._images[index])[..., None], self.labels[index]

@@ -1,25 +1,12 @@
-"""The input pipeline that runs inside the compiled step: order, batches, augmentation.
+"""Image transforms: augmentation of uint8 batches and normalisation, traceable and per example.
 
-The whole (small) dataset lives on every device as uint8. Per epoch one permutation of the
-training split is drawn from ``(seed, epoch)``; each step slices its batch out of it, gathers the
-images on the device, and augments them there, so the host does no per-step data work and a
-resumed run sees exactly the same batches.
-
-An epoch has ``ceil(N / B)`` steps. The last batch is filled up with the first examples of the
-epoch's permutation, marked invalid: they take part in the forward pass (and so in BatchNorm's
-batch statistics) but get zero loss weight and never write per-example state, so every example
-counts exactly once per epoch, as with PyTorch's ``drop_last=False``.
+A source (``skd_jax.data.sources``) augments; a model's forward pass normalises with the mean and
+standard deviation of the split it was trained on (``skd_jax.networks``).
 """
-
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  return math.ceil(num_examples / batch_size)
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -30,25 +17,6 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   for start in range(0, len(pixels), 1 << 22):  # chunks keep float64 copies small
     sq += ((pixels[start : start + (1 << 22)] / 255.0 - mean) ** 2).sum(axis=0)
   return mean.astype(np.float32), np.sqrt(sq / len(pixels)).astype(np.float32)
-
-
-def epoch_order(
-    key: jax.Array, epoch: jax.Array, *, num_examples: int, batch_size: int
-) -> jax.Array:
-  """The epoch's example order, ``[steps_per_epoch * batch_size]`` int32, padding wrapped."""
-  perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
-  slots = steps_per_epoch(num_examples, batch_size) * batch_size
-  return perm[jnp.arange(slots) % num_examples].astype(jnp.int32)
-
-
-def batch_slots(
-    order: jax.Array, step_in_epoch: jax.Array, *, num_examples: int, batch_size: int
-) -> tuple[jax.Array, jax.Array]:
-  """The step's example indices ``[B]`` and whether each slot is a real (non-padding) example."""
-  start = step_in_epoch * batch_size
-  index = jax.lax.dynamic_slice(order, (start,), (batch_size,))
-  valid = start + jnp.arange(batch_size) < num_examples
-  return index, valid
 
 
 def augment(key: jax.Array, images: jax.Array, *, crop_padding: int, flip: bool) -> jax.Array:

@@ -260,3 +260,33 @@ def load_tfds(
         f' [0, {num_classes})'
     )
   return images, labels, num_classes
+
+
+class TfdsRecords:
+  """Random access to a prepared TFDS split (ArrayRecord) for the host-streaming source.
+
+  Reading an example reads and decodes that record only. ``labels`` (every label, for the
+  partner sampler) reads the whole split once, on first use.
+  """
+
+  def __init__(self, name: str, split: str, *, data_dir: str | None, download: bool):
+    self._source = _open(name, split, data_dir, download)
+    self.image_shape, self.num_classes = _check_features(name, self._source.dataset_info.features)
+    if not len(self._source):
+      raise ConfigError(f'data.name: split {split!r} of TFDS dataset {name!r} is empty')
+    self._labels = None
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  @property
+  def labels(self) -> np.ndarray:
+    if self._labels is None:
+      self._labels = np.array([e['label'] for e in _examples(self._source)], np.int32)
+    return self._labels
+
+  def read(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``[n, H, W, C]`` and int32 labels ``[n]`` of the examples ``index``."""
+    examples = [self._source[int(i)] for i in index]
+    images = np.stack([np.asarray(e['image'], np.uint8) for e in examples])
+    return images, np.array([e['label'] for e in examples], np.int32)

@@ -13,6 +13,8 @@ from skd_jax.losses._distillation import drg_loss
 from skd_jax.losses._distillation import dsr_loss
 from skd_jax.losses._distillation import lsskd_loss
 from skd_jax.losses._distillation import rotation_joint_labels
+from skd_jax.losses._peers import beta_smoothing_targets
+from skd_jax.losses._peers import sd_dropout_loss
 from skd_jax.losses._soft_targets import label_smoothing_cross_entropy
 from skd_jax.losses._soft_targets import label_smoothing_targets
 from skd_jax.losses._soft_targets import pskd_alpha
@@ -22,6 +24,7 @@ from skd_jax.losses._soft_targets import soft_target_cross_entropy
 
 __all__ = [
     'aggregate_joint_logits',
+    'beta_smoothing_targets',
     'distillation_kl',
     'drg_loss',
     'dsr_loss',
@@ -32,5 +35,6 @@ __all__ = [
     'pskd_cross_entropy',
     'pskd_targets',
     'rotation_joint_labels',
+    'sd_dropout_loss',
     'soft_target_cross_entropy',
 ]

@@ -7,42 +7,154 @@ A method is a weighted sum of terms, named in the config::
 The trainer imports ``skd_jax.terms.<name>`` and calls its ``make(settings, context)``, so a new
 method is a new module here plus a config file; the trainer does not change.
 
-A term is pure: it maps :class:`TermInputs` (what the forward pass produced for the batch) plus its
+A term is pure: it maps :class:`TermInputs` (what the step's forward passes produced) plus its
 own state to per-example losses and its next state. It declares what it needs beyond the final
-logits:
+logits of the main examples, and the trainer provides it without knowing the method:
 
-* named intermediates of the backbone (``inputs.outputs['stage2']``), always there;
-* training-only auxiliary heads (:meth:`LossTerm.heads`), attached at named stages; their logits
-  appear in ``inputs.outputs`` under the head's name, and the evaluated and exported model never
-  contains them;
-* extra views of the batch (:attr:`LossTerm.num_views`, :meth:`LossTerm.make_views`), e.g. LSSKD's
-  four rotations: the model then sees ``B * V`` images, ``inputs.logits`` / ``inputs.outputs``
-  hold the original view and ``inputs.views`` every view;
-* state, of two kinds, both created by the term, stored in the train state and in every
-  checkpoint:
+* named intermediates of the backbone (``inputs.outputs['stage2']``, ``'features'``), always there;
+* training-only auxiliary heads (:meth:`LossTerm.heads`): :class:`HeadRequest` s that
+  ``skd_jax.networks`` builds (terms construct no Flax modules); their logits appear in
+  ``inputs.outputs`` under the head's name, and the evaluated and exported model never contains
+  them;
+* extra views of the main examples (:attr:`LossTerm.num_views`, :meth:`LossTerm.make_views`), e.g.
+  LSSKD's four rotations: the student's main pass then sees ``B * V`` images, ``inputs.logits`` /
+  ``inputs.outputs`` hold view 0 and ``inputs.views`` every view. At most one term adds views;
+* extra groups of examples and forward passes over them (:attr:`LossTerm.forwards`, each a
+  :class:`Forward`): the ``'partner'`` group (a same-class example for every main example) or the
+  ``'previous'`` group (the previous step's main examples), each independently augmented, seen by
+  the student (with or without gradient), by the EMA copy of the student, or by a frozen teacher.
+  The result is ``inputs.passes[forward.name]``. Views apply to the main group only: an extra
+  group is one augmented view per example. Two terms may ask for the same pass (same name, same
+  settings); the trainer runs it once;
+* randomness: ``inputs.key``, a PRNG key of its own per step, derived from ``(seed, step, term
+  name)``, so a resumed run draws the same numbers;
+* the student's own classifier (``inputs.classify(features)``: the final Dense layer applied to
+  pooled features, with gradient), e.g. for SD-Dropout's dropped copies;
+* state, created by the term, stored in the train state and in every checkpoint:
 
   * ``rows``: one row per training example (e.g. PS-KD's history of past predictions,
     ``[N, C]``). The trainer keeps the table sharded along examples with the data, hands the term
     the rows of the batch's examples, and writes back the rows the term returns (skipping padding
     and duplicate indices), moving only ``O(batch x classes)`` per step.
-  * ``carry``: a small pytree carried from one step to the next (e.g. DSR's previous sorted
-    logits), replicated on every device.
+  * ``carry``: a small pytree carried from one step to the next, replicated on every device
+    (:attr:`LossTerm.carry_sharding` ``'replicated'``, e.g. DSR's previous sorted logits), or
+    sharded along ``data`` with the batch (``'batch'``: every leaf ``[B, ...]``, e.g. DLB's previous
+    logits, which then never cross devices).
+  * an exponential moving average of the student's backbone variables
+    (:attr:`LossTerm.ema_max_decay`): after every optimizer step ``ema = d ema + (1 - d) new``
+    with ``d = min(1 - 1 / (t + 1), ema_max_decay)`` at update ``t = 0, 1, ...``; forward passes
+    with ``network='ema'`` use it, and evaluation reports its metrics beside the student's.
+
+BatchNorm: the main pass runs the student in train mode over the main examples' ``B * V`` views;
+batch statistics are over that global batch. A student :class:`Forward` over another group is
+either a separate call (``batchnorm='separate'``: its own batch statistics, as the reference
+CS-KD and DLB code, and it updates the running statistics after the main pass) or part of the
+main call (``batchnorm='joint'``: the statistics cover both). EMA and teacher passes run in
+evaluation mode (running statistics) and update nothing.
+
+One step::
+
+      source.batch(step) ---> {'main', 'partner'?, 'previous'?}: index, valid, labels, uint8 images
+            |                      |                       |
+    views (main only)      student passes           EMA / teacher passes (eval mode, no gradient)
+            |              (grad or not; BN joint       |
+            v               or separate)                |
+      student main pass -------->  TermInputs  <--------+   + rows[index], carry, key(seed, step)
+      (train mode, grad)              |
+                                      v
+                Combined: sum_t weight_t * L_t,i  ->  mean over valid i  ->  grad
+                                      |
+            optimizer update -> new rows scattered, carry, EMA update, measurements
 
 :class:`Combined` sums weighted terms (``optax.chain``'s role for losses): it is what the trainer
 uses, and other JAX code can call it, or any single term, on plain arrays.
+
+Not yet provided: parameters a term trains with an optimizer of its own (AI-KD's discriminator).
+The intended shape: the term declares an ``optax`` transformation and initial parameters, the
+train state keeps them and their optimizer state under the term's name beside ``rows`` and
+``carry``, and the step differentiates the term's own objective with respect to them after the
+student's update, so nothing in the student's gradient or weight decay touches them.
 """
 
 import abc
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
+import zlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from skd_jax.errors import ConfigError
+
+NETWORKS = ('student', 'ema', 'teacher')
+GROUPS = ('main', 'partner', 'previous')  # skd_jax.data.sources.GROUPS
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """A forward pass a term asks for; its result is ``inputs.passes[name]``, a :class:`Pass`.
+
+  Attributes:
+    name: key in ``inputs.passes``; terms asking for the same name must ask for the same pass.
+    group: the examples: ``'main'``, ``'partner'`` or ``'previous'``.
+    network: ``'student'``, ``'ema'`` (the student's EMA copy) or ``'teacher'`` (frozen).
+    grad: student only: whether gradients flow through the pass.
+    batchnorm: student only: ``'separate'`` (its own call and batch statistics) or ``'joint'``
+      (part of the main pass's call: batch statistics over both).
+  """
+
+  name: str
+  group: str = 'main'
+  network: str = 'student'
+  grad: bool = False
+  batchnorm: str = 'separate'
+
+  def __post_init__(self):
+    if self.group not in GROUPS or self.network not in NETWORKS:
+      raise ValueError(f'forward {self.name}: unknown group {self.group!r} or network')
+    if self.batchnorm not in ('separate', 'joint'):
+      raise ValueError(f'forward {self.name}: batchnorm must be separate or joint')
+    if self.network != 'student' and (self.grad or self.batchnorm != 'separate'):
+      raise ValueError(f'forward {self.name}: only student passes take grad or joint batchnorm')
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Pass:
+  """The result of a :class:`Forward` over a group of ``B`` examples.
+
+  Attributes:
+    logits: ``[B, C]`` float32.
+    labels: ``[B]`` the group's labels.
+    valid: ``[B]`` False on padding slots (and, for ``'previous'``, at a run's first step).
+    outputs: the network's named intermediates, ``[B, ...]`` each.
+  """
+
+  logits: jax.Array
+  labels: jax.Array
+  valid: jax.Array
+  outputs: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadRequest:
+  """A training-only head a term asks ``skd_jax.networks`` to build.
+
+  Attributes:
+    name: key of the head's logits in ``inputs.outputs`` and of its variables.
+    stage: the backbone stage (1-based) whose output the head reads.
+    kind: ``'drg'`` (LightSKD's attention head) or ``'later_stages'`` (the backbone's later
+      stages again, HSAKD/LSSKD).
+    num_outputs: number of logits.
+  """
+
+  name: str
+  stage: int
+  kind: str
+  num_outputs: int
 
 
 @jax.tree_util.register_dataclass
@@ -58,6 +170,11 @@ class TermInputs:
     epoch: 0-based epoch (an int32 scalar in the trainer).
     views: ``'logits'`` and every output for every view of the batch, ``[B, V, ...]`` each (view 0
       is the original). Defaults to the single view ``logits`` / ``outputs``.
+    valid: ``[B]`` False on padding slots; defaults to all True.
+    passes: the extra forward passes the terms asked for (:class:`Forward`), by name.
+    key: a PRNG key of this term and step (None outside the trainer unless given).
+    classify: the student's final Dense layer, ``[B, D] features -> [B, C]`` float32 logits
+      (None outside the trainer unless given).
   """
 
   logits: jax.Array
@@ -65,11 +182,19 @@ class TermInputs:
   outputs: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
   epoch: Any = 0
   views: Mapping[str, jax.Array] | None = None
+  valid: jax.Array | None = None
+  passes: Mapping[str, Pass] = dataclasses.field(default_factory=dict)
+  key: jax.Array | None = None
+  classify: Callable[[jax.Array], jax.Array] | None = dataclasses.field(
+      default=None, metadata=dict(static=True)
+  )
 
   def __post_init__(self):
     if self.views is None:
       single = {'logits': self.logits, **self.outputs}
       object.__setattr__(self, 'views', {k: v[:, None] for k, v in single.items()})
+    if self.valid is None:
+      object.__setattr__(self, 'valid', jnp.ones(self.labels.shape, jnp.bool_))
 
   @property
   def one_hot(self) -> jax.Array:
@@ -84,8 +209,12 @@ class TermInputs:
       labels: jax.Array,
       epoch: Any,
       num_views: int,
+      **fields,
   ) -> 'TermInputs':
-    """Inputs from a forward pass over ``B * num_views`` images laid out example-major."""
+    """Inputs from a forward pass over ``B * num_views`` images laid out example-major.
+
+    ``fields`` are the other attributes (``valid``, ``passes``, ``key``, ``classify``).
+    """
     batch = labels.shape[0]
     views = {
         k: v.reshape(batch, num_views, *v.shape[1:])
@@ -97,6 +226,7 @@ class TermInputs:
         outputs={k: views[k][:, 0] for k in outputs},
         epoch=epoch,
         views=views,
+        **fields,
     )
 
 
@@ -121,6 +251,7 @@ class Context:
   num_epochs: int
   batch_size: int
   image_shape: tuple[int, ...] | None = None  # (H, W, channels) of one example
+  num_stages: int | None = None  # the backbone's numbered stages (outputs 'stage1'...)
 
 
 # Term fields a config does not set: the name, and the facts of the run.
@@ -130,14 +261,18 @@ _NOT_SETTINGS = {'name'} | {f.name for f in dataclasses.fields(Context)}
 class LossTerm(abc.ABC):
   """Base class of loss terms. Subclasses are frozen dataclasses with a ``weight`` field.
 
-  Override ``__call__`` always; ``init_rows`` / ``init_carry`` for stateful terms; ``heads`` for
-  terms that need auxiliary heads; ``num_views`` and ``make_views`` for terms that need extra
-  views of each example.
+  Override ``__call__`` always; ``init_rows`` / ``init_carry`` (and ``carry_sharding``) for
+  stateful terms; ``heads`` for terms that need auxiliary heads; ``num_views`` and ``make_views``
+  for terms that need extra views of each example; ``forwards`` for extra forward passes;
+  ``ema_max_decay`` for an EMA copy of the student.
   """
 
   name: str
   weight: float
   num_views: int = 1
+  forwards: tuple[Forward, ...] = ()
+  carry_sharding: str = 'replicated'  # or 'batch': every carry leaf is [B, ...]
+  ema_max_decay: float | None = None
 
   def init_rows(self, labels: jax.Array) -> jax.Array | None:
     """Initial per-example state from the ``[N]`` training labels, or None."""
@@ -148,13 +283,8 @@ class LossTerm(abc.ABC):
     """Initial step-to-step state (arrays of static shape), or None."""
     return None
 
-  def heads(self, backbone) -> tuple[Any, ...]:
-    """Training-only heads (``skd_jax.models.Head``) this term needs on ``backbone``.
-
-    Raises:
-      ConfigError: when the backbone cannot carry them.
-    """
-    del backbone
+  def heads(self) -> tuple[HeadRequest, ...]:
+    """Training-only heads this term needs (built by ``skd_jax.networks``)."""
     return ()
 
   def make_views(self, images: jax.Array) -> jax.Array:
@@ -189,7 +319,8 @@ class Combined:
   """A weighted sum of loss terms: ``L_i = sum_t weight_t * L_t,i``.
 
   Rows and carries are dicts keyed by term name. At most one term may add views of the batch;
-  every term then sees the same ``B * V`` forward pass.
+  every term then sees the same ``B * V`` forward pass. Forward passes of the same name are run
+  once; EMA copies asked for by several terms must have the same decay.
   """
 
   terms: tuple[LossTerm, ...]
@@ -201,8 +332,40 @@ class Combined:
     viewers = [t.name for t in self.terms if t.num_views > 1]
     if len(viewers) > 1:
       raise ValueError(
-          f'terms: {" and ".join(viewers)} both add views of the batch; at most ' 'one term may'
+          f'terms: {" and ".join(viewers)} both add views of the batch; at most one term may'
       )
+    forwards = {}
+    for term in self.terms:
+      for forward in term.forwards:
+        if forwards.setdefault(forward.name, forward) != forward:
+          raise ValueError(f'terms: two different forward passes are named {forward.name!r}')
+    decays = {t.ema_max_decay for t in self.terms} - {None}
+    if len(decays) > 1:
+      raise ValueError(f'terms: EMA copies with different decays {sorted(decays)}')
+    if any(f.network == 'ema' for f in forwards.values()) and not decays:
+      raise ValueError('terms: a forward pass of the EMA copy, but no term keeps one')
+
+  @property
+  def forwards(self) -> tuple[Forward, ...]:
+    """Every extra forward pass, once, in the order the terms ask for them."""
+    found = {}
+    for term in self.terms:
+      for forward in term.forwards:
+        found.setdefault(forward.name, forward)
+    return tuple(found.values())
+
+  @property
+  def groups(self) -> tuple[str, ...]:
+    """The example groups besides ``'main'`` that the forward passes read."""
+    return tuple(g for g in GROUPS[1:] if any(f.group == g for f in self.forwards))
+
+  @property
+  def ema_max_decay(self) -> float | None:
+    return next((t.ema_max_decay for t in self.terms if t.ema_max_decay is not None), None)
+
+  def carry_sharding(self) -> dict[str, str]:
+    """Term name -> ``'replicated'`` or ``'batch'``."""
+    return {t.name: t.carry_sharding for t in self.terms}
 
   @property
   def num_views(self) -> int:
@@ -216,10 +379,10 @@ class Combined:
     views = viewer.make_views(images)
     return views.reshape(-1, *views.shape[2:])
 
-  def heads(self, backbone) -> tuple[Any, ...]:
-    """Every term's heads on ``backbone``; names must not collide."""
-    heads = tuple(h for t in self.terms for h in t.heads(backbone))
-    names = [h.name for h in heads]
+  def heads(self) -> dict[str, tuple[HeadRequest, ...]]:
+    """Term name -> its head requests; head names must not collide."""
+    heads = {t.name: t.heads() for t in self.terms}
+    names = [h.name for hs in heads.values() for h in hs]
     if len(set(names)) != len(names):
       raise ConfigError(f'loss: two terms attach heads with the same name: {names}')
     return heads
@@ -239,11 +402,16 @@ class Combined:
       rows: Mapping[str, Any] | None = None,
       carry: Mapping[str, Any] | None = None,
   ) -> CombinedOutput:
-    """Calls every term on the same inputs with its own rows and carry; sums weighted losses."""
+    """Calls every term with its own rows, carry and PRNG key; sums weighted losses."""
     rows, carry = rows or {}, carry or {}
     total, per_term, new_rows, new_carry, metrics = 0.0, {}, {}, {}, {}
     for term in self.terms:
-      out = term(inputs, rows.get(term.name), carry.get(term.name))
+      own = inputs
+      if inputs.key is not None:
+        own = dataclasses.replace(
+            inputs, key=jax.random.fold_in(inputs.key, zlib.crc32(term.name.encode()))
+        )
+      out = term(own, rows.get(term.name), carry.get(term.name))
       total = total + term.weight * out.loss
       per_term[term.name] = out.loss
       if out.rows is not None:
@@ -267,7 +435,7 @@ def build(loss_config: ml_collections.ConfigDict, context: Context) -> Combined:
     except ModuleNotFoundError:
       raise ConfigError(
           f'loss.{name}: unknown loss term; expected a module of skd_jax.terms '
-          f'such as cross_entropy, pskd, drg, dsr, lsskd'
+          f'such as cross_entropy, pskd, drg, dsr, lsskd, cskd, dlb'
       ) from None
     if 'weight' not in settings or settings.weight < 0:
       raise ConfigError(f'loss.{name}.weight: expected a non-negative number')
@@ -285,12 +453,8 @@ def build(loss_config: ml_collections.ConfigDict, context: Context) -> Combined:
     raise ConfigError(f'loss: {str(e).removeprefix("terms: ")}') from None
 
 
-def settings() -> dict[str, dict[str, Any]]:
-  """Every term module of this package: ``{name: {setting: default}}`` (for ``--help``).
-
-  A setting is a field of the term's dataclass that the config sets; ``name`` and the facts of
-  :class:`Context` are not settings.
-  """
+def term_classes() -> dict[str, type]:
+  """Every term module of this package and the :class:`LossTerm` class it defines, by name."""
   found = {}
   for info in pkgutil.iter_modules(__path__):
     module = importlib.import_module(f'{__name__}.{info.name}')
@@ -300,12 +464,24 @@ def settings() -> dict[str, dict[str, Any]]:
           and issubclass(value, LossTerm)
           and value.__module__ == module.__name__
       ):
-        found[info.name] = {
-            f.name: f.default
-            for f in dataclasses.fields(value)
-            if f.name not in _NOT_SETTINGS and f.default is not dataclasses.MISSING
-        }
+        found[info.name] = value
   return found
+
+
+def settings() -> dict[str, dict[str, Any]]:
+  """Every term module of this package: ``{name: {setting: default}}`` (for ``--help``).
+
+  A setting is a field of the term's dataclass that the config sets; ``name`` and the facts of
+  :class:`Context` are not settings.
+  """
+  return {
+      name: {
+          f.name: f.default
+          for f in dataclasses.fields(cls)
+          if f.name not in _NOT_SETTINGS and f.default is not dataclasses.MISSING
+      }
+      for name, cls in term_classes().items()
+  }
 
 
 def check_range(

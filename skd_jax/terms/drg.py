@@ -1,6 +1,7 @@
 """DRG: LightSKD's distillation with reverse guidance (Xu et al., arXiv 2305.09183).
 
-A light auxiliary head (attention + separable convolutions, ``skd_jax.models.DRGHead``) on an
+A light auxiliary head (attention + separable convolutions, ``skd_jax.models.DRGHead``, built by
+``skd_jax.networks``) on an
 intermediate stage is trained with cross-entropy, and its detached softened prediction teaches
 the final head: the shallow branch guides the deep one. The head's input width follows the
 backbone's stage (the official code hard-codes 512 channels, which breaks on ResNet-18's stage 2).
@@ -13,7 +14,6 @@ import jax.numpy as jnp
 
 from skd_jax import errors
 from skd_jax import losses
-from skd_jax import models
 from skd_jax import terms
 
 
@@ -31,19 +31,8 @@ class DRG(terms.LossTerm):
   stage: int = 2
   name: str = 'drg'
 
-  def heads(self, backbone):
-    num_stages = getattr(backbone, 'num_stages', None)
-    if num_stages is None:
-      raise errors.ConfigError(f'loss.drg: model {type(backbone).__name__} has no numbered stages')
-    if not 1 <= self.stage <= num_stages:
-      raise errors.ConfigError(
-          f'loss.drg.stage: expected a stage in 1..{num_stages}, got ' f'{self.stage}'
-      )
-    return (
-        models.Head(
-            self.name, f'stage{self.stage}', models.DRGHead(self.num_classes, dtype=backbone.dtype)
-        ),
-    )
+  def heads(self):
+    return (terms.HeadRequest(self.name, self.stage, 'drg', self.num_classes),)
 
   def __call__(self, inputs, rows=None, carry=None):
     aux = inputs.outputs[self.name]

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from skd_jax import errors
 from skd_jax import losses
-from skd_jax import models
 from skd_jax import terms
 
 NUM_ROTATIONS = 4
@@ -31,6 +30,7 @@ class LSSKD(terms.LossTerm):
   """``weight * lsskd_loss(z, [s_1 .. s_L], y)`` with heads ``lsskd1`` .. ``lsskdL``."""
 
   num_classes: int
+  num_stages: int
   weight: float = 1.0
   temperature: float = 3.0
   pairing: str = 'deepest'
@@ -42,20 +42,11 @@ class LSSKD(terms.LossTerm):
   name: str = 'lsskd'
   num_views = NUM_ROTATIONS
 
-  def heads(self, backbone):
-    num_stages = getattr(backbone, 'num_stages', None)
-    if num_stages is None or not hasattr(backbone, 'later_stages_head'):
-      raise errors.ConfigError(
-          f'loss.lsskd: model {type(backbone).__name__} cannot '
-          're-instantiate its later stages as heads'
-      )
+  def heads(self):
+    # One head per stage; skd_jax.networks checks the backbone has that many and can rebuild them.
     return tuple(
-        models.Head(
-            f'{self.name}{l}',
-            f'stage{l}',
-            backbone.later_stages_head(l, NUM_ROTATIONS * self.num_classes),
-        )
-        for l in range(1, num_stages + 1)
+        terms.HeadRequest(f'{self.name}{l}', l, 'later_stages', NUM_ROTATIONS * self.num_classes)
+        for l in range(1, self.num_stages + 1)
     )
 
   def make_views(self, images):
@@ -94,6 +85,8 @@ class LSSKD(terms.LossTerm):
 
 
 def make(settings, context):
+  if not context.num_stages:
+    raise errors.ConfigError('loss.lsskd: the model has no numbered stages to attach heads to')
   shape = context.image_shape
   if shape is not None and shape[0] != shape[1]:
     raise errors.ConfigError(
@@ -104,6 +97,7 @@ def make(settings, context):
   )
   return LSSKD(
       num_classes=context.num_classes,
+      num_stages=context.num_stages,
       weight=float(settings.weight),
       temperature=check('temperature', 1e-3, 1e3),
       pairing=terms.check_choice(settings, 'pairing', ('deepest', 'adjacent'), 'lsskd', 'deepest'),

@@ -1,0 +1,205 @@
+"""The host-streaming batch source, for data that does not fit on the devices.
+
+Batches are a pure function of the step, as with the on-device source (``skd_jax.data.sources``):
+step ``s`` takes slots ``[s B, (s + 1) B)`` of its epoch's permutation, drawn on the host from
+``(seed, epoch)``; partners and previous-step examples follow the same rules. Each of ``P``
+processes computes the whole step's indices (cheap) but reads, decodes and augments only its
+share, the global slots ``[p B / P, (p + 1) B / P)``, and contributes them to the global batch
+(``jax.make_array_from_process_local_data``), so every example keeps its stable index and the
+devices see one global batch sharded along ``data``.
+
+The work runs in a grain pipeline over step numbers: ``data.workers`` host processes (0: threads
+of the training process) read and augment whole steps ahead, ``data.prefetch`` of them buffered,
+in order. Because a step's batch depends on the step alone, the source's position is the step: a
+resumed run restarts the pipeline at the checkpoint's step and repeats or skips no example.
+
+Augmentation draws the whole global batch's random numbers from ``(seed, group, step)`` with
+numpy and keeps its share's, so the result does not depend on the number of processes. It is
+the on-device source's augmentation (random crop after zero padding, horizontal flip) with
+numpy's generator instead of JAX's, so the two sources see the same distribution of batches,
+not the same batches.
+"""
+
+import time
+
+from absl import flags
+import grain
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+
+from skd_jax import example_rows
+from skd_jax.data import samplers
+from skd_jax.data import sources
+
+# Random streams of (seed, stream, step), as the on-device source's fold-in constants.
+_STREAMS = {'main': 1, 'order': 2, 'partner': 4, 'partners': 5, 'previous': 6}
+
+
+def _rng(seed: int, stream: str, number: int) -> np.random.Generator:
+  return np.random.default_rng((seed, _STREAMS[stream], number))
+
+
+def augment(
+    rng: np.random.Generator, images: np.ndarray, share: slice, size: int, crop_padding, flip
+) -> np.ndarray:
+  """Random crop after zero padding and random flip of ``images``, the ``share`` of a batch of
+  ``size``: the random numbers are drawn for the whole batch and sliced."""
+  _, height, width, _ = images.shape
+  offsets = rng.integers(0, 2 * crop_padding + 1, (size, 2))[share]
+  flips = (rng.random(size) < 0.5)[share]
+  if crop_padding:
+    p = crop_padding
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    images = np.stack(
+        [padded[i, y : y + height, x : x + width] for i, (y, x) in enumerate(offsets)]
+    )
+  if flip:
+    images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+  return images
+
+
+class StepReader:
+  """What a host worker runs: step -> this process's share of the step's groups, as numpy.
+
+  Picklable (records, sampler state and settings only), so grain can ship it to worker processes.
+  """
+
+  def __init__(self, records, *, seed, batch_size, groups, crop_padding, flip, share: slice):
+    self.records, self.seed, self.batch_size, self.groups = records, seed, batch_size, groups
+    self.crop_padding, self.flip, self.share = crop_padding, flip, share
+    self.num_examples = len(records)
+    self.steps_per_epoch = samplers.steps_per_epoch(self.num_examples, batch_size)
+    self.classes = None
+    if 'partner' in groups:
+      self.classes = samplers.class_index(records.labels, records.num_classes)
+    self._orders = {}
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      perm = _rng(self.seed, 'order', epoch).permutation(self.num_examples)
+      slots = np.arange(self.steps_per_epoch * self.batch_size) % self.num_examples
+      self._orders = {epoch: perm[slots].astype(np.int32)}  # one epoch at a time
+    return self._orders[epoch]
+
+  def _slots(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    epoch, position = divmod(step, self.steps_per_epoch)
+    start = position * self.batch_size
+    index = self._order(epoch)[start : start + self.batch_size]
+    return index, start + np.arange(self.batch_size) < self.num_examples
+
+  def indices(self, step: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every group's global example indices and validity at ``step``."""
+    index, valid = self._slots(step)
+    groups = {'main': (index, valid)}
+    if 'partner' in self.groups:
+      by_class, start, count = self.classes
+      labels = self.records.labels[index]
+      offset = _rng(self.seed, 'partners', step).integers(0, count[labels])
+      groups['partner'] = (by_class[start[labels] + offset], valid)
+    if 'previous' in self.groups:
+      previous, previous_valid = self._slots(max(step - 1, 0))
+      groups['previous'] = (previous, previous_valid & (step > 0))
+    return groups
+
+  def __call__(self, step: int) -> dict:
+    out = {'step': step}
+    for group, (index, valid) in self.indices(step).items():
+      images, labels = self.records.read(index[self.share])
+      rng = _rng(self.seed, group, step)
+      images = augment(rng, images, self.share, self.batch_size, self.crop_padding, self.flip)
+      out[group] = dict(
+          index=index[self.share], valid=valid[self.share], labels=labels, images=images
+      )
+    return out
+
+
+class HostSource:
+  """Reads, decodes and augments each step's share of the batch on the host, ahead of time.
+
+  Args:
+    records: random access to the split (``skd_jax.data.open_records``): ``len``,
+      ``read(index) -> (images, labels)``, ``labels``, ``num_classes``, ``image_shape``.
+    mesh: the ``data`` mesh.
+    seed, batch_size, groups, crop_padding, flip: as ``skd_jax.data.sources.OnDeviceSource``.
+    num_steps: the run's number of steps.
+    workers: host worker processes (0: threads of this process).
+    prefetch: steps read ahead.
+  """
+
+  def __init__(
+      self,
+      records,
+      mesh,
+      *,
+      seed: int,
+      batch_size: int,
+      num_steps: int,
+      groups=(),
+      crop_padding: int = 0,
+      flip: bool = False,
+      workers: int = 0,
+      prefetch: int = 2,
+  ):
+    unknown = set(groups) - set(sources.GROUPS)
+    if unknown:
+      raise ValueError(f'groups: unknown {sorted(unknown)}; expected some of {sources.GROUPS}')
+    self.groups = ('main',) + tuple(g for g in sources.GROUPS[1:] if g in groups)
+    per_process = batch_size // jax.process_count()
+    self.reader = StepReader(
+        records,
+        seed=seed,
+        batch_size=batch_size,
+        groups=self.groups,
+        crop_padding=crop_padding,
+        flip=flip,
+        share=slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process),
+    )
+    self.batch_size, self.steps_per_epoch = batch_size, self.reader.steps_per_epoch
+    self._num_steps, self._workers, self._prefetch = num_steps, workers, prefetch
+    self._sharding = NamedSharding(mesh, P(example_rows.AXIS))
+    self._iterator, self._next = None, None
+    self.wait_seconds = 0.0  # time step_args spent waiting for the pipeline
+
+  @property
+  def labels(self) -> np.ndarray:
+    return self.reader.records.labels
+
+  def _start(self, step: int):
+    self.close()
+    dataset = grain.MapDataset.range(step, self._num_steps).map(self.reader)
+    iterable = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, self._prefetch), prefetch_buffer_size=self._prefetch)
+    )
+    if self._workers:
+      if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults here)
+        flags.FLAGS.mark_as_parsed()
+      iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+    self._iterator, self._next = iter(iterable), step
+
+  def close(self):
+    """Stops the pipeline's workers (a later ``step_args`` starts it again)."""
+    close = getattr(self._iterator, 'close', None)
+    if close:
+      close()
+    self._iterator = None
+
+  def step_args(self, step: int) -> tuple[sources.Batch]:
+    """Step ``step``'s global batch on the devices (the pipeline restarts for an unexpected step)."""
+    if self._iterator is None or step != self._next:
+      self._start(step)
+    started = time.perf_counter()
+    local = next(self._iterator)
+    self.wait_seconds += time.perf_counter() - started
+    if local.pop('step') != step:
+      raise RuntimeError(f'input pipeline: expected step {step}')
+    self._next = step + 1
+    put = lambda x: jax.make_array_from_process_local_data(
+        self._sharding, x, (self.batch_size, *x.shape[1:])
+    )
+    return ({g: sources.Examples(**{k: put(v) for k, v in a.items()}) for g, a in local.items()},)
+
+  def batch(self, step, batch: sources.Batch) -> sources.Batch:
+    """The batch ``step_args`` brought (traceable)."""
+    del step
+    return batch

@@ -1,0 +1,78 @@
+"""Born-again networks (Furlanello et al., ICML 2018): generations trained in sequence, each taught
+by the one before.
+
+``train_generations(config, workdir, k)`` trains generation ``g`` in ``workdir/generation<g>``:
+generation 1 with cross-entropy alone (the config's terms that need a teacher are replaced by
+``loss.cross_entropy`` of weight 1, unless ``teacher.workdir`` names a teacher for it), and every
+later generation with the config's loss and the previous generation as its frozen teacher
+(``teacher.workdir``). A generation with a ``summary.json`` is finished and skipped, and an
+unfinished one resumes from its checkpoints, so rerunning the same command continues the
+sequence wherever it stopped.
+"""
+
+import json
+import logging
+import os
+from typing import Any
+
+import ml_collections
+
+from skd_jax import terms as terms_lib
+from skd_jax import train
+from skd_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _teacher_terms(config) -> list[str]:
+  classes = terms_lib.term_classes()
+  return [
+      name
+      for name in config.loss
+      if name in classes and any(f.network == 'teacher' for f in classes[name].forwards)
+  ]
+
+
+def generation_config(
+    config: ml_collections.ConfigDict, workdir: str, generation: int
+) -> ml_collections.ConfigDict:
+  """The config of generation ``generation`` (1-based) of a sequence in ``workdir``."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if generation > 1:
+    config.teacher.workdir = os.path.join(workdir, f'generation{generation - 1}')
+  elif not config.teacher.workdir:
+    config.loss = ml_collections.ConfigDict({'cross_entropy': {'weight': 1.0}})
+  return config
+
+
+def train_generations(
+    config: ml_collections.ConfigDict, workdir: str, generations: int, devices=None
+) -> list[dict[str, Any]]:
+  """Trains (or finishes) ``generations`` generations; returns every generation's summary.
+
+  Raises:
+    ConfigError: ``generations`` < 1, or the config's loss has no term that uses a teacher.
+    Whatever ``skd_jax.train.train_and_evaluate`` raises, for the generation being trained.
+  """
+  if not isinstance(generations, int) or generations < 1:
+    raise ConfigError(f'--generations: expected a positive integer, got {generations!r}')
+  if not _teacher_terms(config):
+    raise ConfigError(
+        '--generations: the config has no loss term that uses a teacher; expected one such as '
+        'loss.teacher_kd (configs/teacher_kd.py)'
+    )
+  summaries = []
+  for generation in range(1, generations + 1):
+    directory = os.path.join(workdir, f'generation{generation}')
+    done = os.path.join(directory, 'summary.json')
+    if os.path.exists(done):
+      with open(done) as f:
+        summaries.append(json.load(f))
+      log.info('Generation %d/%d is finished (%s).', generation, generations, done)
+      continue
+    log.info('Generation %d/%d in %s.', generation, generations, directory)
+    summary = train.train_and_evaluate(
+        generation_config(config, workdir, generation), directory, devices
+    )
+    summaries.append(summary)
+  return summaries

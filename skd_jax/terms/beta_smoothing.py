@@ -1,0 +1,54 @@
+"""Beta smoothing: self-distillation as instance-specific label smoothing (Zhang & Sabuncu, 2020).
+
+An EMA copy of the student (decay ``min(1 - 1/(t + 1), ema_max_decay)`` after update ``t``,
+kept by the trainer and evaluated beside the student) gives every example's true-class
+confidence. The batch's draws from ``Beta(a, b)`` (the term's PRNG key of the step) are sorted
+and handed out by confidence rank, most confident example first
+(:func:`skd_jax.losses.beta_smoothing_targets`), and the student learns
+``H(target, z)``. The EMA pass runs in evaluation mode (running BatchNorm statistics) without
+gradient. With ``cross_entropy`` weight ``1 - alpha`` and this term's weight ``alpha`` the sum
+is the paper's ``(1 - alpha) CE + alpha H(target, z)``.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from skd_jax import losses
+from skd_jax import terms
+
+
+@dataclasses.dataclass(frozen=True)
+class BetaSmoothing(terms.LossTerm):
+  """``weight * H(target_b, z)``, ``b`` drawn from ``Beta(a, b)`` by EMA confidence rank."""
+
+  weight: float = 0.6
+  a: float = 3.0
+  b: float = 1.0
+  ema_max_decay: float = 0.999
+  name: str = 'beta_smoothing'
+  forwards = (terms.Forward('ema', network='ema'),)
+
+  def __call__(self, inputs, rows=None, carry=None):
+    ema = inputs.passes['ema']
+    confidence = jnp.sum(jax.nn.softmax(ema.logits) * inputs.one_hot, axis=-1)
+    draws = jax.random.beta(inputs.key, self.a, self.b, confidence.shape)
+    targets = losses.beta_smoothing_targets(inputs.one_hot, confidence, draws, valid=inputs.valid)
+    return terms.TermOutput(
+        losses.soft_target_cross_entropy(inputs.logits, targets),
+        metrics={'beta_smoothing/ema_confidence': confidence},
+    )
+
+
+def make(settings, context):
+  del context
+  check = lambda key, low, high: terms.check_range(
+      settings, key, low, high, 'beta_smoothing', getattr(BetaSmoothing, key)
+  )
+  return BetaSmoothing(
+      weight=float(settings.weight),
+      a=check('a', 1e-3, 1e3),
+      b=check('b', 1e-3, 1e3),
+      ema_max_decay=check('ema_max_decay', 0, 1),
+  )

@@ -1,0 +1,67 @@
+"""DLB: self-distillation from the last mini-batch (Shen et al., CVPR 2022).
+
+Each step also sees the previous step's examples (the source's ``'previous'`` group) under a new
+augmentation, in a forward pass with gradient, and distils toward the logits the model produced
+for them one step earlier. Those logits are this term's carry, ``[B, C]`` sharded along ``data``
+with the batch, so they never cross devices; the carry runs across epoch boundaries and is part of
+every checkpoint. The previous examples' pass is a separate call, as in the reference code (its
+own BatchNorm batch statistics).
+
+The reference computes one cross-entropy over the concatenation of both batches (a mean over
+``2 B``) plus the distillation; with a ``cross_entropy`` term of weight 0.5 and ``ce_weight=0.5``
+here the sum is the same. At a run's first step there is no previous batch and this term gives 0.
+Slot ``i`` of the previous group is weighted like the main example in slot ``i`` (the trainer
+averages over the main examples' validity).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from skd_jax import losses
+from skd_jax import terms
+
+
+@dataclasses.dataclass(frozen=True)
+class DLB(terms.LossTerm):
+  """``weight * [ce_weight H(y', z') + alpha T^2 KL(softmax(sg(z_{t-1})/T) || softmax(z'/T))]``.
+
+  ``z'`` is this step's prediction on the previous step's examples ``x'`` (labels ``y'``),
+  ``z_{t-1}`` the prediction on them at the previous step.
+  """
+
+  num_classes: int
+  batch_size: int
+  weight: float = 1.0
+  alpha: float = 1.0
+  temperature: float = 3.0
+  ce_weight: float = 0.5
+  name: str = 'dlb'
+  forwards = (terms.Forward('previous', group='previous', network='student', grad=True),)
+  carry_sharding = 'batch'
+
+  def init_carry(self):
+    return {'logits': jnp.zeros((self.batch_size, self.num_classes), jnp.float32)}
+
+  def __call__(self, inputs, rows=None, carry=None):
+    previous = inputs.passes['previous']
+    one_hot = jax.nn.one_hot(previous.labels, self.num_classes, dtype=jnp.float32)
+    ce = losses.soft_target_cross_entropy(previous.logits, one_hot)
+    kd = losses.distillation_kl(previous.logits, carry['logits'], temperature=self.temperature)
+    loss = jnp.where(previous.valid, self.ce_weight * ce + self.alpha * kd, 0.0)
+    return terms.TermOutput(loss, carry={'logits': jax.lax.stop_gradient(inputs.logits)})
+
+
+def make(settings, context):
+  check = lambda key, low, high: terms.check_range(
+      settings, key, low, high, 'dlb', getattr(DLB, key)
+  )
+  return DLB(
+      num_classes=context.num_classes,
+      batch_size=context.batch_size,
+      weight=float(settings.weight),
+      alpha=check('alpha', 0, 1e3),
+      temperature=check('temperature', 1e-3, 1e3),
+      ce_weight=check('ce_weight', 0, 1e3),
+  )
