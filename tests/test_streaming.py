@@ -8,8 +8,10 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import runs
+from skd_jax import data as data_lib
 from skd_jax import preemption
 from skd_jax import train
 from skd_jax.data import idx
@@ -131,6 +133,18 @@ def test_a_truncated_plain_idx_file_is_one_config_error(tmp_path):
   records = idx.FashionMnistRecords(str(tmp_path), 'train')
   with pytest.raises(ConfigError, match='IDX size does not match its header'):
     records.read(np.array([0]))
+
+
+def test_tfds_records_read_single_examples_of_a_prepared_split():
+  config = runs.config('baseline')
+  with tfds.testing.mock_data(num_examples=runs.NUM_EXAMPLES):
+    records = data_lib.open_records(config.data, 'train')
+    whole = data_lib.load_split(config.data, 'train')
+    images, labels = records.read(np.array([5, 0, 5]))
+  assert (len(records), records.num_classes, records.image_shape) == (72, 10, (32, 32, 3))
+  np.testing.assert_array_equal(images, whole.images[[5, 0, 5]])
+  np.testing.assert_array_equal(labels, whole.labels[[5, 0, 5]])
+  np.testing.assert_array_equal(records.labels, whole.labels)
 
 
 def _host_config(fashion, workers=0):
