@@ -1,5 +1,6 @@
-r"""Beta smoothing: self-distillation as instance-specific label smoothing (Zhang & Sabuncu,
-NeurIPS 2020), alpha = 0.6, Beta(3, 1).
+r"""Beta smoothing (Zhang & Sabuncu, NeurIPS 2020), alpha = 0.6, Beta(3, 1).
+
+Self-distillation as instance-specific label smoothing.
 
 An EMA copy of the model (decay min(1 - 1/(t + 1), 0.999)) ranks the batch by true-class
 confidence; sorted draws from Beta(3, 1) become the per-example target confidences:

@@ -1,5 +1,6 @@
-r"""Knowledge distillation from a frozen teacher (Hinton et al., 2015), alpha = 0.9, T = 4; with
-``--generations=K``, born-again networks (Furlanello et al., ICML 2018).
+r"""Teacher KD (Hinton et al., 2015), alpha = 0.9, T = 4; born-again generations with --generations.
+
+Born-again networks: Furlanello et al., ICML 2018.
 
 The teacher is any earlier run's export, in evaluation mode, never trained and not part of this
 run's checkpoints: ``L = (1 - alpha) CE + alpha T^2 KL(softmax(z_t/T) || softmax(z/T))``.

@@ -1,5 +1,6 @@
-r"""TF-KD (self): teacher-free KD where a first run of the same model teaches a fresh copy (Yuan et
-al., CVPR 2020), with the official ResNet-18 CIFAR-100 weights alpha = 0.95, T = 6, m = 50.
+r"""TF-KD (self) (Yuan et al., CVPR 2020): an earlier run of the model teaches a fresh copy.
+
+Teacher-free KD with the official ResNet-18 CIFAR-100 weights alpha = 0.95, T = 6, m = 50.
 
 The official loss is ``(1 - alpha) CE + alpha m T^2 KL_mean`` with PyTorch's ``KLDivLoss()``
 mean over ``B x C`` elements; as a sum over classes averaged over the batch that is a
