@@ -65,6 +65,11 @@ class ModelSpec:
     fields['options'] = {k: as_tuples(v) for k, v in spec['options'].items()}
     return cls(**fields)
 
+  def normalize(self, images):
+    """uint8 images ``[N, H, W, C]`` as the model sees them, in its computation dtype."""
+    dtype = jnp.dtype(self.options.get('dtype', 'float32'))
+    return pipeline.normalize(images, np.float32(self.mean), np.float32(self.std), dtype)
+
   def module(self):
     options = dict(self.options)
     dtype = jnp.dtype(options.pop('dtype', 'float32'))
@@ -104,13 +109,10 @@ class Model:
 
   def __init__(self, spec: ModelSpec, module, variables):
     self.spec, self.module, self.variables = spec, module, variables
-    mean, std = np.float32(spec.mean), np.float32(spec.std)
-    dtype = jnp.dtype(spec.options.get('dtype', 'float32'))
 
     @jax.jit
     def forward(variables, images):
-      x = pipeline.normalize(images, mean, std, dtype)
-      return module.apply(variables, x, train=False)[0]
+      return module.apply(variables, spec.normalize(images), train=False)[0]
 
     self._forward = forward
 

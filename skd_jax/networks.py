@@ -26,7 +26,6 @@ import numpy as np
 from skd_jax import export
 from skd_jax import models
 from skd_jax import terms
-from skd_jax.data import pipeline
 from skd_jax.errors import ConfigError
 
 
@@ -91,11 +90,6 @@ class Networks:
           f'{teacher.num_classes} classes; this run has {spec.input_shape} and {spec.num_classes}'
       )
 
-  @staticmethod
-  def _normalize(spec: export.ModelSpec, images):
-    dtype = jnp.dtype(spec.options.get('dtype', 'float32'))
-    return pipeline.normalize(images, np.float32(spec.mean), np.float32(spec.std), dtype)
-
   def init(self, key: jax.Array) -> dict[str, Any]:
     """The student's initial ``{'params', 'batch_stats'}``."""
     variables = self.student.init(
@@ -107,7 +101,7 @@ class Networks:
     """Train-mode student on uint8 images: ``(logits, outputs, new batch_stats)``."""
     (logits, outputs), updates = self.student.apply(
         {'params': params, 'batch_stats': batch_stats},
-        self._normalize(self.spec, images),
+        self.spec.normalize(images),
         train=True,
         mutable=['batch_stats'],
     )
@@ -120,11 +114,11 @@ class Networks:
 
   def apply_inference(self, variables, images):
     """Evaluation-mode backbone (the student's or the EMA copy's variables): logits, outputs."""
-    return self.backbone.apply(variables, self._normalize(self.spec, images), train=False)
+    return self.backbone.apply(variables, self.spec.normalize(images), train=False)
 
   def apply_teacher(self, variables, images):
     """The frozen teacher in evaluation mode on uint8 images: logits, outputs."""
-    x = self._normalize(self.teacher.spec, images)
+    x = self.teacher.spec.normalize(images)
     logits, outputs = self.teacher.module.apply(variables, x, train=False)
     return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(outputs)
 

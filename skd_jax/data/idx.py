@@ -147,6 +147,25 @@ def _find_file(directory: str, base: str) -> str:
   )
 
 
+def _split_files(directory: str, split: str) -> tuple[str, str]:
+  """The images and labels files of a Fashion-MNIST split in ``directory``."""
+  if not os.path.isdir(directory):
+    raise ConfigError(
+        f'data.dir: {directory} does not exist; install the Debian package'
+        ' dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or'
+        ' point --config.data.dir at a folder with the Fashion-MNIST idx files'
+    )
+  if split not in _SPLIT_PREFIXES:
+    raise ConfigError(
+        f"split: expected 'train' or 'test' for Fashion-MNIST idx files, got" f' {split!r}'
+    )
+  prefix = _SPLIT_PREFIXES[split]
+  return (
+      _find_file(directory, f'{prefix}-images-idx3-ubyte'),
+      _find_file(directory, f'{prefix}-labels-idx1-ubyte'),
+  )
+
+
 def load_fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Loads a whole Fashion-MNIST split from its IDX files.
 
@@ -166,19 +185,7 @@ def load_fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarr
     ConfigError: the directory or a file is missing, a file is corrupt, or the
       files do not hold matching 28x28 uint8 images and labels in [0, 10).
   """
-  if not os.path.isdir(directory):
-    raise ConfigError(
-        f'data.dir: {directory} does not exist; install the Debian package'
-        ' dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or'
-        ' point --config.data.dir at a folder with the Fashion-MNIST idx files'
-    )
-  if split not in _SPLIT_PREFIXES:
-    raise ConfigError(
-        f"split: expected 'train' or 'test' for Fashion-MNIST idx files, got" f' {split!r}'
-    )
-  prefix = _SPLIT_PREFIXES[split]
-  images_path = _find_file(directory, f'{prefix}-images-idx3-ubyte')
-  labels_path = _find_file(directory, f'{prefix}-labels-idx1-ubyte')
+  images_path, labels_path = _split_files(directory, split)
   images = read_idx(images_path)
   labels = read_idx(labels_path)
   if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
@@ -220,15 +227,7 @@ class FashionMnistRecords:
   image_shape = (28, 28, 1)
 
   def __init__(self, directory: str, split: str):
-    if split not in _SPLIT_PREFIXES:
-      raise ConfigError(
-          f"split: expected 'train' or 'test' for Fashion-MNIST idx files, got {split!r}"
-      )
-    if not os.path.isdir(directory):
-      raise ConfigError(f'data.dir: {directory} does not exist; expected the Fashion-MNIST files')
-    prefix = _SPLIT_PREFIXES[split]
-    self._images_path = _find_file(directory, f'{prefix}-images-idx3-ubyte')
-    labels_path = _find_file(directory, f'{prefix}-labels-idx1-ubyte')
+    self._images_path, labels_path = _split_files(directory, split)
     self.labels = read_idx(labels_path).astype(np.int32)
     if self.labels.ndim != 1 or not len(self.labels) or self.labels.max() >= self.num_classes:
       raise ConfigError(f'{labels_path}: expected at least one label in [0, {self.num_classes})')

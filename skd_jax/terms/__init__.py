@@ -334,25 +334,20 @@ class Combined:
       raise ValueError(
           f'terms: {" and ".join(viewers)} both add views of the batch; at most one term may'
       )
-    forwards = {}
-    for term in self.terms:
-      for forward in term.forwards:
-        if forwards.setdefault(forward.name, forward) != forward:
-          raise ValueError(f'terms: two different forward passes are named {forward.name!r}')
+    names = [f.name for f in self.forwards]
+    for name in names:
+      if names.count(name) > 1:
+        raise ValueError(f'terms: two different forward passes are named {name!r}')
     decays = {t.ema_max_decay for t in self.terms} - {None}
     if len(decays) > 1:
       raise ValueError(f'terms: EMA copies with different decays {sorted(decays)}')
-    if any(f.network == 'ema' for f in forwards.values()) and not decays:
+    if any(f.network == 'ema' for f in self.forwards) and not decays:
       raise ValueError('terms: a forward pass of the EMA copy, but no term keeps one')
 
   @property
   def forwards(self) -> tuple[Forward, ...]:
     """Every extra forward pass, once, in the order the terms ask for them."""
-    found = {}
-    for term in self.terms:
-      for forward in term.forwards:
-        found.setdefault(forward.name, forward)
-    return tuple(found.values())
+    return tuple(dict.fromkeys(f for t in self.terms for f in t.forwards))
 
   @property
   def groups(self) -> tuple[str, ...]:
