@@ -1,5 +1,8 @@
 """Per-example state tables (``[N, ...]``) sharded along examples over the ``data`` mesh axis.
 
+Every function takes a pytree of tables (e.g. PS-KD's top-k history, ``{'indices': [N, k],
+'values': [N, k]}``); each table is handled on its own with the same index vector.
+
 Device ``d`` of ``D`` owns the contiguous rows ``[d * N_d, (d + 1) * N_d)``, where the table is
 padded to ``N_d * D`` rows. A training batch's examples are spread over all devices, so each step
 moves only the batch's rows:
@@ -46,8 +49,11 @@ def _local(index, rows_per_device):
   return local, (local >= 0) & (local < rows_per_device)
 
 
-def gather(table: jax.Array, index: jax.Array, mesh: Mesh) -> jax.Array:
-  """Rows ``table[index]`` as a batch-sharded ``[B, ...]`` array (``index`` replicated)."""
+def gather(tables, index: jax.Array, mesh: Mesh):
+  """Rows ``table[index]`` of each table in the pytree ``tables`` (``index`` replicated).
+
+  Returns the pytree of batch-sharded ``[B, ...]`` rows.
+  """
 
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(AXIS), P()), out_specs=P(AXIS))
   def lookup(local_table, index):
@@ -56,13 +62,14 @@ def gather(table: jax.Array, index: jax.Array, mesh: Mesh) -> jax.Array:
     rows = jnp.where(owned.reshape(owned.shape + (1,) * (rows.ndim - 1)), rows, 0)
     return jax.lax.psum_scatter(rows, AXIS, scatter_dimension=0, tiled=True)
 
-  return lookup(table, index)
+  return jax.tree.map(lambda table: lookup(table, index), tables)
 
 
-def scatter(
-    table: jax.Array, index: jax.Array, values: jax.Array, keep: jax.Array, mesh: Mesh
-) -> jax.Array:
-  """``table`` with ``table[index[i]] = values[i]`` for kept, last-occurring slots ``i``."""
+def scatter(tables, index: jax.Array, values, keep: jax.Array, mesh: Mesh):
+  """``tables`` with ``table[index[i]] = values[i]`` for kept, last-occurring slots ``i``.
+
+  ``values`` is a pytree of ``[B, ...]`` arrays with the structure of the pytree ``tables``.
+  """
   keep = keep & last_occurrence(index)
 
   @functools.partial(
@@ -74,4 +81,4 @@ def scatter(
     target = jnp.where(owned & keep, local, local_table.shape[0])  # out of range: dropped
     return local_table.at[target].set(values.astype(local_table.dtype), mode='drop')
 
-  return write(table, index, values, keep)
+  return jax.tree.map(lambda table, v: write(table, index, v, keep), tables, values)

@@ -64,7 +64,7 @@ class TrainState(flax.training.train_state.TrainState):
   """
 
   batch_stats: Any
-  rows: dict[str, jax.Array]  # term name -> per-example table, sharded along examples
+  rows: dict[str, Any]  # term name -> pytree of per-example tables, sharded along examples
   carry: dict[str, Any]  # term name -> step-to-step state, replicated or sharded with the batch
   ema: dict[str, Any]  # {'params', 'batch_stats'} of the backbone's EMA copy, or {}
 
@@ -154,7 +154,7 @@ def train_step(
   """
   step = state.step
   main = batch['main']
-  rows = {name: example_rows.gather(table, main.index, mesh) for name, table in state.rows.items()}
+  rows = example_rows.gather(state.rows, main.index, mesh)
   weights = main.valid.astype(jnp.float32) / jnp.sum(main.valid)
   average = lambda v: jnp.sum(weights * v) if jnp.ndim(v) else v
   # Views are built per example and laid out example-major, so they stay on the example's device.
@@ -188,10 +188,7 @@ def train_step(
   )(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats, carry=carry)
   state = state.replace(
-      rows={
-          name: example_rows.scatter(table, main.index, new_rows[name], main.valid, mesh)
-          for name, table in state.rows.items()
-      },
+      rows=example_rows.scatter(state.rows, main.index, new_rows, main.valid, mesh),
       ema=networks.update_ema(state.ema, state.params, state.batch_stats, step),
   )
   finite = jax.tree.leaves(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.params))

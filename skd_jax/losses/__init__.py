@@ -7,6 +7,9 @@ Flax modules, TFDS, TensorFlow or orbax, so the functions drop into any JAX code
   per_example = losses.pskd_cross_entropy(logits, one_hot, history_rows, alpha=0.4)
 """
 
+from skd_jax.losses._compact import compress_top_k
+from skd_jax.losses._compact import expand_top_k
+from skd_jax.losses._compact import index_dtype
 from skd_jax.losses._distillation import aggregate_joint_logits
 from skd_jax.losses._distillation import distillation_kl
 from skd_jax.losses._distillation import drg_loss
@@ -25,9 +28,12 @@ from skd_jax.losses._soft_targets import soft_target_cross_entropy
 __all__ = [
     'aggregate_joint_logits',
     'beta_smoothing_targets',
+    'compress_top_k',
     'distillation_kl',
     'drg_loss',
     'dsr_loss',
+    'expand_top_k',
+    'index_dtype',
     'label_smoothing_cross_entropy',
     'label_smoothing_targets',
     'lsskd_loss',

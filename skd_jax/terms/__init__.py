@@ -33,7 +33,7 @@ logits of the main examples, and the trainer provides it without knowing the met
 * state, created by the term, stored in the train state and in every checkpoint:
 
   * ``rows``: one row per training example (e.g. PS-KD's history of past predictions,
-    ``[N, C]``). The trainer keeps the table sharded along examples with the data, hands the term
+    ``[N, C]``), or a pytree of such ``[N, ...]`` tables (PS-KD's top-k history). The trainer keeps the table sharded along examples with the data, hands the term
     the rows of the batch's examples, and writes back the rows the term returns (skipping padding
     and duplicate indices), moving only ``O(batch x classes)`` per step.
   * ``carry``: a small pytree carried from one step to the next, replicated on every device
@@ -274,8 +274,8 @@ class LossTerm(abc.ABC):
   carry_sharding: str = 'replicated'  # or 'batch': every carry leaf is [B, ...]
   ema_max_decay: float | None = None
 
-  def init_rows(self, labels: jax.Array) -> jax.Array | None:
-    """Initial per-example state from the ``[N]`` training labels, or None."""
+  def init_rows(self, labels: jax.Array) -> Any:
+    """Initial per-example state from the ``[N]`` labels: a pytree of ``[N, ...]`` arrays, or None."""
     del labels
     return None
 
@@ -382,7 +382,7 @@ class Combined:
       raise ConfigError(f'loss: two terms attach heads with the same name: {names}')
     return heads
 
-  def init_rows(self, labels: jax.Array) -> dict[str, jax.Array]:
+  def init_rows(self, labels: jax.Array) -> dict[str, Any]:
     """Initial per-example tables of the stateful terms, by term name."""
     rows = {t.name: t.init_rows(labels) for t in self.terms}
     return {k: v for k, v in rows.items() if v is not None}
