@@ -76,3 +76,29 @@ def test_communication_is_batch_sized_not_table_sized():
   for shape, _ in collectives:
     dims = [int(d) for d in re.findall(r'\d+', shape.split('{')[0].split('[')[-1])]
     assert int(np.prod(dims or [1])) <= b * c, (shape, 'moves more than batch x classes')
+
+
+def test_pytrees_of_tables_of_any_dtype_gather_and_scatter_leaf_by_leaf(mesh):
+  """PS-KD's top-k history: int16 indices and bfloat16 values, with padding and duplicates."""
+  rows = example_rows.padded_rows(37, mesh)
+  host = {
+      'indices': np.arange(rows * 3, dtype=np.int16).reshape(rows, 3),
+      'values': (np.arange(rows * 3).reshape(rows, 3) / 4).astype(jnp.bfloat16),
+  }
+  tables = jax.device_put(host, example_rows.sharding(mesh))
+  index = jnp.array([36, 0, 5, 5, 17, 9, 36, 1], jnp.int32)
+  got = jax.jit(lambda t, i: example_rows.gather(t, i, mesh))(tables, index)
+  jax.tree.map(lambda g, h: np.testing.assert_array_equal(g, h[np.asarray(index)]), got, host)
+  assert got['indices'].dtype == jnp.int16 and got['values'].dtype == jnp.bfloat16
+
+  keep = jnp.array([True, True, True, True, False, True, True, True])
+  values = {'indices': -got['indices'] - 1, 'values': -got['values'] - 1}
+  written = jax.jit(lambda t, i, v, k: example_rows.scatter(t, i, v, k, mesh))(
+      tables, index, values, keep
+  )
+  for name in host:
+    expected = host[name].copy()
+    for slot in [0, 1, 2, 3, 5, 6, 7]:  # in order: later duplicates overwrite earlier ones
+      expected[int(index[slot])] = np.asarray(values[name][slot])
+    np.testing.assert_array_equal(written[name], expected)
+    assert written[name].dtype == host[name].dtype

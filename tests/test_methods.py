@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -25,9 +26,12 @@ def _records(workdir, kind='train'):
 
 
 def _all_new_state():
-  """PS-KD rows, a DLB carry sharded with the batch, a DSR carry replicated, CS-KD partners, an
-  EMA copy, and randomness inside the loss (SD-Dropout masks, Beta draws)."""
+  """PS-KD rows (top-k: a pytree of int16 and bfloat16 tables), a DLB carry sharded with the
+  batch, a DSR carry replicated, CS-KD partners, an EMA copy, and randomness inside the loss
+  (SD-Dropout masks, Beta draws). tests/test_faults.py resumes float32 PS-KD rows."""
   config = runs.config('pskd_dlb')
+  config.loss.pskd.storage = 'top_k'
+  config.loss.pskd.top_k = 3
   config.loss.dsr = dict(weight=1.0, temperature=4.0)
   config.loss.cskd = dict(weight=1.0, temperature=4.0)
   config.loss.sd_dropout = dict(weight=0.1)
@@ -63,7 +67,11 @@ def test_a_preempted_run_with_every_kind_of_state_resumes_bit_identically(tmp_pa
   _, state = runs.restore(tmp_path / 'resumed', 10)
   _, expected = runs.restore(tmp_path / 'straight', 10)
   assert set(state['carry']) == {'beta_smoothing', 'cskd', 'dlb', 'dsr', 'pskd', 'sd_dropout'}
-  assert state['ema'] and state['rows']['pskd'].shape[0] >= runs.NUM_EXAMPLES
+  assert state['ema']
+  # The checkpoint holds the compact history: (padded) examples x k.
+  rows = state['rows']['pskd']
+  assert rows['indices'].dtype == np.int16 and rows['values'].dtype == jnp.bfloat16
+  assert rows['indices'].shape == rows['values'].shape == (runs.NUM_EXAMPLES, 3)
   jax.tree.map(np.testing.assert_array_equal, state, expected)
 
 
