@@ -19,7 +19,7 @@ PS-KD's gains need the long schedule.
 
 The history of past predictions is kept in float32 by default; `loss.pskd.storage='bfloat16'`
 halves it and `'top_k'` keeps each example's `loss.pskd.top_k` largest probabilities (ImageNet-1k
-top-5: ~26 MB instead of 5.1 GB; `python -m benchmarks.history_memory`):
+top-5: ~26 MB instead of 5.1 GB; `python benchmarks/history_memory.py`):
 
   python -m skd_jax.main --config=configs/pskd.py:quick --workdir=/tmp/pskd_top3 \
       --config.loss.pskd.storage=top_k --config.loss.pskd.top_k=3

@@ -16,7 +16,7 @@ one epoch later: targets lag one epoch, and a sample never teaches itself within
   spreads the remaining mass uniformly over the other ``C - k`` classes
   (:func:`skd_jax.losses.expand_top_k`). The initial rows are the one-hot labels exactly.
 
-``python -m benchmarks.history_memory`` prints what each costs for CIFAR-100 and ImageNet.
+``python benchmarks/history_memory.py`` prints what each costs for CIFAR-100 and ImageNet.
 """
 
 import dataclasses
