@@ -21,10 +21,10 @@ measurements of the steps not logged yet).
 """
 
 import logging
-import os
 import re
 from typing import Any
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -91,9 +91,9 @@ def _cause(error: BaseException) -> str:
 class Checkpoints:
   """The checkpoints of one run (see the module docstring)."""
 
-  def __init__(self, directory: str, broken_directory: str, *, keep: int):
-    self.directory = directory
-    self.broken_directory = broken_directory
+  def __init__(self, directory: epath.PathLike, broken_directory: epath.PathLike, *, keep: int):
+    self.directory = epath.Path(directory)
+    self.broken_directory = epath.Path(broken_directory)
     self._manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
@@ -143,8 +143,7 @@ class Checkpoints:
       self._manager.wait_until_finished()
     except Exception as e:  # orbax and tensorstore fail with many types  # pylint: disable=broad-except
       raise SaveError(
-          f'checkpoint: saving step {step} to {os.path.join(self.directory, str(step))} failed: '
-          f'{_cause(e)}'
+          f'checkpoint: saving step {step} to {self.directory / str(step)} failed: ' f'{_cause(e)}'
       ) from e
 
   def restore(self, abstract_state) -> tuple[int, Any, dict[str, Any]] | None:
@@ -189,15 +188,22 @@ class Checkpoints:
     return None
 
   def _move_aside(self, step: int, reason: str) -> None:
-    source = os.path.join(self.directory, str(step))
-    target = os.path.join(self.broken_directory, str(step))
+    source = self.directory / str(step)
+    target = self.broken_directory / str(step)
     if jax.process_index() == 0:
-      os.makedirs(self.broken_directory, exist_ok=True)
+      self.broken_directory.mkdir(parents=True, exist_ok=True)
       suffix = 1
-      while os.path.exists(target):
+      while target.exists():
         suffix += 1
-        target = os.path.join(self.broken_directory, f'{step}.{suffix}')
-      os.rename(source, target)
+        target = self.broken_directory / f'{step}.{suffix}'
+      # In a bucket a folder exists only through its objects, and epath renames only into an
+      # existing folder: an empty object stands for it during the first move.
+      marker = None if self.broken_directory.exists() else self.broken_directory / '.folder'
+      if marker:
+        marker.write_text('')
+      source.rename(target)
+      if marker:
+        marker.unlink()
     multihost_utils.sync_global_devices(f'skd_jax: checkpoint {step} moved aside')
     self._manager.reload()
     log.warning('Skipped the checkpoint at step %d: it %s; moved it to %s.', step, reason, target)

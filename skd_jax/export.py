@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from skd_jax import checkpoints
 from skd_jax import models
+from skd_jax import workdir
 from skd_jax.data import pipeline
 
 FORMAT = 'skd_jax.model/1'
@@ -76,7 +77,7 @@ class ModelSpec:
     return models.get_model(self.name, num_classes=self.num_classes, dtype=dtype, **options)
 
 
-def save_model(path: str, *, params, batch_stats, spec: ModelSpec) -> None:
+def save_model(path: str | os.PathLike, *, params, batch_stats, spec: ModelSpec) -> None:
   """Writes the model to the directory ``path``, replacing any model there.
 
   Every process of a run calls it (orbax writes the arrays from all of them).
@@ -90,7 +91,7 @@ def save_model(path: str, *, params, batch_stats, spec: ModelSpec) -> None:
     raise FloatingPointError(f'model: non-finite values in {non_finite[0]}; nothing was exported')
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(
-        os.path.abspath(path),
+        workdir.path(path),
         args=ocp.args.Composite(
             variables=ocp.args.StandardSave(variables), spec=ocp.args.JsonSave(spec.to_json())
         ),
@@ -137,7 +138,8 @@ class Model:
 
 
 def load_model(path: str | os.PathLike) -> Model:
-  """Loads the model a run exported; ``path`` is the run's workdir or its ``model/`` folder.
+  """Loads the model a run exported; ``path`` is the run's workdir or its ``model/`` folder, on a
+  local disk or in a bucket (``gs://``).
 
   The variables are placed on the default device, whatever the devices the run trained on.
 
@@ -145,10 +147,10 @@ def load_model(path: str | os.PathLike) -> Model:
     FileNotFoundError: ``path`` holds no exported model.
     ValueError: the model was exported in an unknown format.
   """
-  path = os.path.abspath(os.fspath(path))  # orbax needs absolute paths
-  if not os.path.isdir(os.path.join(path, 'spec')) and os.path.isdir(os.path.join(path, 'model')):
-    path = os.path.join(path, 'model')
-  if not os.path.isdir(os.path.join(path, 'spec')):
+  path = workdir.path(path)
+  if not (path / 'spec').is_dir() and (path / 'model').is_dir():
+    path = path / 'model'
+  if not (path / 'spec').is_dir():
     raise FileNotFoundError(
         f"{path}: no exported model; expected a run's workdir or its model/ folder"
     )

@@ -15,10 +15,12 @@ import logging
 import os
 from typing import Any
 
+from etils import epath
 import ml_collections
 
 from skd_jax import terms as terms_lib
 from skd_jax import train
+from skd_jax import workdir as workdir_lib
 from skd_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,24 +36,25 @@ def _teacher_terms(config) -> list[str]:
 
 
 def generation_config(
-    config: ml_collections.ConfigDict, workdir: str, generation: int
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, generation: int
 ) -> ml_collections.ConfigDict:
   """The config of generation ``generation`` (1-based) of a sequence in ``workdir``."""
   config = ml_collections.ConfigDict(config.to_dict())
   if generation > 1:
-    config.teacher.workdir = os.path.join(workdir, f'generation{generation - 1}')
+    config.teacher.workdir = os.fspath(epath.Path(workdir) / f'generation{generation - 1}')
   elif not config.teacher.workdir:
     config.loss = ml_collections.ConfigDict({'cross_entropy': {'weight': 1.0}})
   return config
 
 
 def train_generations(
-    config: ml_collections.ConfigDict, workdir: str, generations: int, devices=None
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, generations: int, devices=None
 ) -> list[dict[str, Any]]:
   """Trains (or finishes) ``generations`` generations; returns every generation's summary.
 
   Raises:
-    ConfigError: ``generations`` < 1, or the config's loss has no term that uses a teacher.
+    ConfigError: ``generations`` < 1, the config's loss has no term that uses a teacher, or
+      ``workdir`` cannot be used (``skd_jax.workdir.check_path``).
     Whatever ``skd_jax.train.train_and_evaluate`` raises, for the generation being trained.
   """
   if not isinstance(generations, int) or generations < 1:
@@ -61,13 +64,13 @@ def train_generations(
         '--generations: the config has no loss term that uses a teacher; expected one such as '
         'loss.teacher_kd (configs/teacher_kd.py)'
     )
+  workdir_lib.check_path(workdir)
   summaries = []
   for generation in range(1, generations + 1):
-    directory = os.path.join(workdir, f'generation{generation}')
-    done = os.path.join(directory, 'summary.json')
-    if os.path.exists(done):
-      with open(done) as f:
-        summaries.append(json.load(f))
+    directory = epath.Path(workdir) / f'generation{generation}'
+    done = directory / 'summary.json'
+    if done.exists():
+      summaries.append(json.loads(done.read_text()))
       log.info('Generation %d/%d is finished (%s).', generation, generations, done)
       continue
     log.info('Generation %d/%d in %s.', generation, generations, directory)

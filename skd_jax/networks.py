@@ -26,6 +26,7 @@ import numpy as np
 from skd_jax import export
 from skd_jax import models
 from skd_jax import terms
+from skd_jax import workdir as workdir_lib
 from skd_jax.errors import ConfigError
 
 
@@ -206,7 +207,8 @@ def load_teacher(workdir: str, *, wanted: bool) -> export.Model | None:
 
   Raises:
     ConfigError: a term needs a teacher and ``workdir`` is '', a teacher is given that no term
-      uses (``wanted`` is False), or ``workdir`` holds no exported model.
+      uses (``wanted`` is False), ``workdir`` holds no exported model, or is in a bucket that
+      cannot be reached.
   """
   if not workdir:
     if wanted:
@@ -218,6 +220,7 @@ def load_teacher(workdir: str, *, wanted: bool) -> export.Model | None:
     raise ConfigError(
         'teacher.workdir: set, but no loss term uses a teacher (e.g. loss.teacher_kd)'
     )
+  workdir_lib.check_remote(workdir, 'teacher.workdir')
   try:
     return export.load_model(workdir)
   except (FileNotFoundError, ValueError) as e:

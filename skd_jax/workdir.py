@@ -15,16 +15,28 @@
   any that failed to restore or to match their fingerprint, moved aside for inspection.
 * ``model/`` -- the trained inference model (``skd_jax.export``), written at the end.
 
-Whole files are replaced atomically (write a temporary file, then rename), so an interrupted run
-never leaves a half-written one. Files get ordinary permissions (0666 minus the umask).
+Whole files are replaced atomically, so an interrupted run never leaves a half-written one: on a
+local disk a temporary file is renamed over the old one; in a bucket one upload replaces the
+object whole. Files get ordinary permissions (0666 minus the umask).
+
+**Where.** A workdir is a local path or a Google Cloud Storage URL, ``gs://BUCKET/PATH`` (the
+filesystems orbax writes checkpoints to). Every file is reached through ``etils.epath``, as orbax
+reaches its own (gs:// through gcsfs, installed by the ``gcs`` extra), and :func:`path` never
+turns a URL into a local path. :func:`check_path` asks the bucket once, without retrying, before
+anything is loaded or written, so a bucket that cannot be reached, or reached without
+credentials, fails in one line. Object stores cannot append: there ``metrics.jsonl`` is rewritten
+whole at each record.
 """
 
+import importlib
 import json
 import logging
 import os
+import re
 import tempfile
 from typing import Any
 
+from etils import epath
 import ml_collections
 
 from skd_jax import config_lib
@@ -39,33 +51,115 @@ def _umask() -> int:
   return mask
 
 
-def _atomic_write(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
+_REQUEST_SECONDS = 10  # the bucket check's one request
+
+
+def path(p: str | os.PathLike) -> epath.Path:
+  """``p`` as an ``etils.epath`` path: a URL as given, a local path made absolute (for orbax)."""
+  text = os.fspath(p)
+  return epath.Path(text if is_remote(text) else os.path.abspath(text))
+
+
+def is_remote(p: str | os.PathLike) -> bool:
+  """Whether ``p`` is a URL (``gs://...``) rather than a local path."""
+  return '://' in os.fspath(p)
+
+
+def _atomic_write(target: epath.Path, text: str) -> None:
+  if is_remote(target):  # one upload replaces an object whole; a rename would copy it
+    target.write_text(text)
+    return
+  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix='.tmp-')
   try:
     with os.fdopen(fd, 'w') as f:
       f.write(text)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
-    os.replace(tmp, path)
+    os.replace(tmp, target)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
 
 
-def check_path(path: str) -> None:
-  """Raises ConfigError unless ``path`` is a directory, or can be created, and is writable.
+def _cause(error: BaseException) -> str:
+  """The error's first line, or the OS error deep inside it (``[Errno 111] Connection refused``)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = lines[0] if lines else type(error).__name__
+  os_error = re.search(r'\[Errno -?\d+\] [^\'")\]]+', text)
+  if os_error:
+    return os_error.group(0).strip()
+  return text if len(text) <= 200 else text[:197] + '...'
 
-  Checked before anything is loaded or written, so a bad ``--workdir`` fails at once.
+
+def check_remote(p: str | os.PathLike, field: str) -> None:
+  """Raises ConfigError unless ``p`` is a local path or a ``gs://`` URL of a bucket this machine
+  reaches with its credentials.
+
+  One request (``buckets.get``, which orbax needs too), without retries, bounded by
+  ``_REQUEST_SECONDS``: offline it fails in seconds, where gcsfs would retry for most of a minute.
+  ``field`` names the setting in the message.
   """
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ConfigError(f'workdir: {path} is a file; expected a directory or a path to create')
-  existing = path
+  text = os.fspath(p)
+  if not is_remote(text):
+    return
+  scheme, _, rest = text.partition('://')
+  bucket = rest.split('/', 1)[0]
+  if scheme != 'gs' or not bucket:
+    raise ConfigError(f'{field}: {text}: expected a local path or gs://BUCKET/PATH')
+  # pylint: disable=g-import-not-at-top
+  try:
+    from google.api_core import exceptions as api_errors
+    import google.auth.exceptions as auth_errors
+    from google.cloud import storage
+    import requests
+
+    importlib.import_module('gcsfs')  # epath's gs:// filesystem
+  except ImportError:
+    raise ConfigError(
+        f"{field}: {text}: gs:// needs gcsfs; expected `pip install -e '.[gcs]'` in the repository"
+    ) from None
+  # pylint: enable=g-import-not-at-top
+  try:
+    storage.Client().get_bucket(bucket, timeout=_REQUEST_SECONDS, retry=None)
+  except auth_errors.DefaultCredentialsError:
+    raise ConfigError(
+        f'{field}: {text}: no Google Cloud credentials found; expected `gcloud auth '
+        'application-default login`, GOOGLE_APPLICATION_CREDENTIALS or a Cloud VM'
+    ) from None
+  except api_errors.NotFound:
+    raise ConfigError(f'{field}: {text}: the bucket {bucket} does not exist') from None
+  except (api_errors.Forbidden, api_errors.Unauthorized) as e:
+    raise ConfigError(
+        f'{field}: {text}: these credentials may not use the bucket {bucket} ({_cause(e)})'
+    ) from None
+  except (auth_errors.GoogleAuthError, api_errors.GoogleAPIError, requests.RequestException) as e:
+    raise ConfigError(
+        f'{field}: {text}: cannot reach the bucket {bucket} ({_cause(e)}); expected a '
+        'connection to Google Cloud Storage'
+    ) from None
+
+
+def check_path(p: str | os.PathLike) -> None:
+  """Raises ConfigError unless ``p`` is a directory, or can be created, and is writable.
+
+  Checked before anything is loaded or written, so a bad ``--workdir`` fails at once. A ``gs://``
+  workdir is checked by :func:`check_remote` and must not be an object.
+  """
+  check_remote(p, 'workdir')
+  target = path(p)
+  if is_remote(target):
+    if target.exists() and not target.is_dir():
+      raise ConfigError(f'workdir: {target} is a file; expected a directory or a path to create')
+    return
+  path_ = os.fspath(target)
+  if os.path.exists(path_) and not os.path.isdir(path_):
+    raise ConfigError(f'workdir: {path_} is a file; expected a directory or a path to create')
+  existing = path_
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
     raise ConfigError(
-        f'workdir: {path} lies under the file {existing}; expected a directory or a path to create'
+        f'workdir: {path_} lies under the file {existing}; expected a directory or a path to create'
     )
   if not os.access(existing, os.W_OK | os.X_OK):
     raise ConfigError(f'workdir: {existing} is not writable; expected a writable directory')
@@ -103,20 +197,20 @@ class Workdir:
   non-resumable configuration. :meth:`begin` writes.
   """
 
-  def __init__(self, path: str, config: ml_collections.ConfigDict, *, is_main: bool):
-    self.path = os.path.abspath(path)
+  def __init__(self, path_: str | os.PathLike, config: ml_collections.ConfigDict, *, is_main: bool):
+    self.path = path(path_)
     self.is_main = is_main
-    self.checkpoints = os.path.join(self.path, 'checkpoints')
-    self.broken_checkpoints = os.path.join(self.path, 'broken_checkpoints')
-    self.model = os.path.join(self.path, 'model')
-    self._config_path = os.path.join(self.path, 'config.json')
-    self._changes_path = os.path.join(self.path, 'config_changes.jsonl')
-    self._metrics = os.path.join(self.path, 'metrics.jsonl')
+    self.checkpoints = self.path / 'checkpoints'
+    self.broken_checkpoints = self.path / 'broken_checkpoints'
+    self.model = self.path / 'model'
+    self._config_path = self.path / 'config.json'
+    self._changes_path = self.path / 'config_changes.jsonl'
+    self._metrics = self.path / 'metrics.jsonl'
+    self._metrics_lines = []  # what metrics.jsonl holds, for filesystems that cannot append
     self._config_json = config.to_json_best_effort(sort_keys=True, indent=2)
     self.changes = {}  # key -> [value in config.json, value now], resumable keys only
-    if os.path.exists(self._config_path):
-      with open(self._config_path) as f:
-        saved = config_lib.flatten(json.load(f))
+    if self._config_path.exists():
+      saved = config_lib.flatten(json.loads(self._config_path.read_text()))
       now = config_lib.flatten(json.loads(self._config_json))
       differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
       refused = [k for k in differ if not config_lib.resumable(k)]
@@ -133,7 +227,7 @@ class Workdir:
     """Starts writing at ``step``: records config changes, drops metrics past ``step``."""
     if not self.is_main:
       return
-    os.makedirs(self.path, exist_ok=True)
+    self.path.mkdir(parents=True, exist_ok=True)
     history = self._read(self._changes_path)
     undone = [r['changes'] for r in history if r['step'] > step]
     changes = _compose(undone + [self.changes]) if undone or self.changes else {}
@@ -145,29 +239,34 @@ class Workdir:
       _atomic_write(self._changes_path, ''.join(json.dumps(r) + '\n' for r in kept))
     _atomic_write(self._config_path, self._config_json + '\n')
     records = self.records()
-    if os.path.exists(self._metrics):
-      kept = [r for r in records if r['step'] <= step]
-      _atomic_write(self._metrics, ''.join(json.dumps(r) + '\n' for r in kept))
+    if self._metrics.exists():
+      self._metrics_lines = [json.dumps(r) + '\n' for r in records if r['step'] <= step]
+      _atomic_write(self._metrics, ''.join(self._metrics_lines))
 
   @staticmethod
-  def _read(path: str) -> list[dict[str, Any]]:
-    if not os.path.exists(path):
+  def _read(file: epath.Path) -> list[dict[str, Any]]:
+    if not file.exists():
       return []
-    with open(path) as f:
-      return _parse(f.readlines(), os.path.basename(path))
+    return _parse(file.read_text().splitlines(), file.name)
 
   def records(self) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl`` (lines that do not parse are skipped)."""
     return self._read(self._metrics)
 
   def log(self, record: dict[str, Any]) -> None:
-    if self.is_main:
-      with open(self._metrics, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    """Appends ``record`` to ``metrics.jsonl`` (after :meth:`begin`)."""
+    if not self.is_main:
+      return
+    line = json.dumps(record) + '\n'
+    if is_remote(self._metrics):  # an object cannot be appended to: write it whole
+      self._metrics_lines.append(line)
+      _atomic_write(self._metrics, ''.join(self._metrics_lines))
+    else:
+      with self._metrics.open('a') as f:
+        f.write(line)
 
   def write_summary(self, summary: dict[str, Any]) -> None:
     if self.is_main:
       _atomic_write(
-          os.path.join(self.path, 'summary.json'),
-          json.dumps(summary, indent=2, sort_keys=True) + '\n',
+          self.path / 'summary.json', json.dumps(summary, indent=2, sort_keys=True) + '\n'
       )

@@ -5,7 +5,10 @@ import os
 import pathlib
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
+import time
 
 import ml_collections
 import pytest
@@ -128,3 +131,49 @@ def test_check_path_rejects_a_directory_this_user_cannot_write(public_tmp):
     message = f.read()
   os.waitpid(pid, 0)
   assert message == f'workdir: {locked} is not writable; expected a writable directory'
+
+
+@pytest.mark.slow
+def test_an_unreachable_gs_workdir_exits_2_in_one_line_quickly_and_creates_nothing(tmp_path):
+  """Offline, with no credentials: one line naming the workdir, in seconds, no local ./gs: folder."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if k not in ('GOOGLE_APPLICATION_CREDENTIALS', 'STORAGE_EMULATOR_HOST')
+  }
+  env.update(
+      PYTHONPATH=repo,
+      JAX_NUM_CPU_DEVICES='1',
+      CLOUDSDK_CONFIG=str(tmp_path / 'gcloud'),  # no `gcloud auth` credentials
+      # The search for credentials asks the Compute Engine metadata server: keep it on this machine.
+      GCE_METADATA_HOST='127.0.0.1:9',
+      GCE_METADATA_IP='127.0.0.1:9',
+  )
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  start = time.monotonic()
+  proc = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'skd_jax.main',
+          f'--config={repo}/configs/pskd.py:quick',
+          '--workdir=gs://skd-jax-test/run',
+      ],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  seconds = time.monotonic() - start
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: workdir: gs://skd-jax-test/run: no Google Cloud credentials found; expected `gcloud '
+      'auth application-default login`, GOOGLE_APPLICATION_CREDENTIALS or a Cloud VM'
+  )
+  assert 'Traceback' not in proc.stderr
+  assert seconds < 40, seconds  # imports and one failed look-up; gcsfs alone retries for ~44 s
+  assert os.listdir(cwd) == []
+  assert not any(os.path.exists(os.path.join(d, 'gs:')) for d in (repo, tempfile.gettempdir()))
