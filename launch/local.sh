@@ -76,5 +76,5 @@ while ((${#running[@]})); do
     fi
   fi
 done
-((stopping)) && kill "$stopping" 2>/dev/null
+((stopping)) && kill -- -"$stopping" 2>/dev/null # the timer and its sleep
 exit "$status"

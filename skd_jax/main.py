@@ -224,8 +224,8 @@ def _exit_for_lost_process(error: Exception, timeout: int):
   cause = re.sub(r'\[\S+\.cc:\d+\] ', '', _one_line(error))  # gloo's source location
   print(
       f'error: process {jax.process_index()} of {jax.process_count()}: a collective failed '
-      f'({cause}): another process died or stopped; stopped (a silent process is declared dead '
-      f'after distributed_timeout_seconds={timeout})',
+      f'({cause}): another process died, stopped or fell behind; stopped (a silent process is '
+      f'declared dead after distributed_timeout_seconds={timeout})',
       file=sys.stderr,
       flush=True,
   )
