@@ -97,6 +97,7 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.checkpoint_every_epochs = 1
   c.keep_checkpoints = 2
   c.distributed = False
+  c.distributed_timeout_seconds = 100
 
   if protocol != 'pskd':
     c.model.name = 'cifar_resnet18'
@@ -162,6 +163,8 @@ KEYS = {
     'checkpoint_every_epochs': 'epochs between checkpoints (the last epoch is always saved)',
     'keep_checkpoints': 'checkpoints kept, >= 1 (older ones are deleted)',
     'distributed': 'call jax.distributed.initialize() to auto-detect a TPU pod or SLURM cluster',
+    'distributed_timeout_seconds': 'multi-process runs: seconds without heartbeats after which a '
+    'process counts as dead and JAX ends the others (a process that exits is noticed at once)',
 }
 
 # Keys a run may change when it is resumed: the optimizer's hyperparameters (e.g. a lower learning
@@ -179,6 +182,7 @@ RESUMABLE = (
     'checkpoint_every_epochs',
     'keep_checkpoints',
     'distributed',
+    'distributed_timeout_seconds',
 )
 
 

@@ -7,7 +7,9 @@ r"""Command-line entry point.
 printed) or when a signal stopped it (after a checkpoint, or during start-up with nothing
 written; rerun the same command to continue); 1 when it diverged (the last good checkpoint is
 kept) or a file could not be written; 2 for invalid configuration or data, with one line naming
-the field and nothing written to the workdir.
+the field and nothing written to the workdir. In a run of several processes, a process whose
+collectives fail because another one died exits 1 at once with one line (see
+:func:`_exit_for_lost_process`).
 """
 
 from skd_jax import preemption
@@ -107,7 +109,10 @@ def _help() -> str:
       'continue.',
       '',
       'Several processes: --config.distributed=True detects a Cloud TPU pod or a SLURM job;',
-      'elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I to each.',
+      'elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I to each',
+      '(launch/local.sh N K starts N processes with K CPU devices each on this machine). When a',
+      'process dies the others exit 1 at once; one that stops silently is declared dead after',
+      'distributed_timeout_seconds.',
       '',
       'Exit status: 0 finished, or stopped by SIGTERM/SIGINT/SIGHUP (rerun to continue); 1 diverged',
       'or could not write; 2 invalid configuration or data (one line, nothing written).',
@@ -183,10 +188,18 @@ def _initialize_distributed(config) -> None:
   if given and len(given) < len(explicit):
     missing = ', '.join(k for k in explicit if k not in given)
     raise ConfigError(f'{missing}: expected together with {", ".join(given)}')
+  timeout = config.distributed_timeout_seconds
+  if not (isinstance(timeout, int) and not isinstance(timeout, bool) and timeout >= 1):
+    raise ConfigError(f'distributed_timeout_seconds: expected an integer >= 1, got {timeout!r}')
   if not given and not config.distributed:
     return
   try:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        heartbeat_timeout_seconds=timeout,
+    )
   except (ValueError, RuntimeError, TypeError) as e:
     if given:
       raise ConfigError(f'--coordinator_address: cannot start ({_one_line(e)})') from None
@@ -196,6 +209,28 @@ def _initialize_distributed(config) -> None:
         '--process_id'
     ) from None
   preemption.join_processes()
+
+
+def _exit_for_lost_process(error: Exception, timeout: int):
+  """Ends this process of a multi-process run whose collective failed, in one line, status 1.
+
+  When a process dies, the others' next collective fails at once (its connections close) with a
+  ``JaxRuntimeError``. Exiting normally would then run ``jax.distributed``'s exit handler, which
+  waits at a shutdown barrier for the dead process until its heartbeats time out and then aborts
+  (SIGABRT, pages of logs): so this exits at once, without it. Checkpoints stay intact (each is
+  committed atomically). A process that stops silently (a frozen host) is detected by the
+  coordination service after ``timeout`` seconds without heartbeats; JAX then ends the others.
+  """
+  cause = re.sub(r'\[\S+\.cc:\d+\] ', '', _one_line(error))  # gloo's source location
+  print(
+      f'error: process {jax.process_index()} of {jax.process_count()}: a collective failed '
+      f'({cause}): another process died, stopped or fell behind; stopped (a silent process is '
+      f'declared dead after distributed_timeout_seconds={timeout})',
+      file=sys.stderr,
+      flush=True,
+  )
+  sys.stdout.flush()
+  os._exit(1)
 
 
 class _WithoutOrbax(pylogging.Filter):
@@ -252,6 +287,10 @@ def main(argv):
   except train.Preempted as e:
     logging.warning('%s', e)
     return
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    _exit_for_lost_process(e, _CONFIG.value.distributed_timeout_seconds)
   if jax.process_index() == 0:
     print(json.dumps(summary, indent=2, sort_keys=True))
 

@@ -1,0 +1,329 @@
+"""Several processes on this machine (launch/local.sh): 2 processes x 2 devices train as 1 x 4,
+deterministically, through a preemption, each reading its own share; a dead process stops the
+other at once.
+
+One config holds every kind of per-example state (PS-KD rows, DLB's carry, DSR's carry, CS-KD's
+partner sampler), on the host-streaming source, so one set of runs covers them all.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import runs
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TRAIN, BATCH = 48, 8
+STEPS_PER_EPOCH, EPOCHS = NUM_TRAIN // BATCH, 4
+TOTAL = STEPS_PER_EPOCH * EPOCHS
+
+# Every stateful term at once, on top of configs/pskd_dlb.py.
+_CONFIG = """
+from configs import pskd_dlb
+
+
+def get_config(arg=None):
+  config = pskd_dlb.get_config('quick')
+  config.loss.dsr = dict(weight=1.0, temperature=4.0)
+  config.loss.cskd = dict(weight=1.0, temperature=4.0)
+  return config
+"""
+
+# On PYTHONPATH of the runs: logs every read of the real Fashion-MNIST reader, with the process,
+# the step and the read's position within the step (0: the main group, then partners, previous).
+_SITECUSTOMIZE = """
+import json, os, threading
+
+from skd_jax.data import idx, streaming
+
+_local, _lock = threading.local(), threading.Lock()
+_call, _read = streaming.StepReader.__call__, idx.FashionMnistRecords.read
+
+
+def _step_call(self, step):
+  _local.step, _local.position = step, 0
+  return _call(self, step)
+
+
+def _logged_read(self, index):
+  import jax
+
+  if getattr(_local, 'step', None) is not None and len(self) == {num_train}:
+    line = dict(process=jax.process_index(), step=_local.step, position=_local.position,
+                index=[int(i) for i in index])
+    _local.position += 1
+    with _lock, open(os.path.join(os.environ['READ_LOG'], f'{{line["process"]}}.jsonl'), 'a') as f:
+      f.write(json.dumps(line) + '\\n')
+  return _read(self, index)
+
+
+streaming.StepReader.__call__ = _step_call
+idx.FashionMnistRecords.read = _logged_read
+"""
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp('multiprocess')
+  (root / 'hooks').mkdir()
+  (root / 'hooks' / 'sitecustomize.py').write_text(_SITECUSTOMIZE.format(num_train=NUM_TRAIN))
+  (root / 'combined.py').write_text(_CONFIG)
+  (root / 'data').mkdir()
+  return dict(root=root, data=runs.fashion_mnist(root / 'data', NUM_TRAIN, 16))
+
+
+def _env(setup, read_log):
+  read_log.mkdir(exist_ok=True)
+  return {
+      **os.environ,
+      'PATH': f'{os.path.dirname(sys.executable)}:{os.environ["PATH"]}',
+      'PYTHONPATH': f'{setup["root"] / "hooks"}:{REPO}',
+      'READ_LOG': str(read_log),
+  }
+
+
+def _args(setup, workdir, *extra):
+  return (
+      f'--config={setup["root"] / "combined.py"}',
+      f'--workdir={workdir}',
+      f'--config.data.dir={setup["data"]}',
+      '--config.data.pipeline=host',
+      f'--config.batch_size={BATCH}',
+      '--config.eval_batch_size=16',
+      f'--config.num_epochs={EPOCHS}',
+      f'--config.keep_checkpoints={EPOCHS}',  # every epoch's, to compare
+      '--config.log_every_steps=1',
+      *extra,
+  )
+
+
+def _local(setup, name, processes, devices, *extra):
+  """``launch/local.sh`` on the combined config in ``root/name``, started (a Popen)."""
+  workdir = setup['root'] / name
+  return subprocess.Popen(
+      ['launch/local.sh', str(processes), str(devices), *_args(setup, workdir, *extra)],
+      cwd=REPO,
+      env=_env(setup, setup['root'] / f'{name}_reads'),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+
+
+def _finish(proc):
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr
+  return stdout, stderr
+
+
+def _run(setup, name, processes, devices):
+  _finish(_local(setup, name, processes, devices))
+  return setup['root'] / name
+
+
+@pytest.fixture(scope='module')
+def two_by_two(setup):
+  return _run(setup, 'two_by_two', 2, 2)
+
+
+@pytest.fixture(scope='module')
+def one_by_four(setup):
+  return _run(setup, 'one_by_four', 1, 4)
+
+
+def _train_records(workdir):
+  return [r for r in runs.without_time(runs.records(workdir)) if r['kind'] == 'train']
+
+
+def _restore(workdir, step=None):
+  """``(step, state)`` of a checkpoint (default: the latest), on one device of this process (a
+  2-process checkpoint names devices this process does not have, so it cannot be restored as
+  saved)."""
+  with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
+    step = manager.latest_step() if step is None else step
+  path = workdir / 'checkpoints' / str(step) / 'state'
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        checkpointer.metadata(path).item_metadata,
+    )
+    return step, checkpointer.restore(path, target)
+
+
+def _state(workdir, step=TOTAL):
+  _, state = _restore(workdir, step)
+  assert set(state['carry']) >= {'cskd', 'dlb', 'dsr', 'pskd'}, set(state['carry'])
+  assert state['rows']['pskd'].shape[0] >= NUM_TRAIN
+  return state
+
+
+def _differences(a, b) -> dict[str, float]:
+  """Largest absolute difference of every float array of two states, over the array's largest
+  magnitude; other arrays must be equal."""
+  differences = {}
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    x, y, name = np.asarray(x), np.asarray(y), jax.tree_util.keystr(path)
+    assert x.shape == y.shape and x.dtype == y.dtype, name
+    if np.issubdtype(x.dtype, np.floating):
+      scale = max(float(np.max(np.abs(y), initial=0.0)), 1e-6)
+      differences[name] = float(np.max(np.abs(x - y), initial=0.0)) / scale
+    else:
+      np.testing.assert_array_equal(x, y, err_msg=name)
+  return differences
+
+
+def _report(what, differences):
+  largest = max(differences, key=differences.get)
+  identical = sum(v == 0 for v in differences.values())
+  print(
+      f'\n2x2 vs 1x4, {what}: largest difference {differences[largest]:.2g} at {largest}; '
+      f'{identical} of {len(differences)} identical'
+  )
+  return differences[largest]
+
+
+def test_two_by_two_trains_as_one_by_four(two_by_two, one_by_four):
+  """Losses, parameters, PS-KD rows and every carry agree to float reduction noise.
+
+  Not bit for bit: the 4 devices of one process are reduced by XLA's in-process collectives and
+  those of 2 processes by gloo's, which add in another order. The last bits differ from the first
+  step (the per-device work is the same: 2 examples per device in both); 24 steps of SGD at lr
+  0.1 on random images then amplify them, so the end state gets a looser bound than the first
+  epoch's.
+  """
+  two, one = _train_records(two_by_two), _train_records(one_by_four)
+  assert [r['step'] for r in two] == [r['step'] for r in one] == list(range(1, TOTAL + 1))
+  keys = [k for k in two[0] if k.startswith('loss') or k == 'grad_norm']
+  # Step 1 (values 0.03 to 2.3): absolute differences, a few float32 ulps.
+  first = _report('step 1 losses, absolute', {k: abs(two[0][k] - one[0][k]) for k in keys})
+  run = _report(
+      f'losses of all {TOTAL} steps',
+      {k: max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-2) for x, y in zip(two, one)) for k in keys},
+  )
+  epoch = _report(
+      f'state at step {STEPS_PER_EPOCH}',
+      _differences(_state(two_by_two, STEPS_PER_EPOCH), _state(one_by_four, STEPS_PER_EPOCH)),
+  )
+  end = _report(f'state at step {TOTAL}', _differences(_state(two_by_two), _state(one_by_four)))
+  assert first < 2e-6 and run < 1e-2 and epoch < 1e-4 and end < 0.2, (first, run, epoch, end)
+
+
+def test_a_preempted_two_by_two_run_resumes_bit_identically(setup, two_by_two):
+  """SIGTERM to the launcher mid-run; the rerun finishes exactly as the uninterrupted run (which
+  makes the 2 x 2 run a second time, bit-identical)."""
+  proc = _local(setup, 'preempted', 2, 2)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if f'step 1/{TOTAL}' in line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, ''.join(lines) + stderr
+  assert 'steps' not in stdout and stderr.count('saved a checkpoint at step') == 2, stderr
+  stopped, _ = _restore(setup['root'] / 'preempted')
+  assert 0 < stopped < TOTAL
+  _finish(_local(setup, 'preempted', 2, 2))
+  resumed = setup['root'] / 'preempted'
+  assert json.loads((resumed / 'summary.json').read_text())['steps'] == TOTAL
+  assert runs.without_time(runs.records(resumed)) == runs.without_time(runs.records(two_by_two))
+  jax.tree.map(np.testing.assert_array_equal, _state(resumed), _state(two_by_two))
+
+
+def _reads(read_log):
+  """``{(process, step, position): index}`` of a run's reads of the training split."""
+  reads = {}
+  for name in os.listdir(read_log):
+    with open(read_log / name) as f:
+      for line in map(json.loads, f):
+        key = (line['process'], line['step'], line['position'])
+        assert reads.setdefault(key, line['index']) == line['index'], key  # a step read again
+  return reads
+
+
+def test_each_process_reads_its_own_share_and_every_example_once_per_epoch(
+    setup, two_by_two, one_by_four
+):
+  two = _reads(setup['root'] / 'two_by_two_reads')
+  one = _reads(setup['root'] / 'one_by_four_reads')
+  groups = 3  # main, partner, previous
+  assert len(one) == TOTAL * groups and len(two) == 2 * TOTAL * groups
+  half = BATCH // 2
+  for (process, step, position), index in two.items():
+    # Process p reads slots [p B / 2, (p + 1) B / 2) of what one process reads for the same step.
+    assert index == one[(0, step, position)][process * half : (process + 1) * half]
+  for epoch in range(EPOCHS):
+    steps = range(epoch * STEPS_PER_EPOCH, (epoch + 1) * STEPS_PER_EPOCH)
+    main = sorted(i for p in (0, 1) for s in steps for i in two[(p, s, 0)])
+    assert main == list(range(NUM_TRAIN)), epoch
+
+
+def _child(parent: int, text: str) -> int:
+  """The child process of ``parent`` whose command line contains ``text``."""
+  for pid in open(f'/proc/{parent}/task/{parent}/children').read().split():
+    if text in open(f'/proc/{pid}/cmdline').read().replace('\0', ' '):
+      return int(pid)
+  raise AssertionError(f'no child of {parent} with {text!r}')
+
+
+def test_a_killed_process_stops_the_other_at_once_in_one_line(setup):
+  """SIGKILL to process 1 mid-training: process 0 exits 1 with one line, well within the timeout,
+  and so does the launcher (before, process 0 waited 60-90 s at jax.distributed's shutdown
+  barrier, then aborted with SIGABRT)."""
+  timeout = 30
+  proc = _local(setup, 'killed', 2, 2, f'--config.distributed_timeout_seconds={timeout}')
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if f'step 1/{TOTAL}' in line:
+      break
+  os.kill(_child(proc.pid, '--process_id=1'), signal.SIGKILL)
+  killed = time.monotonic()
+  _, stderr = proc.communicate(timeout=120)
+  seconds = time.monotonic() - killed
+  print(f'\nthe launcher exited {seconds:.2f} s after process 1 was killed')
+  assert proc.returncode == 128 + signal.SIGKILL, ''.join(lines) + stderr  # the first to fail
+  assert seconds < timeout, seconds
+  assert 'Traceback' not in stderr and 'Fatal Python error' not in stderr, stderr
+  errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
+  assert (
+      len(errors) == 1
+      and errors[0].startswith('error: process 0 of 2: a collective failed (')
+      and errors[0].endswith(
+          'another process died, stopped or fell behind; stopped (a silent process is declared dead after '
+          f'distributed_timeout_seconds={timeout})'
+      )
+  ), stderr
+
+
+def test_a_bad_timeout_exits_2_in_one_line(setup, tmp_path):
+  proc = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'skd_jax.main',
+          *_args(setup, tmp_path / 'wd'),
+          '--config.distributed_timeout_seconds=0',
+      ],
+      cwd=REPO,
+      env=_env(setup, tmp_path / 'reads'),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: distributed_timeout_seconds: expected an integer >= 1, got 0'
+  )
+  assert not (tmp_path / 'wd').exists()
