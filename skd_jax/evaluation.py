@@ -8,6 +8,8 @@ share, for :func:`eval_batch`. Either gives per-example statistics that :func:`e
 on the host in float64 (``skd_jax.metrics``), so both give the same metrics on the same images.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -45,9 +47,13 @@ class DeviceEvalSet:
   """The test split on every device; batch ``b``'s arguments of :func:`eval_step`."""
 
   def __init__(self, data: sources.DeviceData, batch_size: int):
-    self.data = data
+    self.data, self.batch_size = data, batch_size
     self.num_examples = data.labels.shape[0]
     self.num_batches = samplers.steps_per_epoch(self.num_examples, batch_size)
+
+  def eval_step(self, networks, mesh):
+    """The function to compile: (variables, *a batch's arguments) -> per-example statistics."""
+    return functools.partial(eval_step, networks=networks, mesh=mesh, batch_size=self.batch_size)
 
   def example_args(self):
     return self.data, np.int32(0)

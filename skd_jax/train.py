@@ -270,21 +270,10 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
     # Imported here: grain adds most of a second to every start-up that does not need it.
     from skd_jax.data import streaming  # pylint: disable=g-import-not-at-top
 
-    train_set = data_lib.open_records(config.data, config.data.train_split)
-    num_classes, image_shape = train_set.num_classes, tuple(train_set.image_shape)
-    transform = streaming.eval_transform(
-        config.data.augment, config.data.image_size, config.data.eval_resize
+    train_set, test, image_shape, (mean, std) = streaming.open_splits(
+        config.data, mesh, config.eval_batch_size
     )
-    if config.data.augment == 'imagenet':
-      image_shape = (config.data.image_size, config.data.image_size, image_shape[-1])
-    # The normalisation from an evenly spaced sample of the images the model sees at evaluation:
-    # 10,000, or 1,000 large ones to decode.
-    count = 1_000 if config.data.augment == 'imagenet' else 10_000
-    mean, std = streaming.sample_channel_stats(train_set, transform, count)
-    test_records = data_lib.open_records(config.data, config.data.test_split)
-    test = streaming.HostEvalSet(
-        test_records, mesh, batch_size=config.eval_batch_size, transform=transform
-    )
+    num_classes = train_set.num_classes
   else:
     train_set = data_lib.load_split(config.data, config.data.train_split)
     mean, std = pipeline.channel_stats(train_set.images)
@@ -399,14 +388,8 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
       .lower(state, source.step_args(0), teacher)
       .compile()
   )
-  if config.data.pipeline == 'host':
-    eval_step = functools.partial(evaluation.eval_batch, networks=networks)
-  else:
-    eval_step = functools.partial(
-        evaluation.eval_step, networks=networks, mesh=mesh, batch_size=config.eval_batch_size
-    )
   eval_fn = (
-      jax.jit(eval_step, out_shardings=replicated)
+      jax.jit(test.eval_step(networks, mesh), out_shardings=replicated)
       .lower(networks.inference(state.params, state.batch_stats), *test.example_args())
       .compile()
   )

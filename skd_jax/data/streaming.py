@@ -27,6 +27,7 @@ marked invalid, each process reading its share (resized and centre-cropped with
 ``augment='imagenet'``).
 """
 
+import functools
 import time
 
 from absl import flags
@@ -35,6 +36,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from skd_jax import data as data_lib
+from skd_jax import evaluation
 from skd_jax import example_rows
 from skd_jax.data import pipeline
 from skd_jax.data import resized_crops
@@ -65,11 +68,30 @@ def eval_transform(augment: str, image_size: int, eval_resize: int):
   )
 
 
-def sample_channel_stats(records, transform, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and std (``pipeline.channel_stats``) of ``count`` evenly spaced examples,
-  after ``transform``."""
-  sample = np.linspace(0, len(records) - 1, min(len(records), count)).astype(np.int64)
-  return pipeline.channel_stats(transform(records.read(sample)[0]))
+def open_splits(data_config, mesh, eval_batch_size: int):
+  """The training records, the streamed test set, the model's input shape and the normalisation.
+
+  Returns:
+    ``(train records, HostEvalSet, (H, W, C), (mean, std))``. The mean and std are those of an
+    evenly spaced sample of training images as the model sees them at evaluation: 10,000, or
+    1,000 with ``'imagenet'`` augmentation (large images to decode).
+  """
+  augment, size = data_config.augment, data_config.image_size
+  train_set = data_lib.open_records(data_config, data_config.train_split)
+  transform = eval_transform(augment, size, data_config.eval_resize)
+  count = 1_000 if augment == 'imagenet' else 10_000
+  sample = np.linspace(0, len(train_set) - 1, min(len(train_set), count)).astype(np.int64)
+  stats = pipeline.channel_stats(transform(train_set.read(sample)[0]))
+  test = HostEvalSet(
+      data_lib.open_records(data_config, data_config.test_split),
+      mesh,
+      batch_size=eval_batch_size,
+      transform=transform,
+  )
+  shape = tuple(train_set.image_shape)
+  if augment == 'imagenet':
+    shape = (size, size, shape[-1])
+  return train_set, test, shape, stats
 
 
 def augment(
@@ -302,6 +324,12 @@ class HostEvalSet:
         self._sharding, x, (self.batch_size, *x.shape[1:])
     )
     return (sources.Examples(**{k: put(v) for k, v in local.items()}),)
+
+  @staticmethod
+  def eval_step(networks, mesh):
+    """The function to compile: (variables, a batch's ``Examples``) -> per-example statistics."""
+    del mesh  # the batch comes sharded
+    return functools.partial(evaluation.eval_batch, networks=networks)
 
   def example_args(self) -> tuple[sources.Examples]:
     """The arguments' shapes, shardings and dtypes, for compiling ahead of time."""
