@@ -64,6 +64,9 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.data.test_split = 'test'
   c.data.crop_padding = 4
   c.data.flip = True
+  c.data.augment = 'cifar'
+  c.data.image_size = 224
+  c.data.eval_resize = 256
   c.data.pipeline = 'device'
   c.data.workers = 0
   c.data.prefetch = 4
@@ -127,6 +130,36 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   return c
 
 
+def imagenet_protocol(c: ml_collections.ConfigDict, model: str) -> None:
+  """Turns a ``base_config(quick=False)`` into the PS-KD paper's ImageNet protocol, in place.
+
+  TFDS ``imagenet2012`` (manual download) through the host pipeline; random-resized 224-pixel
+  crops and flips; evaluation on the centre 224 crop of the 256-resized validation images;
+  ``model`` ('resnet152' or 'resnet50') in bfloat16; 90 epochs of batch 256; SGD with Nesterov
+  momentum, lr 0.1 / 10 at epochs 30 and 60, weight decay 1e-4.
+  """
+  c.data.source = 'tfds'
+  c.data.name = 'imagenet2012'
+  c.data.download = False
+  c.data.test_split = 'validation'
+  c.data.pipeline = 'host'
+  c.data.augment = 'imagenet'
+  c.data.crop_padding = 0
+  c.data.image_size = 224
+  c.data.eval_resize = 256
+  c.data.workers = 8
+  c.model.name = model
+  c.model.dtype = 'bfloat16'
+  c.num_epochs = 90
+  c.batch_size = 256
+  c.eval_batch_size = 1000
+  c.optim.nesterov = True
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = 'step'
+  c.optim.boundaries = (30, 60)
+  c.log_every_steps = 100
+
+
 # Every key of `base_config`, documented; `python -m skd_jax.main --help` prints this with the
 # defaults. `model.*` and `loss.*` stand for the families of keys a config adds.
 KEYS = {
@@ -139,11 +172,17 @@ KEYS = {
     'data.test_split': 'split evaluated after every epoch',
     'data.crop_padding': 'random crop after zero padding by this many pixels (0: no crop)',
     'data.flip': 'random horizontal flips',
+    'data.augment': "'cifar' (data.crop_padding, data.flip) or 'imagenet' (host pipeline, images "
+    'of any size: random-resized crops to data.image_size and data.flip; evaluation resizes the '
+    'shorter side to data.eval_resize and centre-crops data.image_size)',
+    'data.image_size': "'imagenet' augmentation: side of the square training and test crops",
+    'data.eval_resize': "'imagenet' augmentation: shorter side of test images before the crop",
     'data.pipeline': "'device' (the split on every device, batches made in the step) or 'host' "
     '(each process reads its share of every batch on the host: data larger than device memory)',
     'data.workers': "'host' pipeline: worker processes that read and augment (0: threads)",
     'data.prefetch': "'host' pipeline: steps read ahead",
-    'model.name': 'cifar_resnet18, preact_resnet18 or small_resnet (see skd_jax/models)',
+    'model.name': 'cifar_resnet18, preact_resnet18, small_resnet, resnet50 or resnet152 (see '
+    'skd_jax/models)',
     'model.dtype': "computation dtype, 'float32' or 'bfloat16' (parameters stay float32)",
     'model.*': "the model's architecture options, e.g. model.widths and model.strides",
     'num_epochs': 'epochs to train',
@@ -302,6 +341,24 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
       'data.pipeline',
       f"expected 'device' or 'host', got {config.data.pipeline!r}",
   )
+  check(
+      config.data.augment in ('cifar', 'imagenet'),
+      'data.augment',
+      f"expected 'cifar' or 'imagenet', got {config.data.augment!r}",
+  )
+  if config.data.augment == 'imagenet':
+    check(
+        config.data.pipeline == 'host',
+        'data.augment',
+        f"'imagenet' needs data.pipeline='host', got {config.data.pipeline!r}",
+    )
+    check(
+        config.data.crop_padding == 0,
+        'data.crop_padding',
+        f"expected 0 with data.augment='imagenet', got {config.data.crop_padding!r}",
+    )
+    integer('data.image_size', 1)
+    integer('data.eval_resize', config.data.image_size)
   integer('data.workers', 0)
   integer('data.prefetch', 1)
   check(len(config.loss) > 0, 'loss', 'expected at least one loss term')

@@ -1,10 +1,14 @@
 """Evaluation on the test split: the PS-KD paper's metrics of any backbone's variables.
 
-The test split lives on every device as uint8 (``skd_jax.data.sources.DeviceData``); each
-compiled :func:`eval_step` computes per-example statistics of one fixed-size batch (the last one
-padded and masked), and :func:`evaluate` reduces them on the host in float64
-(``skd_jax.metrics``).
+The test split comes in fixed-size batches (the last one padded and masked) from one of two sets:
+:class:`DeviceEvalSet`, the split on every device as uint8 (``skd_jax.data.sources.DeviceData``),
+whose compiled :func:`eval_step` selects batch ``b`` itself; or, with the host pipeline,
+``skd_jax.data.streaming.HostEvalSet``, which reads every batch on the host, each process its
+share, for :func:`eval_batch`. Either gives per-example statistics that :func:`evaluate` reduces
+on the host in float64 (``skd_jax.metrics``), so both give the same metrics on the same images.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +18,7 @@ import numpy as np
 from skd_jax import example_rows
 from skd_jax import metrics as metrics_lib
 from skd_jax.data import samplers
+from skd_jax.data import sources
 
 
 def eval_step(variables, test, batch: jax.Array, *, networks, mesh, batch_size: int):
@@ -32,13 +37,46 @@ def eval_step(variables, test, batch: jax.Array, *, networks, mesh, batch_size: 
   return {**metrics_lib.per_example_stats(logits, test.labels[index]), 'valid': valid}
 
 
-def evaluate(eval_fn, test, models: dict[str, object], batch_size: int) -> dict[str, float]:
-  """The metrics of every model in ``models`` (key prefix -> variables), prefixed, in one dict."""
+def eval_batch(variables, examples: sources.Examples, *, networks):
+  """Per-example statistics of a batch read on the host (``HostEvalSet``), as :func:`eval_step`."""
+  logits, _ = networks.apply_inference(variables, examples.images)
+  return {**metrics_lib.per_example_stats(logits, examples.labels), 'valid': examples.valid}
+
+
+class DeviceEvalSet:
+  """The test split on every device; batch ``b``'s arguments of :func:`eval_step`."""
+
+  def __init__(self, data: sources.DeviceData, batch_size: int):
+    self.data, self.batch_size = data, batch_size
+    self.num_examples = data.labels.shape[0]
+    self.num_batches = samplers.steps_per_epoch(self.num_examples, batch_size)
+
+  def eval_step(self, networks, mesh):
+    """The function to compile: (variables, *a batch's arguments) -> per-example statistics."""
+    return functools.partial(eval_step, networks=networks, mesh=mesh, batch_size=self.batch_size)
+
+  def example_args(self):
+    return self.data, np.int32(0)
+
+  def batches(self):
+    for b in range(self.num_batches):
+      yield self.data, np.int32(b)
+
+
+def evaluate(eval_fn, test, models: dict[str, object]) -> dict[str, float]:
+  """The metrics of every model in ``models`` (key prefix -> variables), prefixed, in one dict.
+
+  ``test`` is a :class:`DeviceEvalSet` or a ``HostEvalSet``; each batch is read once for all
+  models.
+  """
+  stats = {prefix: [] for prefix in models}
+  for args in test.batches():
+    for prefix, variables in models.items():
+      stats[prefix].append(eval_fn(variables, *args))
   result = {}
-  num_batches = samplers.steps_per_epoch(test.labels.shape[0], batch_size)
-  for prefix, variables in models.items():
-    stats = jax.device_get([eval_fn(variables, test, np.int32(b)) for b in range(num_batches)])
-    merged = {k: np.concatenate([b[k] for b in stats]) for k in stats[0]}
+  for prefix, batches in stats.items():
+    batches = jax.device_get(batches)
+    merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     valid = merged.pop('valid')
     summary = metrics_lib.summarize({k: v[valid] for k, v in merged.items()})
     result.update({prefix + k: v for k, v in summary.items()})

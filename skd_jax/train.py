@@ -212,9 +212,9 @@ class Job(NamedTuple):
 
   state: TrainState
   step_fn: Any  # (state, source.step_args(step), teacher) -> (state, measurements); compiled
-  eval_fn: Any  # (backbone variables, test, batch) -> per-example statistics, compiled
+  eval_fn: Any  # (backbone variables, *a batch of test.batches()) -> per-example statistics
   source: Any  # skd_jax.data.sources.OnDeviceSource or skd_jax.data.streaming.HostSource
-  test: sources.DeviceData
+  test: Any  # skd_jax.evaluation.DeviceEvalSet or skd_jax.data.streaming.HostEvalSet
   networks: networks_lib.Networks
   teacher: Any  # the frozen teacher's variables on the devices, or None
 
@@ -226,12 +226,12 @@ class Job(NamedTuple):
     return self.step_fn(state, self.source.step_args(step), self.teacher)
 
 
-def _evaluate(job: Job, state: TrainState, batch_size: int) -> dict[str, float]:
+def _evaluate(job: Job, state: TrainState) -> dict[str, float]:
   """Test metrics of the student, and of its EMA copy (``ema/<metric>``) when there is one."""
   models = {'': networks_lib.Networks.inference(state.params, state.batch_stats)}
   if state.ema:
     models['ema/'] = state.ema
-  return evaluation.evaluate(job.eval_fn, job.test, models, batch_size)
+  return evaluation.evaluate(job.eval_fn, job.test, models)
 
 
 def _count(tree) -> int:
@@ -264,16 +264,21 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
       dict(mesh.shape),
   )
   if config.data.pipeline == 'host':  # read when needed, each process its share of every batch
-    train_set = data_lib.open_records(config.data, config.data.train_split)
-    # The normalisation from an evenly spaced sample of at most 10,000 images.
-    sample = np.linspace(0, len(train_set) - 1, min(len(train_set), 10_000)).astype(np.int64)
-    mean, std = pipeline.channel_stats(train_set.read(sample)[0])
-    num_classes, image_shape = train_set.num_classes, tuple(train_set.image_shape)
+    # Imported here: grain adds most of a second to every start-up that does not need it.
+    from skd_jax.data import streaming  # pylint: disable=g-import-not-at-top
+
+    train_set, test, image_shape, (mean, std) = streaming.open_splits(
+        config.data, mesh, config.eval_batch_size
+    )
+    num_classes = train_set.num_classes
   else:
     train_set = data_lib.load_split(config.data, config.data.train_split)
     mean, std = pipeline.channel_stats(train_set.images)
     num_classes, image_shape = train_set.num_classes, train_set.images.shape[1:]
-  test_set = data_lib.load_split(config.data, config.data.test_split)
+    test_set = data_lib.load_split(config.data, config.data.test_split)
+    test = evaluation.DeviceEvalSet(
+        sources.to_devices(test_set.images, test_set.labels, mesh), config.eval_batch_size
+    )
   _stop_if_signalled()  # before the slow part: initialisation and compilation
   log.info(
       'Data: %s, %d training (%s, %s pipeline) and %d test (%s) images of %s, %d classes.',
@@ -281,7 +286,7 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
       len(train_set.labels),
       config.data.train_split,
       config.data.pipeline,
-      len(test_set.labels),
+      test.num_examples,
       config.data.test_split,
       'x'.join(map(str, image_shape)),
       num_classes,
@@ -321,13 +326,12 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
       flip=config.data.flip,
   )
   if config.data.pipeline == 'host':
-    # Imported here: grain adds most of a second to every start-up that does not need it.
-    from skd_jax.data import streaming  # pylint: disable=g-import-not-at-top
-
     source = streaming.HostSource(
         train_set,
         mesh,
         num_steps=config.num_epochs * spe,
+        augment=config.data.augment,
+        image_size=config.data.image_size,
         workers=config.data.workers,
         prefetch=config.data.prefetch,
         **source_options,
@@ -336,7 +340,6 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
     source = sources.OnDeviceSource(
         train_set.images, train_set.labels, num_classes, mesh, **source_options
     )
-  test = sources.to_devices(test_set.images, test_set.labels, mesh)
   schedule = optim_lib.make_schedule(
       config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs
   )
@@ -383,13 +386,8 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
       .compile()
   )
   eval_fn = (
-      jax.jit(
-          functools.partial(
-              evaluation.eval_step, networks=networks, mesh=mesh, batch_size=config.eval_batch_size
-          ),
-          out_shardings=replicated,
-      )
-      .lower(networks.inference(state.params, state.batch_stats), test, np.int32(0))
+      jax.jit(test.eval_step(networks, mesh), out_shardings=replicated)
+      .lower(networks.inference(state.params, state.batch_stats), *test.example_args())
       .compile()
   )
   log.info('Compiled the train and evaluation steps in %.1f s.', time.perf_counter() - started)
@@ -521,7 +519,7 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
         continue
       # End of an epoch: evaluate, checkpoint.
       epoch = done // spe
-      result = _evaluate(job, state, config.eval_batch_size)
+      result = _evaluate(job, state)
       result['train_seconds'] = seconds_before + time.time() - run_start
       workdir.log({'kind': 'eval', 'step': done, 'epoch': float(epoch), **result})
       log.info(
@@ -546,7 +544,7 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
     progress.close()
 
   if result is None:  # the run had already finished: evaluate the restored model again
-    result = _evaluate(job, state, config.eval_batch_size)
+    result = _evaluate(job, state)
     result['train_seconds'] = seconds_before
   evals = [r for r in workdir.records() if r['kind'] == 'eval'] or [
       {**result, 'epoch': config.num_epochs}

@@ -76,6 +76,7 @@ def open_records(data_config, split: str):
       split,
       data_dir=data_config.get('dir') or None,
       download=bool(data_config.get('download', False)),
+      variable_size=data_config.get('augment') == 'imagenet',
   )
 
 

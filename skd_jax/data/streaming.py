@@ -14,12 +14,20 @@ in order. Because a step's batch depends on the step alone, the source's positio
 resumed run restarts the pipeline at the checkpoint's step and repeats or skips no example.
 
 Augmentation draws the whole global batch's random numbers from ``(seed, group, step)`` with
-numpy and keeps its share's, so the result does not depend on the number of processes. It is
-the on-device source's augmentation (random crop after zero padding, horizontal flip) with
-numpy's generator instead of JAX's, so the two sources see the same distribution of batches,
-not the same batches.
+numpy and keeps its share's, so the result does not depend on the number of processes. With
+``augment='cifar'`` it is the on-device source's augmentation (random crop after zero padding,
+horizontal flip) with numpy's generator instead of JAX's, so the two sources see the same
+distribution of batches, not the same batches. With ``augment='imagenet'`` images may have any
+size and become random-resized crops of ``image_size`` pixels, flipped
+(``skd_jax.data.resized_crops``).
+
+:class:`HostEvalSet` streams the test split for evaluation the same way: batch ``b`` is slots
+``[b B, (b + 1) B)`` of the split in index order, the last one padded with the last example and
+marked invalid, each process reading its share (resized and centre-cropped with
+``augment='imagenet'``).
 """
 
+import functools
 import time
 
 from absl import flags
@@ -28,7 +36,11 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from skd_jax import data as data_lib
+from skd_jax import evaluation
 from skd_jax import example_rows
+from skd_jax.data import pipeline
+from skd_jax.data import resized_crops
 from skd_jax.data import samplers
 from skd_jax.data import sources
 
@@ -38,6 +50,48 @@ _STREAMS = {'main': 1, 'order': 2, 'partner': 4, 'partners': 5, 'previous': 6}
 
 def _rng(seed: int, stream: str, number: int) -> np.random.Generator:
   return np.random.default_rng((seed, _STREAMS[stream], number))
+
+
+def _share(batch_size: int) -> slice:
+  """This process's slots of a global batch."""
+  per_process = batch_size // jax.process_count()
+  return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+def eval_transform(augment: str, image_size: int, eval_resize: int):
+  """The evaluation transform of a list or array of images: none with ``'cifar'``; resize of
+  the shorter side to ``eval_resize`` and a centre crop of ``image_size`` with ``'imagenet'``."""
+  if augment != 'imagenet':
+    return np.asarray
+  return lambda images: np.stack(
+      [resized_crops.resize_centre_crop(x, eval_resize, image_size) for x in images]
+  )
+
+
+def open_splits(data_config, mesh, eval_batch_size: int):
+  """The training records, the streamed test set, the model's input shape and the normalisation.
+
+  Returns:
+    ``(train records, HostEvalSet, (H, W, C), (mean, std))``. The mean and std are those of an
+    evenly spaced sample of training images as the model sees them at evaluation: 10,000, or
+    1,000 with ``'imagenet'`` augmentation (large images to decode).
+  """
+  augment, size = data_config.augment, data_config.image_size
+  train_set = data_lib.open_records(data_config, data_config.train_split)
+  transform = eval_transform(augment, size, data_config.eval_resize)
+  count = 1_000 if augment == 'imagenet' else 10_000
+  sample = np.linspace(0, len(train_set) - 1, min(len(train_set), count)).astype(np.int64)
+  stats = pipeline.channel_stats(transform(train_set.read(sample)[0]))
+  test = HostEvalSet(
+      data_lib.open_records(data_config, data_config.test_split),
+      mesh,
+      batch_size=eval_batch_size,
+      transform=transform,
+  )
+  shape = tuple(train_set.image_shape)
+  if augment == 'imagenet':
+    shape = (size, size, shape[-1])
+  return train_set, test, shape, stats
 
 
 def augment(
@@ -65,9 +119,22 @@ class StepReader:
   Picklable (records, sampler state and settings only), so grain can ship it to worker processes.
   """
 
-  def __init__(self, records, *, seed, batch_size, groups, crop_padding, flip, share: slice):
+  def __init__(
+      self,
+      records,
+      *,
+      seed,
+      batch_size,
+      groups,
+      crop_padding,
+      flip,
+      share,
+      augment='cifar',
+      image_size=224,
+  ):
     self.records, self.seed, self.batch_size, self.groups = records, seed, batch_size, groups
     self.crop_padding, self.flip, self.share = crop_padding, flip, share
+    self.augment, self.image_size = augment, image_size
     self.num_examples = len(records)
     self.steps_per_epoch = samplers.steps_per_epoch(self.num_examples, batch_size)
     self.classes = None
@@ -107,7 +174,12 @@ class StepReader:
     for group, (index, valid) in self.indices(step).items():
       images, labels = self.records.read(index[self.share])
       rng = _rng(self.seed, group, step)
-      images = augment(rng, images, self.share, self.batch_size, self.crop_padding, self.flip)
+      if self.augment == 'imagenet':
+        images = resized_crops.random_resized_crops(
+            rng, images, self.share, self.batch_size, self.image_size, self.flip
+        )
+      else:
+        images = augment(rng, images, self.share, self.batch_size, self.crop_padding, self.flip)
       out[group] = dict(
           index=index[self.share], valid=valid[self.share], labels=labels, images=images
       )
@@ -122,6 +194,9 @@ class HostSource:
       ``read(index) -> (images, labels)``, ``labels``, ``num_classes``, ``image_shape``.
     mesh: the ``data`` mesh.
     seed, batch_size, groups, crop_padding, flip: as ``skd_jax.data.sources.OnDeviceSource``.
+    augment: ``'cifar'`` (``crop_padding`` and ``flip``) or ``'imagenet'`` (random-resized crops
+      to ``image_size`` pixels and ``flip``; images of any size).
+    image_size: the side of ``'imagenet'`` crops.
     num_steps: the run's number of steps.
     workers: host worker processes (0: threads of this process).
     prefetch: steps read ahead.
@@ -138,6 +213,8 @@ class HostSource:
       groups=(),
       crop_padding: int = 0,
       flip: bool = False,
+      augment: str = 'cifar',
+      image_size: int = 224,
       workers: int = 0,
       prefetch: int = 2,
   ):
@@ -145,7 +222,6 @@ class HostSource:
     if unknown:
       raise ValueError(f'groups: unknown {sorted(unknown)}; expected some of {sources.GROUPS}')
     self.groups = ('main',) + tuple(g for g in sources.GROUPS[1:] if g in groups)
-    per_process = batch_size // jax.process_count()
     self.reader = StepReader(
         records,
         seed=seed,
@@ -153,7 +229,9 @@ class HostSource:
         groups=self.groups,
         crop_padding=crop_padding,
         flip=flip,
-        share=slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process),
+        augment=augment,
+        image_size=image_size,
+        share=_share(batch_size),
     )
     self.batch_size, self.steps_per_epoch = batch_size, self.reader.steps_per_epoch
     self._num_steps, self._workers, self._prefetch = num_steps, workers, prefetch
@@ -203,3 +281,68 @@ class HostSource:
     """The batch ``step_args`` brought (traceable)."""
     del step
     return batch
+
+
+class EvalBatchReader:
+  """What a host worker runs for evaluation: batch number -> this process's share, as numpy."""
+
+  def __init__(self, records, *, batch_size: int, transform, share: slice):
+    self.records, self.batch_size, self.transform, self.share = (
+        records,
+        batch_size,
+        transform,
+        share,
+    )
+
+  def __call__(self, batch: int) -> dict:
+    n = len(self.records)
+    position = batch * self.batch_size + np.arange(self.batch_size)[self.share]
+    index = np.minimum(position, n - 1)
+    images, labels = self.records.read(index)
+    return dict(index=index, valid=position < n, labels=labels, images=self.transform(images))
+
+
+class HostEvalSet:
+  """The test split streamed from the host in fixed-size batches, each process its share.
+
+  ``batches()`` yields, in order, the arguments of ``skd_jax.evaluation.eval_batch`` for every
+  batch: one global :class:`~skd_jax.data.sources.Examples` sharded along ``data``. Reading runs
+  ``prefetch`` batches ahead in threads.
+  """
+
+  def __init__(self, records, mesh, *, batch_size: int, transform, prefetch: int = 2):
+    self.num_examples = len(records)
+    self.num_batches = samplers.steps_per_epoch(self.num_examples, batch_size)
+    self.batch_size, self._prefetch = batch_size, prefetch
+    self._reader = EvalBatchReader(
+        records, batch_size=batch_size, transform=transform, share=_share(batch_size)
+    )
+    self._sharding = NamedSharding(mesh, P(example_rows.AXIS))
+
+  def _put(self, local: dict) -> tuple[sources.Examples]:
+    put = lambda x: jax.make_array_from_process_local_data(
+        self._sharding, x, (self.batch_size, *x.shape[1:])
+    )
+    return (sources.Examples(**{k: put(v) for k, v in local.items()}),)
+
+  @staticmethod
+  def eval_step(networks, mesh):
+    """The function to compile: (variables, a batch's ``Examples``) -> per-example statistics."""
+    del mesh  # the batch comes sharded
+    return functools.partial(evaluation.eval_batch, networks=networks)
+
+  def example_args(self) -> tuple[sources.Examples]:
+    """The arguments' shapes, shardings and dtypes, for compiling ahead of time."""
+    local = self._reader(0)
+    spec = lambda x: jax.ShapeDtypeStruct(
+        (self.batch_size, *x.shape[1:]), x.dtype, sharding=self._sharding
+    )
+    return (sources.Examples(**{k: spec(v) for k, v in local.items()}),)
+
+  def batches(self):
+    dataset = grain.MapDataset.range(self.num_batches).map(self._reader)
+    options = grain.ReadOptions(
+        num_threads=max(1, self._prefetch), prefetch_buffer_size=self._prefetch
+    )
+    for local in dataset.to_iter_dataset(options):
+      yield self._put(local)

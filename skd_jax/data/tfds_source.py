@@ -3,8 +3,10 @@
 This is the only module of skd_jax that imports `tensorflow_datasets`; it reads
 prepared array_record files through `tfds.data_source`, so TensorFlow is not
 needed at training time. Examples must have the standard TFDS
-image-classification keys: 'image' (a fixed-shape uint8 `tfds.features.Image`)
-and 'label' (a `tfds.features.ClassLabel`).
+image-classification keys: 'image' (a fixed-shape uint8 `tfds.features.Image`,
+or of any height and width for `TfdsRecords(variable_size=True)`) and 'label'
+(a `tfds.features.ClassLabel`). TFDS decodes the images (JPEG or PNG) with
+OpenCV when it is installed, else with PIL.
 """
 
 import contextlib
@@ -146,8 +148,9 @@ def _open(name: str, split: str, data_dir: str | None, download: bool):
     ) from e
 
 
-def _check_features(name: str, features) -> tuple[tuple[int, ...], int]:
-  """Returns (image shape, num_classes), or raises ConfigError."""
+def _check_features(name: str, features, variable_size=False) -> tuple[tuple[int, ...], int]:
+  """Returns (image shape, num_classes), or raises ConfigError; with `variable_size`, the
+  height and width may be None."""
   image = features['image'] if 'image' in features else None
   label = features['label'] if 'label' in features else None
   if not isinstance(image, tfds.features.Image):
@@ -161,10 +164,12 @@ def _check_features(name: str, features) -> tuple[tuple[int, ...], int]:
         " expected an image-classification dataset with 'image' and 'label'"
     )
   shape = tuple(image.shape)
-  if len(shape) != 3 or any(d is None for d in shape):
+  fixed = shape[-1:] if variable_size else shape
+  if len(shape) != 3 or any(d is None for d in fixed):
     raise ConfigError(
         f'data.name: TFDS dataset {name!r} has images of variable shape'
-        f' {shape}; expected a dataset with fixed-size HxWxC images'
+        f' {shape}; expected a dataset with fixed-size HxWxC images, or'
+        " data.augment='imagenet' with data.pipeline='host'"
     )
   if np.dtype(image.np_dtype) != np.uint8:
     raise ConfigError(
@@ -266,12 +271,22 @@ class TfdsRecords:
   """Random access to a prepared TFDS split (ArrayRecord) for the host-streaming source.
 
   Reading an example reads and decodes that record only. ``labels`` (every label, for the
-  partner sampler) reads the whole split once, on first use.
+  partner sampler) reads the whole split once, on first use. With ``variable_size``, images may
+  have any height and width: ``image_shape`` is ``(None, None, C)`` and ``read`` returns a list.
   """
 
-  def __init__(self, name: str, split: str, *, data_dir: str | None, download: bool):
+  def __init__(
+      self,
+      name: str,
+      split: str,
+      *,
+      data_dir: str | None,
+      download: bool,
+      variable_size: bool = False,
+  ):
     self._source = _open(name, split, data_dir, download)
-    self.image_shape, self.num_classes = _check_features(name, self._source.dataset_info.features)
+    features = self._source.dataset_info.features
+    self.image_shape, self.num_classes = _check_features(name, features, variable_size)
     if not len(self._source):
       raise ConfigError(f'data.name: split {split!r} of TFDS dataset {name!r} is empty')
     self._labels = None
@@ -285,8 +300,11 @@ class TfdsRecords:
       self._labels = np.array([e['label'] for e in _examples(self._source)], np.int32)
     return self._labels
 
-  def read(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images ``[n, H, W, C]`` and int32 labels ``[n]`` of the examples ``index``."""
+  def read(self, index: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+    """uint8 images ``[n, H, W, C]`` (a list of ``[H_i, W_i, C]`` when sizes vary) and int32
+    labels ``[n]`` of the examples ``index``."""
     examples = [self._source[int(i)] for i in index]
-    images = np.stack([np.asarray(e['image'], np.uint8) for e in examples])
+    images = [np.asarray(e['image'], np.uint8) for e in examples]
+    if None not in self.image_shape:
+      images = np.stack(images)
     return images, np.array([e['label'] for e in examples], np.int32)

@@ -1,0 +1,122 @@
+"""ImageNet-style crops on the host, for images of any size: numpy in, PIL resampling, uint8 out.
+
+* Training: :func:`random_resized_crops`, torchvision's ``RandomResizedCrop(size)`` with its
+  defaults (area fraction in ``SCALE``, aspect ratio log-uniform in ``RATIO``, ``ATTEMPTS`` tries,
+  then a centre crop of the whole image clipped to ``RATIO``), bilinear resampling, then a
+  horizontal flip with probability 1/2.
+* Evaluation: :func:`resize_centre_crop`, torchvision's ``Resize(resize)`` (shorter side to
+  ``resize``, bilinear) followed by ``CenterCrop(size)``.
+
+PIL's bilinear filter widens its support when it shrinks (antialiasing), as torchvision's PIL
+path does. A crop's randomness comes from one numpy generator per batch: every draw is made for
+all ``size`` slots of the global batch and the ``share`` of this process is sliced out, so an
+example's crop depends on ``(generator seed, slot, image)`` only, not on the process count.
+"""
+
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+SCALE = (0.08, 1.0)  # range of the crop's area as a fraction of the image's
+RATIO = (3 / 4, 4 / 3)  # range of the crop's width / height
+ATTEMPTS = 10  # boxes drawn before falling back to the centre crop
+
+
+def random_resized_box(
+    height: int, width: int, area: np.ndarray, log_ratio: np.ndarray, position: np.ndarray
+) -> tuple[int, int, int, int]:
+  """torchvision's ``RandomResizedCrop.get_params`` with the random numbers given.
+
+  Args:
+    height, width: the image's size.
+    area: ``[ATTEMPTS]`` area fractions, uniform in ``SCALE``.
+    log_ratio: ``[ATTEMPTS]`` log aspect ratios, uniform in ``log(RATIO)``.
+    position: ``[ATTEMPTS, 2]`` uniforms in [0, 1) that place the box (top, left).
+
+  Returns:
+    ``(top, left, crop_height, crop_width)``: the first drawn box that fits in the image, else
+    the largest centred box whose aspect ratio is clipped to ``RATIO``.
+  """
+  for fraction, log_r, (u, v) in zip(area, log_ratio, position):
+    target, ratio = height * width * fraction, math.exp(log_r)
+    w = int(round(math.sqrt(target * ratio)))
+    h = int(round(math.sqrt(target / ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      # torchvision draws randint(0, H - h + 1); u * (H - h + 1) floored is the same law.
+      top = min(int(u * (height - h + 1)), height - h)
+      left = min(int(v * (width - w + 1)), width - w)
+      return top, left, h, w
+  if width / height < RATIO[0]:
+    w, h = width, int(round(width / RATIO[0]))
+  elif width / height > RATIO[1]:
+    h, w = height, int(round(height * RATIO[1]))
+  else:
+    h, w = height, width
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _pil(image: np.ndarray) -> Image.Image:
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _array(image: Image.Image, channels: int) -> np.ndarray:
+  out = np.asarray(image, np.uint8)
+  return out[..., None] if channels == 1 else out
+
+
+def resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+  """The ``(top, left, height, width)`` box of ``image`` [H, W, C] resized to [size, size, C]."""
+  top, left, h, w = box
+  resized = _pil(image).resize(
+      (size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
+  )
+  return _array(resized, image.shape[-1])
+
+
+def random_resized_crops(
+    rng: np.random.Generator,
+    images: Sequence[np.ndarray],
+    share: slice,
+    size: int,
+    image_size: int,
+    flip: bool,
+) -> np.ndarray:
+  """Random-resized crops (and flips) of ``images``, the ``share`` of a batch of ``size`` slots.
+
+  Args:
+    rng: the batch's generator; every draw is made for all ``size`` slots.
+    images: the share's uint8 images [H_i, W_i, C], any sizes.
+    share: this process's slots of the batch.
+    size: the global batch size.
+    image_size: side of the square output.
+    flip: whether to flip horizontally with probability 1/2.
+
+  Returns:
+    uint8 ``[len(images), image_size, image_size, C]``.
+  """
+  area = rng.uniform(SCALE[0], SCALE[1], (size, ATTEMPTS))[share]
+  log_ratio = rng.uniform(math.log(RATIO[0]), math.log(RATIO[1]), (size, ATTEMPTS))[share]
+  position = rng.random((size, ATTEMPTS, 2))[share]
+  flips = (rng.random(size) < 0.5)[share] & flip
+  out = []
+  for i, image in enumerate(images):
+    box = random_resized_box(*image.shape[:2], area[i], log_ratio[i], position[i])
+    crop = resized_crop(image, box, image_size)
+    out.append(crop[:, ::-1] if flips[i] else crop)
+  return np.stack(out)
+
+
+def resize_centre_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
+  """``image`` [H, W, C] with its shorter side resized to ``resize``, then the centre
+  ``size`` x ``size`` crop (torchvision's ``Resize(resize)`` + ``CenterCrop(size)``)."""
+  height, width = image.shape[:2]
+  if height <= width:
+    new_h, new_w = resize, int(resize * width / height)
+  else:
+    new_h, new_w = int(resize * height / width), resize
+  resized = _array(_pil(image).resize((new_w, new_h), Image.Resampling.BILINEAR), image.shape[-1])
+  top = int(round((new_h - size) / 2.0))
+  left = int(round((new_w - size) / 2.0))
+  return resized[top : top + size, left : left + size]
