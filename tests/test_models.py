@@ -13,6 +13,7 @@ from skd_jax.errors import ConfigError
 
 CIFAR_SHAPE = (2, 32, 32, 3)
 MNIST_SHAPE = (2, 28, 28, 1)
+IMAGENET_SHAPE = (1, 224, 224, 3)
 
 
 def _abstract_variables(model, shape):
@@ -74,12 +75,17 @@ def small_variables():
 #   stage3: 18,432 + 36,864 + 2 * 128 + (2,048 + 128)            =  57,728
 #   head 64*10 + 10                                              =     650
 #   total 77,754
+#
+# ImageNet ResNet-50 and ResNet-152, 1000 classes: torchvision's counts
+# (sum(p.numel() for p in torchvision.models.resnet50().parameters())).
 @pytest.mark.parametrize(
     'name,num_classes,shape,expected',
     [
         ('cifar_resnet18', 100, CIFAR_SHAPE, 11_220_132),
         ('preact_resnet18', 100, CIFAR_SHAPE, 11_218_340),
         ('small_resnet', 10, MNIST_SHAPE, 77_754),
+        ('resnet50', 1000, IMAGENET_SHAPE, 25_557_032),
+        ('resnet152', 1000, IMAGENET_SHAPE, 60_192_808),
     ],
 )
 def test_param_counts(name, num_classes, shape, expected):
@@ -136,6 +142,22 @@ def test_param_count_does_not_depend_on_input_size():
             [(32, 32, 16), (16, 16, 32), (8, 8, 64)],
             64,
         ),
+        (
+            'resnet50',
+            1000,
+            IMAGENET_SHAPE,
+            (56, 56, 64),
+            [(56, 56, 256), (28, 28, 512), (14, 14, 1024), (7, 7, 2048)],
+            2048,
+        ),
+        (
+            'resnet152',
+            10,
+            (2, 64, 64, 3),
+            (16, 16, 64),
+            [(16, 16, 256), (8, 8, 512), (4, 4, 1024), (2, 2, 2048)],
+            2048,
+        ),
     ],
 )
 def test_output_shapes(name, num_classes, shape, stem, stages, features):
@@ -173,6 +195,40 @@ def test_preact_shortcuts_have_no_batch_norm():
   assert sorted(params['stage2_block1']) == ['bn1', 'bn2', 'conv1', 'conv2', 'shortcut_conv']
 
 
+def test_bottleneck_layout_is_torchvision_v1_5():
+  """Block contents, the stride on the 3x3 conv, and the max-pooled stem."""
+  model = models.get_model('resnet50', num_classes=10)
+  variables = _abstract_variables(model, IMAGENET_SHAPE)
+  params = variables['params']
+  assert sorted(k for k in params if k.startswith('stage')) == sorted(
+      f'stage{i}_block{j}' for i, n in enumerate((3, 4, 6, 3), start=1) for j in range(1, n + 1)
+  )
+  projection = ['bn1', 'bn2', 'bn3', 'conv1', 'conv2', 'conv3', 'shortcut_bn', 'shortcut_conv']
+  # Stage 1 keeps the resolution but widens 64 -> 256, so it projects too.
+  assert sorted(params['stage1_block1']) == projection
+  assert sorted(params['stage2_block2']) == projection[:6]
+  block = params['stage2_block1']
+  assert block['conv1']['kernel'].shape == (1, 1, 256, 128)
+  assert block['conv2']['kernel'].shape == (3, 3, 128, 128)
+  assert block['conv3']['kernel'].shape == (1, 1, 128, 512)
+  assert block['shortcut_conv']['kernel'].shape == (1, 1, 256, 512)
+  assert params['stem_conv']['kernel'].shape == (7, 7, 3, 64)
+  # Last BN scale starts at one (torchvision's zero_init_residual=False).
+  real = _init(models.Bottleneck(4), _images((1, 8, 8, 16)))
+  np.testing.assert_array_equal(real['params']['bn3']['scale'], np.ones(16))
+  _, state = jax.eval_shape(
+      lambda v: model.apply(
+          v, jnp.zeros(IMAGENET_SHAPE), train=False, capture_intermediates=True, mutable=True
+      ),
+      variables,
+  )
+  inter = state['intermediates']
+  assert inter['stem_conv']['__call__'][0].shape == (1, 112, 112, 64)
+  # The stride sits on the 3x3 conv: conv1 keeps stage 1's 56x56, conv2 halves it.
+  assert inter['stage2_block1']['conv1']['__call__'][0].shape == (1, 56, 56, 128)
+  assert inter['stage2_block1']['conv2']['__call__'][0].shape == (1, 28, 28, 128)
+
+
 def test_params_are_float32_and_convs_have_no_bias():
   model = models.get_model('cifar_resnet18', num_classes=10, dtype=jnp.bfloat16)
   variables = _abstract_variables(model, CIFAR_SHAPE)
@@ -184,16 +240,21 @@ def test_params_are_float32_and_convs_have_no_bias():
   assert set(variables['params']['head']) == {'kernel', 'bias'}
 
 
-@pytest.mark.parametrize('name', ['small_resnet', 'preact_resnet18'])
+@pytest.mark.parametrize('name', ['small_resnet', 'preact_resnet18', 'imagenet_resnet'])
 def test_train_updates_batch_stats_and_eval_is_deterministic(name, small_variables):
-  # preact_resnet18 is exercised with tiny widths to keep the test fast; the
-  # block wiring is the same as in the full model.
+  # preact_resnet18 and the ImageNet ResNet are exercised with tiny widths to
+  # keep the test fast; the block wiring is the same as in the full models.
   x = _images(MNIST_SHAPE)
   if name == 'small_resnet':
     model = models.get_model(name, num_classes=10)
     variables = small_variables
-  else:
+  elif name == 'preact_resnet18':
     model = models.PreActResNet(num_classes=10, stage_sizes=(1, 1), widths=(8, 16), strides=(1, 2))
+    variables = _init(model, x)
+  else:
+    model = models.ImageNetResNet(
+        num_classes=10, stage_sizes=(1, 1), widths=(4, 8), strides=(1, 2), stem_width=8
+    )
     variables = _init(model, x)
   # Jitted, as the trainer calls the model.
   train_apply = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))
@@ -240,7 +301,14 @@ def test_bfloat16_gives_float32_finite_logits(small_variables):
 
 
 def test_registry_names():
-  assert set(models.MODELS) == {'cifar_resnet18', 'preact_resnet18', 'small_resnet'}
+  assert set(models.MODELS) == {
+      'cifar_resnet18',
+      'preact_resnet18',
+      'resnet152',
+      'resnet50',
+      'small_resnet',
+  }
+  assert isinstance(models.get_model('resnet50', num_classes=10), models.ImageNetResNet)
   assert isinstance(models.get_model('cifar_resnet18', num_classes=10), models.ResNet)
   assert isinstance(models.get_model('preact_resnet18', num_classes=10), models.PreActResNet)
   assert isinstance(models.get_model('small_resnet', num_classes=10), models.ResNet)
@@ -248,9 +316,9 @@ def test_registry_names():
 
 def test_unknown_model_raises_config_error():
   with pytest.raises(
-      ConfigError, match=r'^model\.name: unknown model ' r"'resnet50'; expected one of "
+      ConfigError, match=r'^model\.name: unknown model ' r"'resnet18'; expected one of "
   ):
-    models.get_model('resnet50', num_classes=10)
+    models.get_model('resnet18', num_classes=10)
 
 
 @pytest.mark.parametrize(
@@ -394,6 +462,29 @@ def test_later_stages_head_shapes_and_param_counts(name, stage):
     ]
     expected = backbone.stage_sizes[-1] * _identity_block_params(width) + final_bn + dense
   assert _count(head_params) == expected
+
+
+@pytest.mark.parametrize('stage', [1, 2])
+def test_later_stages_head_of_bottleneck_resnet(stage):
+  # Bottleneck stages output 4x their width; the head's pooled features too.
+  backbone = models.ImageNetResNet(
+      num_classes=10, stage_sizes=(2, 1), widths=(4, 8), strides=(1, 2), stem_width=8
+  )
+  backbone_variables = _abstract_variables(backbone, MNIST_SHAPE)
+  _, outputs = _abstract_apply(backbone, backbone_variables, MNIST_SHAPE)
+  assert outputs['stage2'].shape == (2, 4, 4, 32)
+  head = backbone.later_stages_head(stage, 40)
+  head_variables = _abstract_variables(head, outputs[f'stage{stage}'].shape)
+  logits, features = _abstract_apply(head, head_variables, outputs[f'stage{stage}'].shape)
+  assert logits.shape == (2, 40)
+  assert features.shape == (2, 32)
+  if stage == 1:
+    assert _shapes(head_variables['params']['stage2_block1']) == _shapes(
+        backbone_variables['params']['stage2_block1']
+    )
+  else:
+    # The extra stride-1 stage of the last width: 32 -> 32 channels, no projection.
+    assert 'shortcut_conv' not in head_variables['params']['stage3_block1']
 
 
 @pytest.mark.parametrize('stage', [0, 4, '2', True])

@@ -23,11 +23,15 @@ from skd_jax.models.heads import Head
 from skd_jax.models.heads import SepConv
 from skd_jax.models.heads import WithHeads
 from skd_jax.models.resnet import BasicBlock
+from skd_jax.models.resnet import Bottleneck
 from skd_jax.models.resnet import cifar_resnet18
+from skd_jax.models.resnet import ImageNetResNet
 from skd_jax.models.resnet import preact_resnet18
 from skd_jax.models.resnet import PreActBlock
 from skd_jax.models.resnet import PreActResNet
 from skd_jax.models.resnet import ResNet
+from skd_jax.models.resnet import resnet152
+from skd_jax.models.resnet import resnet50
 from skd_jax.models.resnet import small_resnet
 
 # Name -> constructor taking keyword arguments `num_classes`, `dtype` and any
@@ -35,6 +39,8 @@ from skd_jax.models.resnet import small_resnet
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     'cifar_resnet18': cifar_resnet18,
     'preact_resnet18': preact_resnet18,
+    'resnet50': resnet50,
+    'resnet152': resnet152,
     'small_resnet': small_resnet,
 }
 
@@ -80,8 +86,10 @@ def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs
 
 __all__ = [
     'BasicBlock',
+    'Bottleneck',
     'DRGHead',
     'Head',
+    'ImageNetResNet',
     'MODELS',
     'PreActBlock',
     'PreActResNet',
@@ -91,5 +99,7 @@ __all__ = [
     'cifar_resnet18',
     'get_model',
     'preact_resnet18',
+    'resnet152',
+    'resnet50',
     'small_resnet',
 ]

@@ -1,4 +1,4 @@
-"""ResNets for CIFAR-sized and MNIST-sized images.
+"""ResNets for CIFAR-, MNIST- and ImageNet-sized images.
 
 Every model is called as
 
@@ -16,8 +16,11 @@ Architectures:
     `small_resnet` build its two configurations.
   * `PreActResNet`: pre-activation ResNet (He et al. 2016, "Identity Mappings
     in Deep Residual Networks") as used by PS-KD; `preact_resnet18` builds it.
+  * `ImageNetResNet`: torchvision's ImageNet ResNet (7x7/2 stem and 3x3/2
+    max-pool, Bottleneck blocks with the stride on the 3x3 conv, "v1.5");
+    `resnet50` and `resnet152` build it.
 
-Both have `num_stages` and `later_stages_head(stage, num_outputs)`, which
+All have `num_stages` and `later_stages_head(stage, num_outputs)`, which
 builds an HSAKD/LSSKD auxiliary head (the later stages again, pooled, Dense)
 for use with `heads.WithHeads`.
 
@@ -171,6 +174,39 @@ class PreActBlock(nn.Module):
     return out + shortcut
 
 
+class Bottleneck(nn.Module):
+  """torchvision's post-activation bottleneck block ("ResNet v1.5").
+
+  conv1x1(`features`)-BN-ReLU-conv3x3(`features`, stride)-BN-ReLU-
+  conv1x1(4 * `features`)-BN + shortcut, ReLU. The stride sits on the 3x3
+  conv. The shortcut is the identity, or a 1x1 conv + BN projection when the
+  stride or the number of channels changes. The last BN's scale starts at one
+  (torchvision's default `zero_init_residual=False`).
+  """
+
+  features: int
+  strides: int = 1
+  dtype: Dtype = jnp.float32
+
+  EXPANSION = 4
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    out_features = self.features * self.EXPANSION
+    out = _conv1x1(self.features, 1, self.dtype, 'conv1')(x)
+    out = nn.relu(batch_norm(train, self.dtype, 'bn1')(out))
+    out = _conv3x3(self.features, self.strides, self.dtype, 'conv2')(out)
+    out = nn.relu(batch_norm(train, self.dtype, 'bn2')(out))
+    out = _conv1x1(out_features, 1, self.dtype, 'conv3')(out)
+    out = batch_norm(train, self.dtype, 'bn3')(out)
+    if self.strides != 1 or x.shape[-1] != out_features:
+      shortcut = _conv1x1(out_features, self.strides, self.dtype, 'shortcut_conv')(x)
+      shortcut = batch_norm(train, self.dtype, 'shortcut_bn')(shortcut)
+    else:
+      shortcut = x
+    return nn.relu(out + shortcut)
+
+
 class _StagedNet:
   """Stage count and HSAKD-style head constructor shared by the ResNets.
 
@@ -214,7 +250,8 @@ class _StagedNet:
     The head re-instantiates stages `stage + 1` ... `N` with this backbone's
     block type, stage sizes, widths, strides and dtype. For `stage == N` it
     instead applies one extra stage of `stage_sizes[-1]` blocks of width
-    `widths[-1]` and stride 1, as HSAKD's CIFAR ResNets do. Then, for the
+    `widths[-1]` and stride 1, as HSAKD's CIFAR ResNets do. (With Bottleneck
+    blocks a stage of width w outputs 4 * w channels.) Then, for the
     pre-activation ResNet, the final BN + ReLU; then global average pooling
     and a Dense layer with `num_outputs` outputs.
 
@@ -226,7 +263,7 @@ class _StagedNet:
     Returns:
       An unbound module called as `logits, features = head(x, train=train)`
       with float32 `logits` [batch, num_outputs] and the pooled `features`
-      [batch, widths[-1]].
+      [batch, C] (C the last stage's output channels).
 
     Raises:
       ValueError: If `stage` is not in 1..`num_stages`.
@@ -251,7 +288,7 @@ class _StagedNet:
 class LaterStagesHead(nn.Module):
   """Residual stages, optional final BN + ReLU, global average pool, Dense.
 
-  Built by `ResNet.later_stages_head` / `PreActResNet.later_stages_head`.
+  Built by the ResNets' `later_stages_head`.
   Blocks are named `stage<i>_block<j>` from `first_stage` on, like the
   backbone's blocks for the same stages.
 
@@ -355,6 +392,66 @@ class PreActResNet(_StagedNet, nn.Module):
     x = _conv3x3(self.widths[0], 1, self.dtype, 'stem_conv')(x)
     outputs['stem'] = x
     return self._stages_to_logits(x, outputs, train=train)
+
+
+class ImageNetResNet(_StagedNet, nn.Module):
+  """torchvision's ImageNet ResNet with Bottleneck blocks.
+
+  Stem: 7x7 stride-2 conv (padding 3) with `stem_width` filters, BN, ReLU,
+  3x3 stride-2 max-pool (padding 1); `outputs['stem']` is the max-pool's
+  output. Then stage `i` has `stage_sizes[i]` Bottlenecks of inner width
+  `widths[i]` (output 4 * `widths[i]` channels), the first with stride
+  `strides[i]`. Then global average pooling and a Dense classifier. A 224x224
+  input gives 56, 28, 14 and 7 pixel stage outputs.
+
+  Attributes:
+    num_classes: Number of logits.
+    stage_sizes: Number of blocks per stage.
+    widths: Inner (bottleneck) channels per stage.
+    strides: Stride of the first block of each stage.
+    stem_width: Filters of the 7x7 stem convolution.
+    dtype: Computation dtype; parameters stay float32.
+  """
+
+  num_classes: int
+  stage_sizes: Sequence[int]
+  widths: Sequence[int] = (64, 128, 256, 512)
+  strides: Sequence[int] = (1, 2, 2, 2)
+  stem_width: int = 64
+  dtype: Dtype = jnp.float32
+
+  _BLOCK = Bottleneck
+  _FINAL_BN = False
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Tuple[Array, Dict[str, Array]]:
+    _check_stages(self.stage_sizes, self.widths, self.strides)
+    outputs = {}
+    x = _Conv(
+        self.stem_width,
+        (7, 7),
+        strides=(2, 2),
+        padding=((3, 3), (3, 3)),
+        dtype=self.dtype,
+        name='stem_conv',
+    )(x)
+    x = nn.relu(batch_norm(train, self.dtype, 'stem_bn')(x))
+    # Max-pooling pads with -inf, as PyTorch's MaxPool2d(3, 2, padding=1) does.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    outputs['stem'] = x
+    return self._stages_to_logits(x, outputs, train=train)
+
+
+def resnet50(*, num_classes: int, dtype: Dtype = jnp.float32) -> ImageNetResNet:
+  """ImageNet ResNet-50, [3, 4, 6, 3] Bottlenecks: 25,557,032 parameters with
+  1000 classes, as torchvision's `resnet50` (BN running statistics excluded)."""
+  return ImageNetResNet(num_classes=num_classes, stage_sizes=(3, 4, 6, 3), dtype=dtype)
+
+
+def resnet152(*, num_classes: int, dtype: Dtype = jnp.float32) -> ImageNetResNet:
+  """ImageNet ResNet-152, [3, 8, 36, 3] Bottlenecks: 60,192,808 parameters with
+  1000 classes, as torchvision's `resnet152` (BN running statistics excluded)."""
+  return ImageNetResNet(num_classes=num_classes, stage_sizes=(3, 8, 36, 3), dtype=dtype)
 
 
 def cifar_resnet18(*, num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:
