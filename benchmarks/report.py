@@ -5,6 +5,8 @@ ratio, gflop_per_step, tflops, mfu); each is also printed whole as one JSON line
 """
 
 import json
+import statistics
+import sys
 
 # Dense peak TFLOP/s of one device: (substring of the device's name, dtype) -> peak. float32 on
 # these GPUs runs convolutions and matmuls as TF32 by default (XLA and cuDNN), so its peak is the
@@ -48,3 +50,31 @@ def print_rows(title, rows):
     )
   for r in rows:
     print(json.dumps(r))
+
+
+def compare(lines):
+  """Median img/s per framework of each case in JSON lines from both scripts, and their ratio.
+
+  Returns text lines: model, batch, dtype, method, then each framework's median img/s over the
+  runs and the first framework's over the second's.
+  """
+  runs = {}
+  for line in lines:
+    if line.startswith('{'):
+      r = json.loads(line)
+      case = (r['model'], r['batch'], r['dtype'], r['method'])
+      runs.setdefault(case, {}).setdefault(r['framework'], []).append(r['img_per_s'])
+  out = []
+  for (model, batch, dtype, method), by_framework in runs.items():
+    medians = {f: statistics.median(v) for f, v in by_framework.items()}
+    text = ', '.join(f'{f} {m:.1f} img/s ({len(by_framework[f])} runs)' for f, m in medians.items())
+    ratio = ''
+    if len(medians) == 2:
+      first, second = medians.values()
+      ratio = f'; ratio {first / second:.3f}'
+    out.append(f'{model} batch {batch} {dtype} {method}: {text}{ratio}')
+  return out
+
+
+if __name__ == '__main__':
+  print('\n'.join(compare(sys.stdin)))

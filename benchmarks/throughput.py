@@ -100,7 +100,7 @@ def _case(model_name, batch_size, dtype):
     flops = job.step_fn.cost_analysis()['flops']  # per device
     rows.append(
         dict(
-            framework='jax',
+            framework=f'jax {jax.__version__}',
             model=model_name,
             image=shape,
             batch=batch_size,
