@@ -11,14 +11,12 @@ ratio to the baseline's median.
   python benchmarks/step_time.py --arg='' --configs=baseline,lightskd   # paper setups, CIFAR-100
 """
 
-import importlib.util
-import os
 import statistics
-import time
 
 from absl import app
 from absl import flags
 import jax
+import timing
 
 from skd_jax import train
 
@@ -46,14 +44,9 @@ _TEACHER = flags.DEFINE_string(
     'teacher', '', "teacher.workdir of the configs with a teacher_kd term (an earlier run's)"
 )
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(_ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(_ARG.value or None)
+  config = timing.load_config(name, _ARG.value or None)
   if 'teacher_kd' in config.loss:
     config.teacher.workdir = _TEACHER.value
   return config
@@ -62,23 +55,8 @@ def _config(name):
 def main(argv):
   del argv
   configs = {name: _config(name) for name in _CONFIGS.value}
-  jobs, states = {}, {}
-  for name, config in configs.items():
-    jobs[name] = train.build_job(config)
-    state, measured = jobs[name].step(jobs[name].state, 0)
-    jax.block_until_ready(measured)  # compiled and warm
-    states[name] = (1, state)
-  times = {name: [] for name in jobs}
-  for _ in range(_ROUNDS.value):
-    for name, job in jobs.items():
-      step, state = states[name]
-      start = time.perf_counter()
-      for _ in range(_STEPS.value):
-        state, measured = job.step(state, step)
-        step += 1
-      jax.block_until_ready((state, measured))
-      times[name].append((time.perf_counter() - start) / _STEPS.value)
-      states[name] = (step, state)
+  jobs = {name: train.build_job(config) for name, config in configs.items()}
+  times = timing.interleaved(jobs, steps=_STEPS.value, rounds=_ROUNDS.value)
   reference = statistics.median(times[_CONFIGS.value[0]])
   print(
       f'{jax.device_count()} x {jax.devices()[0].device_kind}, '
