@@ -1,6 +1,7 @@
 """Tests for skd_jax.data: IDX files, Fashion-MNIST and TFDS sources."""
 
 import gzip
+import io
 import os
 import pathlib
 import re
@@ -12,6 +13,7 @@ import types
 
 import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -290,6 +292,56 @@ def test_load_tfds_batched_reads_keep_index_order(monkeypatch):
   np.testing.assert_array_equal(out_images, images)
   np.testing.assert_array_equal(out_labels, labels)
   assert out_labels.dtype == np.int32 and num_classes == 3
+
+
+class JpegImagesForTests(tfds.core.GeneratorBasedBuilder):
+  """Six JPEGs of different sizes, prepared for real as array_record files: TFDS does that
+  without TensorFlow when the images come already encoded (here by PIL)."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  LABELS = (3, 1, 4, 1, 0, 2)
+
+  def _info(self):
+    features = {
+        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+        'label': tfds.features.ClassLabel(num_classes=5),
+    }
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, label in enumerate(self.LABELS):
+      jpeg = io.BytesIO()
+      PIL.Image.fromarray(np.full((6 + i, 5, 3), 40 * i, np.uint8)).save(jpeg, 'JPEG')
+      yield i, {'image': jpeg.getvalue(), 'label': label}
+
+
+def test_tfds_records_labels_read_real_array_records_without_decoding_images(tmp_path, monkeypatch):
+  skip_stats = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+  builder = JpegImagesForTests(data_dir=str(tmp_path), file_format='array_record')
+  builder.download_and_prepare(download_config=skip_stats)
+  decode, decoded = tfds.features.Image.decode_example_np, []
+  monkeypatch.setattr(
+      tfds.features.Image, 'decode_example_np', lambda self, x: decoded.append(1) or decode(self, x)
+  )
+  monkeypatch.setattr(tfds_source, '_CHUNK', 4)  # two batch reads, kept in index order
+  records = tfds_source.TfdsRecords(
+      builder.name, 'train', data_dir=str(tmp_path), download=False, variable_size=True
+  )
+  labels = records.labels
+  assert not decoded
+  images, expected = records.read(np.arange(len(records)))
+  assert len(decoded) == 6  # the count does see decodes
+  assert sorted(image.shape[0] for image in images) == list(range(6, 12))
+  assert labels.dtype == np.int32 and sorted(labels) == sorted(builder.LABELS)
+  np.testing.assert_array_equal(labels, expected)
+  part = tfds_source.TfdsRecords(
+      builder.name, 'train[2:5]', data_dir=str(tmp_path), download=False, variable_size=True
+  )
+  np.testing.assert_array_equal(part.labels, labels[2:5])
 
 
 def test_load_tfds_unknown_dataset():

@@ -10,6 +10,7 @@ OpenCV when it is installed, else with PIL.
 """
 
 import contextlib
+import copy
 import io
 import os
 import shutil
@@ -271,8 +272,9 @@ class TfdsRecords:
   """Random access to a prepared TFDS split (ArrayRecord) for the host-streaming source.
 
   Reading an example reads and decodes that record only. ``labels`` (every label, for the
-  partner sampler) reads the whole split once, on first use. With ``variable_size``, images may
-  have any height and width: ``image_shape`` is ``(None, None, C)`` and ``read`` returns a list.
+  partner sampler) reads the whole split once, on first use, in batches and without decoding
+  images. With ``variable_size``, images may have any height and width: ``image_shape`` is
+  ``(None, None, C)`` and ``read`` returns a list.
   """
 
   def __init__(
@@ -296,8 +298,19 @@ class TfdsRecords:
 
   @property
   def labels(self) -> np.ndarray:
+    """int32 labels of the whole split in index order, read once without decoding any image."""
     if self._labels is None:
-      self._labels = np.array([e['label'] for e in _examples(self._source)], np.int32)
+      # A copy of the source that shares its open files but leaves every Image feature as the
+      # stored bytes (`SkipDecoding` works without TensorFlow); decoding ImageNet's 1.28M
+      # training JPEGs here would take over an hour before training starts.
+      features = self._source.dataset_info.features
+      labels_only = copy.copy(self._source)
+      labels_only.decoders = {
+          key: tfds.decode.SkipDecoding()
+          for key, feature in features.items()
+          if isinstance(feature, tfds.features.Image)
+      }
+      self._labels = np.array([e['label'] for e in _examples(labels_only)], np.int32)
     return self._labels
 
   def read(self, index: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
