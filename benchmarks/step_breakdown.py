@@ -68,11 +68,12 @@ def _pieces(job, crop_padding, flip, batch_size):
 
   key = jax.random.key(0)
   data = job.source.data
+  state = jax.tree.map(jnp.copy, job.state)  # the trainer's step donates job.state
   return {
       'augment': Piece(None, lambda s, i: (s, augment(jax.random.fold_in(key, i), data))),
-      'forward': Piece(job.state, lambda s, i: (s, forward(s))),
-      'fwd+bwd': Piece(job.state, lambda s, i: (s, grad(s))),
-      'fwd+bwd+sgd': Piece(job.state, lambda s, i: (update(s), jnp.zeros(()))),
+      'forward': Piece(state, lambda s, i: (s, forward(s))),
+      'fwd+bwd': Piece(state, lambda s, i: (s, grad(s))),
+      'fwd+bwd+sgd': Piece(state, lambda s, i: (update(s), jnp.zeros(()))),
   }
 
 
