@@ -9,6 +9,7 @@ import math
 
 import ml_collections
 
+from skd_jax import terms
 from skd_jax.data.idx import FASHION_MNIST_DIR
 from skd_jax.errors import ConfigError
 
@@ -245,6 +246,19 @@ def documentation(key: str) -> str | None:
 
 def resumable(key: str) -> bool:
   return any(key == k or (k.endswith('.*') and key.startswith(k[:-1])) for k in RESUMABLE)
+
+
+def default(key: str) -> object:
+  """The default of ``key``: its value in :func:`base_config`, or a loss term's default setting
+  (``loss.TERM.SETTING``); None for keys without one.
+
+  A run resumed by a newer skd_jax meets keys its ``config.json`` lacks; at their defaults they
+  do what the older version did (a new key's default never changes what is trained).
+  """
+  defaults = flatten(base_config(quick=False))
+  for term, settings in terms.settings().items():
+    defaults.update({f'loss.{term}.{name}': value for name, value in settings.items()})
+  return defaults.get(key)
 
 
 _DTYPES = ('float32', 'bfloat16')

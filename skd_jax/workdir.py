@@ -212,7 +212,12 @@ class Workdir:
     if self._config_path.exists():
       saved = config_lib.flatten(json.loads(self._config_path.read_text()))
       now = config_lib.flatten(json.loads(self._config_json))
-      differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+      # Keys newer than the run's skd_jax are no change at their defaults (see config_lib.default).
+      differ = sorted(
+          k
+          for k in saved.keys() | now.keys()
+          if saved.get(k) != now.get(k) and (k in saved or now[k] != config_lib.default(k))
+      )
       refused = [k for k in differ if not config_lib.resumable(k)]
       if refused:
         shown = ', '.join(f'{k} ({saved.get(k)!r} -> {now.get(k)!r})' for k in refused[:4])

@@ -84,6 +84,23 @@ def test_other_changes_are_refused_before_writing(tmp_path):
   assert not (tmp_path / 'config_changes.jsonl').exists()
 
 
+def test_keys_newer_than_the_run_resume_at_their_defaults_and_are_refused_otherwise(tmp_path):
+  """A run started by an older skd_jax has no distributed_timeout_seconds or loss.pskd.storage."""
+  config = _config()
+  config.loss = {'pskd': {'weight': 1.0}}
+  workdir_lib.Workdir(str(tmp_path), config, is_main=True).begin(0)
+  config.distributed_timeout_seconds = 100  # base_config's default
+  config.loss.pskd.storage = 'float32'  # the term's default
+  workdir_lib.Workdir(str(tmp_path), config, is_main=True).begin(10)
+  assert not (tmp_path / 'config_changes.jsonl').exists()
+  assert json.loads((tmp_path / 'config.json').read_text())['loss']['pskd']['storage'] == 'float32'
+
+  (tmp_path / 'config.json').write_text(json.dumps(_config().to_dict()))  # the old file again
+  config.loss.pskd.storage = 'top_k'
+  with pytest.raises(ConfigError, match=r"loss.pskd.storage \(None -> 'top_k'\)"):
+    workdir_lib.Workdir(str(tmp_path), config, is_main=True)
+
+
 def test_check_path_rejects_files_and_paths_under_files(tmp_path):
   (tmp_path / 'file').write_text('')
   with pytest.raises(ConfigError, match='is a file; expected a directory'):
