@@ -21,6 +21,7 @@ measurements of the steps not logged yet).
 """
 
 import logging
+import os
 import re
 from typing import Any
 
@@ -80,11 +81,17 @@ def _first_line(error: BaseException) -> str:
 
 
 def _cause(error: BaseException) -> str:
-  """The root cause of an orbax/tensorstore error, e.g. ``No space left on device``."""
+  """The root cause of an orbax/tensorstore error, e.g. ``No space left on device (errno 28)``.
+
+  Tensorstore appends ``[os_error_code=N]`` to an OS error, but where the OS's words stand in
+  the text depends on the write that failed (a chunk, a manifest, a JSON spec), so the words are
+  taken from the code.
+  """
   text = _first_line(error)
-  os_error = re.search(r':\s*([^:]+?)\s*\[os_error_code=.?(\d+).?\]', text)
+  os_error = re.search(r"\[os_error_code='?(\d+)'?\]", text)
   if os_error:
-    return f'{os_error.group(1)} (errno {os_error.group(2)})'
+    code = int(os_error.group(1))
+    return f'{os.strerror(code)} (errno {code})'
   return text if len(text) <= 200 else text[:197] + '...'
 
 

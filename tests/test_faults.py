@@ -173,6 +173,23 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
   assert os.listdir(tmp_path / 'c') == []
 
 
+@pytest.mark.parametrize(
+    'message',
+    [
+        # a chunk's write, as orbax 0.12.8 reports it (the OS's words just before the code)
+        'OUT_OF_RANGE: Error writing "a/0" in OCDBT database at local file "/c/1.tmp/": Failed '
+        "writing: \"/c/1.tmp/d/be64\": Failed to write 1008207 bytes to file 4: File too large "
+        "[os_error_code='27']",
+        # another write puts a JSON spec between the words and the code (seen in CI)
+        'INTERNAL: Error writing local file "/c/1.tmp/_METADATA": write failed [tensorstore_spec='
+        '\'{"driver":"json","kvstore":{"driver":"file"},"recheck_cached_data":true}\'] '
+        '[os_error_code=27]',
+    ],
+)
+def test_a_failed_write_is_named_by_its_os_error_code_wherever_it_stands(message):
+  assert checkpoints_lib._cause(ValueError(message)) == 'File too large (errno 27)'
+
+
 def test_the_fingerprint_sees_a_single_flipped_bit_and_swapped_elements():
   x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
   checksums, non_finite = checkpoints_lib.fingerprint({'x': x, 'k': jax.random.key(0)})
