@@ -7,10 +7,10 @@ without augmentation (--augment adds the CIFAR random crop + flip inside the ste
 matches benchmarks/peers/pytorch_throughput.py. The baseline and PS-KD steps are timed in
 interleaved rounds; the median round counts.
 
-FLOPs are XLA's count for the compiled train step (``Compiled.cost_analysis()``, per device:
-convolutions, matmuls and the elementwise work of the step, optimizer included). MFU is achieved
-FLOP/s over the device's peak: --peak_tflops, else the table below for known accelerators ("n/a"
-on a CPU). Prints a table and one JSON line per case and method.
+FLOPs are the model's, per device (flops.py: the convolutions and matmuls of the forward and
+backward pass, counted as the peer script's torch.utils.flop_counter counts them). MFU is achieved
+FLOP/s per device over the device's peak: --peak_tflops, else report.py's table for known
+accelerators ("n/a" on a CPU). Prints a table and one JSON line per case and method.
 
   python benchmarks/throughput.py                      # everything, for an accelerator
   python benchmarks/throughput.py --models=cifar_resnet18 --batch_sizes=128 --dtypes=float32 \
@@ -24,6 +24,7 @@ from unittest import mock
 
 from absl import app
 from absl import flags
+import flops as flops_lib
 import jax
 import numpy as np
 import report
@@ -94,10 +95,16 @@ def _case(model_name, batch_size, dtype):
   device = jax.devices()[0]
   peak = report.peak_tflops(device.device_kind, dtype, _PEAK.value)
   reference = statistics.median(times[_METHODS.value[0]])
+  first = jobs[_METHODS.value[0]]  # both methods train the same network
+
+  def logits(params, images):
+    return first.networks.apply_student(params, first.state.batch_stats, images)[0]
+
+  images = jax.ShapeDtypeStruct((batch_size, *shape), np.uint8)
+  flops = flops_lib.training_flops(logits, first.state.params, images) / jax.device_count()
   rows = []
-  for method, job in jobs.items():
+  for method in jobs:
     seconds = statistics.median(times[method])
-    flops = job.step_fn.cost_analysis()['flops']  # per device
     rows.append(
         dict(
             framework=f'jax {jax.__version__}',

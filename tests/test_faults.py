@@ -178,7 +178,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     [
         # a chunk's write, as orbax 0.12.8 reports it (the OS's words just before the code)
         'OUT_OF_RANGE: Error writing "a/0" in OCDBT database at local file "/c/1.tmp/": Failed '
-        "writing: \"/c/1.tmp/d/be64\": Failed to write 1008207 bytes to file 4: File too large "
+        'writing: "/c/1.tmp/d/be64": Failed to write 1008207 bytes to file 4: File too large '
         "[os_error_code='27']",
         # another write puts a JSON spec between the words and the code (seen in CI)
         'INTERNAL: Error writing local file "/c/1.tmp/_METADATA": write failed [tensorstore_spec='
