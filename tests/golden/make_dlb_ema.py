@@ -14,11 +14,13 @@ ids before anything runs. Nothing of theirs is copied here: the script executes 
 
 DLB: ``train_one_epoch`` (``dlb.py`` L64-113) is compiled from the file and called as its
 ``train`` does (L142-148: ``pre_data, pre_out`` start as None and carry over from one epoch to the
-next), for two epochs of three full batches, with a tiny linear model (its forward records every
-output), plain SGD, ``args.T = 3`` and ``alpha = 1`` (``configs/dlb.py``). The ``AverageMeter`` the
-function instantiates records every loss value it is given (L99). Saved per step ``s``: the
-current batch's logits ``out`` (L75) and labels, the previous batch's logits ``out_pre`` recomputed
-at step ``s`` (L82, zeros at step 0) and its labels, and the loss (L95 or, at step 0, L97).
+next), for two epochs, with a tiny linear model (its forward records every output), plain SGD,
+``args.T = 3`` and ``alpha = 1`` (``configs/dlb.py``). The ``AverageMeter`` the function
+instantiates records every loss value it is given (L99). Two runs: ``dlb_*`` on 12 examples (three
+full batches of 4 per epoch) and ``dlb_short_*`` on 10 (batches of 4, 4 and 2, the reference's
+``drop_last=False``). Saved per step ``s``, padded to 4 slots with ``valid`` masks: the current
+batch's logits ``out`` (L75) and labels, the previous batch's logits ``out_pre`` recomputed at step
+``s`` (L82; none at step 0) and its labels, and the loss (L95 or, at step 0, L97).
 
 EMA: the update block of the training loop (``train_smoothing.py`` L143-146: the step counter,
 the decay ``min(1 - 1/(global_step + 1), args.lamda)`` and the in-place average) is executed on an
@@ -50,7 +52,7 @@ DLB_FILES = {
 EMA_FILES = {'train_smoothing.py': '11323d655922cd5976a6a5b065acdfe990084234'}
 EMA_LINES = (143, 146)  # train_smoothing.py: global_step += 1 ... ema_param.data.mul_(...)
 
-FEATURES, CLASSES, BATCH, STEPS_PER_EPOCH, EPOCHS = 6, 5, 4, 3, 2
+FEATURES, CLASSES, BATCH, EPOCHS = 6, 5, 4, 2
 TEMPERATURE, ALPHA, LR = 3.0, 1.0, 0.5
 EMA_MAX_DECAY, EMA_UPDATES = 0.7, 4
 
@@ -78,8 +80,8 @@ class _RecordingLinear(torch.nn.Linear):
     return out
 
 
-def dlb_golden(checkout: pathlib.Path) -> dict[str, np.ndarray]:
-  """Steps 0..5 of the official DLB loop on fixed data: logits, labels and losses."""
+def _official_train_one_epoch(checkout: pathlib.Path):
+  """``train_one_epoch`` of the official ``dlb.py``, and the list of the meters it creates."""
   source = _checked_source(checkout, DLB_FILES, 'dlb.py')
   sys.path.insert(0, str(checkout))
   import utils  # pylint: disable=import-outside-toplevel  # the official dlb/utils.py
@@ -112,41 +114,58 @@ def dlb_golden(checkout: pathlib.Path) -> dict[str, np.ndarray]:
       'accuracy': utils.accuracy,
   }
   exec(compile(ast.Module([function], []), str(checkout / 'dlb.py'), 'exec'), namespace)
+  return namespace['train_one_epoch'], meters
 
+
+def _dlb_run(train_one_epoch, meters, num_examples: int, prefix: str) -> dict[str, np.ndarray]:
+  """Two epochs of the official loop over ``num_examples`` fixed examples in batches of 4.
+
+  Every array is padded to the batch size; ``valid`` marks the real slots of each step's current
+  batch and ``previous_valid`` those of its previous batch (none at step 0).
+  """
+  meters.clear()
   torch.manual_seed(0)
   model = _RecordingLinear(FEATURES, CLASSES)
   optimizer = torch.optim.SGD(model.parameters(), lr=LR)
   rng = np.random.default_rng(0)
-  loader = [
-      (
-          torch.tensor(rng.normal(size=(BATCH, 2, FEATURES)), dtype=torch.float32),
-          torch.tensor(rng.integers(0, CLASSES, BATCH)),
-      )
-      for _ in range(STEPS_PER_EPOCH)
-  ]
+  images = torch.tensor(rng.normal(size=(num_examples, 2, FEATURES)), dtype=torch.float32)
+  labels = torch.tensor(rng.integers(0, CLASSES, num_examples))
+  # The reference's DataLoader(shuffle=True, drop_last=False): the order does not enter the loss.
+  loader = [(images[i : i + BATCH], labels[i : i + BATCH]) for i in range(0, num_examples, BATCH)]
   # dlb.py L142-148: the previous batch and its logits carry over across epochs.
   pre_data, pre_out = None, None
   for _ in range(EPOCHS):
-    _, _, pre_data, pre_out = namespace['train_one_epoch'](
-        model, optimizer, loader, ALPHA, pre_data, pre_out
-    )
+    _, _, pre_data, pre_out = train_one_epoch(model, optimizer, loader, ALPHA, pre_data, pre_out)
 
   # Per epoch, the function creates its accuracy meter first and its loss meter second (L66-67).
   losses = np.array([val for meter in meters[1::2] for val in meter.values], np.float64)
-  steps = EPOCHS * STEPS_PER_EPOCH
+  batches = loader * EPOCHS
+  steps = len(batches)
   assert len(losses) == steps and len(model.outputs) == 2 * steps - 1
   # Forward order: step 0 the current batch (L75); later steps the current then the previous (L82).
   outputs = [o.numpy() for o in model.outputs]
-  logits = np.stack([outputs[0]] + outputs[1::2])
-  previous_logits = np.stack([np.zeros_like(outputs[0])] + outputs[2::2])
-  labels = np.stack([loader[s % STEPS_PER_EPOCH][1].numpy() for s in range(steps)])
-  previous_labels = np.stack([labels[0]] + list(labels[:-1]))
+  pad = lambda x: np.concatenate([x, np.zeros((BATCH - len(x), *x.shape[1:]), x.dtype)])
+  current = [pad(o) for o in [outputs[0]] + outputs[1::2]]
+  previous = [np.zeros((BATCH, CLASSES), np.float32)] + [pad(o) for o in outputs[2::2]]
+  batch_labels = [pad(y.numpy().astype(np.int32)) for _, y in batches]
+  valid = [pad(np.ones(len(y), bool)) for _, y in batches]
   return {
-      'dlb_logits': logits,
-      'dlb_labels': labels.astype(np.int32),
-      'dlb_previous_logits': previous_logits,
-      'dlb_previous_labels': previous_labels.astype(np.int32),
-      'dlb_loss': losses,
+      f'{prefix}_logits': np.stack(current),
+      f'{prefix}_labels': np.stack(batch_labels),
+      f'{prefix}_valid': np.stack(valid),
+      f'{prefix}_previous_logits': np.stack(previous),
+      f'{prefix}_previous_labels': np.stack(batch_labels[:1] + batch_labels[:-1]),
+      f'{prefix}_previous_valid': np.stack([np.zeros(BATCH, bool)] + valid[:-1]),
+      f'{prefix}_loss': losses,
+  }
+
+
+def dlb_golden(checkout: pathlib.Path) -> dict[str, np.ndarray]:
+  """The official DLB loop's steps on full batches (12 examples) and with a short last batch (10)."""
+  train_one_epoch, meters = _official_train_one_epoch(checkout)
+  return {
+      **_dlb_run(train_one_epoch, meters, 3 * BATCH, 'dlb'),
+      **_dlb_run(train_one_epoch, meters, 3 * BATCH - 2, 'dlb_short'),
       'dlb_temperature': np.float64(TEMPERATURE),
       'dlb_alpha': np.float64(ALPHA),
   }
