@@ -2,10 +2,10 @@ r"""Beta smoothing (Zhang & Sabuncu, NeurIPS 2020), alpha = 0.6, Beta(3, 1).
 
 Self-distillation as instance-specific label smoothing.
 
-An EMA copy of the model (decay min(1 - 1/(t + 1), 0.999)) ranks the batch by true-class
-confidence; sorted draws from Beta(3, 1) become the per-example target confidences:
-``L = (1 - alpha) CE + alpha H(target, z)``. The EMA copy's test metrics are reported beside the
-student's (``ema/top1`` ... in metrics.jsonl and summary.json).
+An EMA copy of the model (decay min(1 - 1/(t + 2), 0.999) at its update t = 0, 1, ...) ranks the
+batch by true-class confidence; sorted draws from Beta(3, 1) become the per-example target
+confidences: ``L = (1 - alpha) CE + alpha H(target, z)``. The EMA copy's test metrics are reported
+beside the student's (``ema/top1`` ... in metrics.jsonl and summary.json).
 
 Default: the common self-KD CIFAR-100 protocol (CIFAR ResNet-18, 200 epochs, batch 128, SGD
 momentum 0.9, lr 0.1 with 5 warm-up epochs, / 10 at 100 and 150, weight decay 5e-4). Needs

@@ -57,7 +57,10 @@ class Networks:
     spec: the student backbone's export spec (name, options, classes, input shape and
       normalisation).
     head_requests: term name -> the heads it asks for.
-    ema_max_decay: keep an EMA copy with ``d_t = min(1 - 1 / (t + 1), ema_max_decay)``, or None.
+    ema_max_decay: keep an EMA copy, or None. Update ``t = 0, 1, ...`` (after the optimizer's
+      step ``t``) is ``ema = d_t ema + (1 - d_t) student`` with
+      ``d_t = min(1 - 1 / (t + 2), ema_max_decay)``: 1/2 at the first update, as the reference's
+      ``min(1 - 1/(n + 1), lamda)`` with its counter ``n = t + 1`` already incremented.
     teacher: a loaded export (``skd_jax.export.Model``), or None.
 
   Raises:
@@ -136,7 +139,7 @@ class Networks:
     if self.ema_max_decay is None:
       return ema
     t = update.astype(jnp.float32)
-    decay = jnp.minimum(1.0 - 1.0 / (t + 1.0), self.ema_max_decay)
+    decay = jnp.minimum(1.0 - 1.0 / (t + 2.0), self.ema_max_decay)
     new = self.inference(params, batch_stats)
     return jax.tree.map(lambda e, n: decay * e + (1.0 - decay) * n, ema, new)
 

@@ -126,7 +126,7 @@ def test_cskd_distils_the_partner_prediction_into_the_anchor():
   np.testing.assert_allclose(term(same).loss, 0.0, atol=1e-6)
 
 
-def test_dlb_carries_the_logits_and_masks_the_first_step():
+def test_dlb_carries_the_logits_and_puts_the_first_steps_previous_half_on_the_current_batch():
   term = dlb.DLB(num_classes=5, batch_size=4, alpha=1.0, temperature=3.0, ce_weight=0.5)
   z0, z1, again = _logits(6), _logits(7), _logits(8)
   labels = jnp.array([0, 1, 2, 3])
@@ -134,7 +134,10 @@ def test_dlb_carries_the_logits_and_masks_the_first_step():
       z0, labels, passes={'previous': _pass(again, labels, jnp.zeros(4, bool))}
   )
   out = term(first, carry=term.init_carry())
-  np.testing.assert_array_equal(out.loss, 0.0)  # no previous step at a run's first step
+  # No previous batch at a run's first step: ce_weight times the current batch's cross-entropy.
+  np.testing.assert_allclose(
+      out.loss, 0.5 * losses.soft_target_cross_entropy(z0, jax.nn.one_hot(labels, 5)), rtol=1e-6
+  )
   np.testing.assert_array_equal(out.carry['logits'], z0)
   valid = jnp.array([True, True, True, False])
   second = terms_lib.TermInputs(z1, labels, passes={'previous': _pass(again, labels, valid)})

@@ -42,7 +42,7 @@ logits of the main examples, and the trainer provides it without knowing the met
     logits, which then never cross devices).
   * an exponential moving average of the student's backbone variables
     (:attr:`LossTerm.ema_max_decay`): after every optimizer step ``ema = d ema + (1 - d) new``
-    with ``d = min(1 - 1 / (t + 1), ema_max_decay)`` at update ``t = 0, 1, ...``; forward passes
+    with ``d = min(1 - 1 / (t + 2), ema_max_decay)`` at update ``t = 0, 1, ...``; forward passes
     with ``network='ema'`` use it, and evaluation reports its metrics beside the student's.
 
 BatchNorm: the main pass runs the student in train mode over the main examples' ``B * V`` views;

@@ -1,6 +1,6 @@
 """Beta smoothing: self-distillation as instance-specific label smoothing (Zhang & Sabuncu, 2020).
 
-An EMA copy of the student (decay ``min(1 - 1/(t + 1), ema_max_decay)`` after update ``t``,
+An EMA copy of the student (decay ``min(1 - 1/(t + 2), ema_max_decay)`` at update ``t = 0, 1, ...``,
 kept by the trainer and evaluated beside the student) gives every example's true-class
 confidence. The batch's draws from ``Beta(a, b)`` (the term's PRNG key of the step) are sorted
 and handed out by confidence rank, most confident example first

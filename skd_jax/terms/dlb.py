@@ -9,9 +9,17 @@ own BatchNorm batch statistics).
 
 The reference computes one cross-entropy over the concatenation of both batches (a mean over
 ``2 B``) plus the distillation; with a ``cross_entropy`` term of weight 0.5 and ``ce_weight=0.5``
-here the sum is the same. At a run's first step there is no previous batch and this term gives 0.
+here the sum is the same. At a run's first step there is no previous batch (the source marks the
+whole ``'previous'`` group invalid) and the reference trains on the plain cross-entropy of the
+current batch with weight 1. This term then gives ``ce_weight H(y, z)`` on the current batch: the
+previous batch's half of the cross-entropy falls on the current one, so the step's loss is the
+reference's with ``cross_entropy`` as the other half, and also with PS-KD's target as the other
+half (``configs/pskd_dlb.py``: one-hot in epoch 0). The first step is read from the data, not
+from a step count, so a resumed run (whose previous group is valid) needs nothing more.
+
 Slot ``i`` of the previous group is weighted like the main example in slot ``i`` (the trainer
-averages over the main examples' validity).
+averages over the main examples' validity). This differs from the reference only at the steps
+around an epoch's short last batch (``docs/methods.md``).
 """
 
 import dataclasses
@@ -28,7 +36,8 @@ class DLB(terms.LossTerm):
   """``weight * [ce_weight H(y', z') + alpha T^2 KL(softmax(sg(z_{t-1})/T) || softmax(z'/T))]``.
 
   ``z'`` is this step's prediction on the previous step's examples ``x'`` (labels ``y'``),
-  ``z_{t-1}`` the prediction on them at the previous step.
+  ``z_{t-1}`` the prediction on them at the previous step. At a run's first step (no valid
+  previous example) ``weight * ce_weight H(y, z)`` on the current batch.
   """
 
   num_classes: int
@@ -50,6 +59,9 @@ class DLB(terms.LossTerm):
     ce = losses.soft_target_cross_entropy(previous.logits, one_hot)
     kd = losses.distillation_kl(previous.logits, carry['logits'], temperature=self.temperature)
     loss = jnp.where(previous.valid, self.ce_weight * ce + self.alpha * kd, 0.0)
+    first_step = ~jnp.any(previous.valid)
+    current = self.ce_weight * losses.soft_target_cross_entropy(inputs.logits, inputs.one_hot)
+    loss = jnp.where(first_step, current, loss)
     return terms.TermOutput(loss, carry={'logits': jax.lax.stop_gradient(inputs.logits)})
 
 

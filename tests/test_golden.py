@@ -1,0 +1,137 @@
+"""DLB's loss and the EMA update against values from running the official PyTorch code.
+
+``golden/dlb_ema.npz`` was written by ``golden/make_dlb_ema.py`` (its docstring names the
+repositories, commits and lines it executes). These tests read the arrays only: no PyTorch.
+"""
+
+import importlib
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from skd_jax import export
+from skd_jax import networks as networks_lib
+from skd_jax import terms as terms_lib
+
+GOLDEN = pathlib.Path(__file__).parent / 'golden' / 'dlb_ema.npz'
+
+
+@pytest.fixture(scope='module')
+def golden():
+  with np.load(GOLDEN) as data:
+    return dict(data)
+
+
+def _our_dlb_losses(golden, config_name, run='dlb'):
+  """Our batch losses for the official run's steps, with the loss terms of ``configs/<name>``.
+
+  The batch loss is the trainer's: the mean over the current batch's real examples.
+  """
+  loss_config = importlib.import_module(f'configs.{config_name}').get_config().loss
+  assert loss_config.dlb.temperature == golden['dlb_temperature']
+  assert loss_config.dlb.alpha == golden['dlb_alpha']
+  steps, batch, classes = golden[f'{run}_logits'].shape
+  method = terms_lib.build(loss_config, terms_lib.Context(classes, 200, batch))
+  carry, got = method.init_carry(), []
+  for step in range(steps):
+    labels = jnp.asarray(golden[f'{run}_labels'][step])
+    valid = jnp.asarray(golden[f'{run}_valid'][step])
+    previous = terms_lib.Pass(
+        jnp.asarray(golden[f'{run}_previous_logits'][step]),
+        jnp.asarray(golden[f'{run}_previous_labels'][step]),
+        jnp.asarray(golden[f'{run}_previous_valid'][step]),  # as the source: none at step 0
+    )
+    inputs = terms_lib.TermInputs(
+        jnp.asarray(golden[f'{run}_logits'][step]),
+        labels,
+        valid=valid,
+        passes={'previous': previous},
+    )
+    # PS-KD's rows for epoch 0: the labels (its target is one-hot before any history exists).
+    out = method(inputs, method.init_rows(labels), carry)
+    carry = out.carry
+    got.append(float(jnp.sum(jnp.where(valid, out.loss, 0.0)) / jnp.sum(valid)))
+  return np.array(got)
+
+
+def test_dlb_losses_are_the_official_ones_from_the_first_step_on(golden):
+  # Step 0 has no previous batch: the official loss is the plain cross-entropy, weight 1.
+  np.testing.assert_allclose(
+      _our_dlb_losses(golden, 'dlb'), golden['dlb_loss'], rtol=1e-5, atol=1e-5
+  )
+
+
+def test_pskd_dlb_with_the_epoch_0_target_gives_the_official_dlb_losses(golden):
+  np.testing.assert_allclose(
+      _our_dlb_losses(golden, 'pskd_dlb'), golden['dlb_loss'], rtol=1e-5, atol=1e-5
+  )
+
+
+def _log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.sum(np.exp(z), -1, keepdims=True))
+
+
+def _weighted_dlb(golden, step, ce_previous, kl, ce_current):
+  """The sum of the short run's per-example CE and KL at ``step``, weighted per slot (numpy)."""
+  run = lambda key: golden[f'dlb_short_{key}'][step]
+  ce = lambda z, y: -np.take_along_axis(_log_softmax(z), y[:, None], -1)[:, 0]
+  t = float(golden['dlb_temperature'])
+  teacher = _log_softmax(golden['dlb_short_logits'][step - 1] / t)
+  student = _log_softmax(run('previous_logits') / t)
+  kl_values = t * t * np.sum(np.exp(teacher) * (teacher - student), -1)
+  return np.sum(
+      ce_previous * ce(run('previous_logits'), run('previous_labels'))
+      + kl * kl_values
+      + ce_current * ce(run('logits'), run('labels'))
+  )
+
+
+def test_dlb_weights_around_a_short_batch_are_the_documented_ones(golden):
+  """docs/methods.md: slot i of the previous batch is weighted like main slot i; the reference
+  weights CE by 1 / (p + c) over both batches and the KL by alpha / p over the previous one."""
+  ours, official = _our_dlb_losses(golden, 'dlb', run='dlb_short'), golden['dlb_short_loss']
+  alpha = float(golden['dlb_alpha'])
+  for step in range(1, len(official)):
+    u = golden['dlb_short_previous_valid'][step].astype(np.float64)
+    v = golden['dlb_short_valid'][step].astype(np.float64)
+    p, c = u.sum(), v.sum()
+    np.testing.assert_allclose(
+        official[step],
+        _weighted_dlb(golden, step, u / (p + c), alpha * u / p, v / (p + c)),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        ours[step],
+        _weighted_dlb(golden, step, u * v / (2 * c), alpha * u * v / c, v / (2 * c)),
+        rtol=1e-5,
+    )
+    # Equal exactly when both batches are full; the short batch and the step after it differ.
+    assert np.isclose(ours[step], official[step], rtol=1e-5) == (p == c == len(u))
+
+
+def test_the_ema_updates_are_the_official_ones(golden):
+  spec = export.ModelSpec('small_resnet', {}, 5, (8, 8, 1), (0.5,), (0.25,))
+  networks = networks_lib.Networks(spec, {}, ema_max_decay=float(golden['ema_max_decay']))
+  ema = {
+      'params': {'kernel': golden['ema_initial_kernel'], 'bias': golden['ema_initial_bias']},
+      'batch_stats': {},
+  }
+  for update in range(len(golden['ema_kernel'])):
+    params = {
+        'backbone': {
+            'kernel': golden['ema_student_kernel'][update],
+            'bias': golden['ema_student_bias'][update],
+        }
+    }
+    ema = networks.update_ema(ema, params, {'backbone': {}}, jnp.int32(update))
+    np.testing.assert_allclose(
+        ema['params']['kernel'], golden['ema_kernel'][update], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        ema['params']['bias'], golden['ema_bias'][update], rtol=1e-5, atol=1e-6
+    )
+  # The cap is reached within the recorded updates (decays 1/2, 2/3, then the maximum).
+  assert 1 - 1 / (len(golden['ema_kernel']) + 1) > golden['ema_max_decay']
