@@ -199,7 +199,7 @@ def _read_object(file: epath.Path, expected: str) -> dict[str, Any] | None:
   except UnicodeDecodeError:
     problem = 'not text'
   except json.JSONDecodeError as e:
-    problem = 'empty' if not text.strip() else f'not JSON: {e.msg} at line {e.lineno}'
+    problem = 'empty' if not text.strip() else f'not JSON (line {e.lineno}: {e.msg})'
   else:
     if isinstance(value, dict):
       return value

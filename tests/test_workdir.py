@@ -164,9 +164,9 @@ def test_a_workdir_written_before_data_json_records_it_when_resumed(tmp_path):
     [
         ('config.json', b'\x00\xff\x13garbage', 'not text'),
         ('config.json', b'', 'empty'),
-        ('config.json', b'{\n  "optim": {"lr": 0.1', 'not JSON: Expecting'),
+        ('config.json', b'{\n  "optim": {"lr": 0.1', "not JSON (line 2: Expecting ',' delimiter)"),
         ('data.json', b'[40]', 'a JSON list'),
-        ('data.json', b'{"examples": 4', 'not JSON: Expecting'),
+        ('data.json', b'{"examples": 4', "not JSON (line 1: Expecting ',' delimiter)"),
     ],
 )
 def test_a_damaged_config_or_data_json_is_refused_in_one_line_before_loading_data(
