@@ -1,4 +1,5 @@
-"""The workdir's files: permissions, torn lines, the config-change history, bad paths."""
+"""The workdir's files: permissions, torn lines, the config-change history, the training set,
+damaged files, bad paths."""
 
 import importlib
 import json
