@@ -13,6 +13,11 @@ measurements of the steps not logged yet).
   first that restores and matches its fingerprint. Each one skipped is logged in one line with
   the reason and moved aside into ``broken_directory`` (never deleted), so it can be inspected and
   orbax no longer sees it.
+* **Damaged or not this run's.** Before reading any array, the tree, shapes and dtypes recorded in
+  a checkpoint's metadata are compared with the state to restore. Metadata that cannot be read
+  counts as damage (moved aside); a state that does not fit (a history of another size, a term
+  added) is refused with a ConfigError and the checkpoint stays where it is: it is intact, the
+  run asking for it is another.
 * **Failed saves.** Saves are asynchronous. :meth:`Checkpoints.poll`, called every step, notices
   a save that finished with an error (a full disk, say) at once and raises :class:`SaveError`
   with one line naming the path and the cause. Orbax removes nothing: the last committed
@@ -30,6 +35,8 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from skd_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,24 @@ def _cause(error: BaseException) -> str:
   return text if len(text) <= 200 else text[:197] + '...'
 
 
+def _layout(tree) -> dict[str, str]:
+  """Leaf path -> ``dtype[shape]`` of a state or of its orbax metadata, as orbax stores the tree."""
+  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
+  return {'/'.join(path): f'{leaf.dtype}{list(leaf.shape)}' for path, leaf in flat.items()}
+
+
+def _misfit(saved: dict[str, str], wanted: dict[str, str]) -> str | None:
+  """The first difference between two :func:`_layout` results, in words; None if they agree."""
+  for name in sorted(saved.keys() | wanted.keys()):
+    if name not in wanted:
+      return f'it holds {name}, which this run has not'
+    if name not in saved:
+      return f'it lacks {name} ({wanted[name]} here)'
+    if saved[name] != wanted[name]:
+      return f'{name} is {saved[name]} there and {wanted[name]} here'
+  return None
+
+
 class Checkpoints:
   """The checkpoints of one run (see the module docstring)."""
 
@@ -108,6 +133,7 @@ class Checkpoints:
         ),
     )
     self._saving = None  # the step of a save that may still be running
+    self._metadata = ocp.StandardCheckpointHandler()  # reads a state's tree, shapes and dtypes
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -158,9 +184,25 @@ class Checkpoints:
 
     ``abstract_state`` gives the shapes, dtypes and shardings to restore onto. Broken checkpoints
     are moved aside (see the module docstring). Returns None when no checkpoint is usable.
+
+    Raises:
+      ConfigError: the newest checkpoint that is not damaged holds a state of another tree,
+        shape or dtype than ``abstract_state``; it is left in place.
     """
+    wanted = _layout(abstract_state)
     for step in sorted(self._manager.all_steps(), reverse=True):
-      reason = None
+      try:
+        saved = _layout(self._metadata.metadata(self.directory / str(step) / 'state').tree)
+      except Exception as e:  # pylint: disable=broad-except
+        self._move_aside(step, f'has no readable metadata ({_cause(e)})')
+        continue
+      misfit = _misfit(saved, wanted)
+      if misfit:
+        raise ConfigError(
+            f'checkpoint: {self.directory / str(step)} does not fit this run: {misfit}; it was '
+            'saved with another config, training set or number of devices; resume as it was '
+            'saved or use a new --workdir'
+        )
       try:
         restored = self._manager.restore(
             step,
@@ -220,4 +262,5 @@ class Checkpoints:
     try:
       self.finish()
     finally:
+      self._metadata.close()
       self._manager.close()

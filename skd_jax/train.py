@@ -245,10 +245,12 @@ def _stop_if_signalled():
     raise Preempted(f'{signal_name} during start-up: stopped before training; nothing was written')
 
 
-def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
+def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) -> Job:
   """Validates ``config``, loads the data onto the devices, builds and compiles model and loss.
 
-  Writes nothing. Logs the devices, the data, the model and the loss.
+  Writes nothing. Logs the devices, the data, the model and the loss. ``check_data``, if given, is
+  called with the training set's identity (``skd_jax.data.identity``) as soon as it is loaded,
+  before the slow part; it raises ConfigError to refuse the data.
 
   Raises:
     ConfigError: invalid configuration or data.
@@ -279,6 +281,8 @@ def build_job(config: ml_collections.ConfigDict, devices=None) -> Job:
     test = evaluation.DeviceEvalSet(
         sources.to_devices(test_set.images, test_set.labels, mesh), config.eval_batch_size
     )
+  if check_data:
+    check_data(data_lib.identity(config.data, train_set.labels))
   _stop_if_signalled()  # before the slow part: initialisation and compilation
   log.info(
       'Data: %s, %d training (%s, %s pipeline) and %d test (%s) images of %s, %d classes.',
@@ -456,10 +460,11 @@ def train_and_evaluate(
 
 def _train_and_evaluate(config, workdir, devices):
   workdir_lib.check_path(workdir)
-  job = build_job(config, devices)
+  # Reads only: a workdir that holds another run is refused before the data is loaded.
+  workdir = workdir_lib.Workdir(workdir, config, is_main=jax.process_index() == 0)
+  job = build_job(config, devices, check_data=workdir.check_data)
   try:
     _stop_if_signalled()
-    workdir = workdir_lib.Workdir(workdir, config, is_main=jax.process_index() == 0)
     # From here on the workdir is written.
     checkpoints = checkpoints_lib.Checkpoints(
         workdir.checkpoints, workdir.broken_checkpoints, keep=config.keep_checkpoints

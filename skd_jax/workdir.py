@@ -3,6 +3,10 @@
 * ``config.json`` -- the run's current configuration. A workdir belongs to one run: resuming with
   a configuration that differs in a key outside ``config_lib.RESUMABLE`` is refused, naming the
   keys.
+* ``data.json`` -- the identity of the training set (``skd_jax.data.identity``: source, name,
+  split, number of examples, SHA-256 of the labels). Resuming on another training set is refused;
+  the same one found in another ``data.dir`` is not. A workdir written before ``data.json``
+  existed records it when it is resumed.
 * ``config_changes.jsonl`` -- one line per resume that changed resumable keys:
   ``{"step": S, "changes": {"optim.lr": [old, new], ...}}``, S being the step from which the new
   values apply.
@@ -12,8 +16,12 @@
   line torn by a killed process), so the file reads as one uninterrupted run.
 * ``summary.json`` -- final metrics, written once at the end.
 * ``checkpoints/`` -- orbax checkpoints (``skd_jax.checkpoints``); ``broken_checkpoints/`` holds
-  any that failed to restore or to match their fingerprint, moved aside for inspection.
+  damaged ones (unreadable metadata, failed to restore or to match their fingerprint), moved
+  aside for inspection.
 * ``model/`` -- the trained inference model (``skd_jax.export``), written at the end.
+
+``config.json`` and ``data.json`` that do not hold a JSON object (empty, truncated, overwritten) are
+refused in one line naming the file, before anything is loaded or written.
 
 Whole files are replaced atomically, so an interrupted run never leaves a half-written one: on a
 local disk a temporary file is renamed over the old one; in a bucket one upload replaces the
@@ -181,6 +189,35 @@ def _parse(lines: list[str], name: str) -> list[dict[str, Any]]:
   return records
 
 
+def _read_object(file: epath.Path, expected: str) -> dict[str, Any] | None:
+  """The JSON object in ``file`` (None if there is no file); ConfigError if it holds none."""
+  if not file.exists():
+    return None
+  try:
+    text = file.read_text()
+    value = json.loads(text)
+  except UnicodeDecodeError:
+    problem = 'not text'
+  except json.JSONDecodeError as e:
+    problem = 'empty' if not text.strip() else f'not JSON (line {e.lineno}: {e.msg})'
+  else:
+    if isinstance(value, dict):
+      return value
+    problem = f'a JSON {type(value).__name__}'
+  raise ConfigError(
+      f'workdir: {file} is {problem}; expected {expected} as a JSON object written by skd_jax; '
+      'restore the file or use a new --workdir'
+  )
+
+
+def _describe(data: dict[str, Any]) -> str:
+  """``2,000 examples of fashion_mnist 'train' (labels sha256 1f2e3d4c5b6a)``."""
+  count = data.get('examples')
+  count = f'{count:,}' if isinstance(count, int) else repr(count)
+  labels = str(data.get('labels_sha256'))[:12]
+  return f'{count} examples of {data.get("name")} {data.get("split")!r} (labels sha256 {labels})'
+
+
 def _compose(changes: list[dict[str, list]]) -> dict[str, list]:
   """Several successive ``{key: [old, new]}`` records as one; keys that came back are dropped."""
   composed = {}
@@ -194,7 +231,8 @@ class Workdir:
   """Reads and writes a run's files; writing methods are no-ops on processes other than 0.
 
   Construction only reads: it refuses (ConfigError) a workdir that holds a run with a different,
-  non-resumable configuration. :meth:`begin` writes.
+  non-resumable configuration, or whose ``config.json`` or ``data.json`` is damaged;
+  :meth:`check_data` refuses another training set. :meth:`begin` writes.
   """
 
   def __init__(self, path_: str | os.PathLike, config: ml_collections.ConfigDict, *, is_main: bool):
@@ -204,14 +242,19 @@ class Workdir:
     self.broken_checkpoints = self.path / 'broken_checkpoints'
     self.model = self.path / 'model'
     self._config_path = self.path / 'config.json'
+    self._data_path = self.path / 'data.json'
     self._changes_path = self.path / 'config_changes.jsonl'
     self._metrics = self.path / 'metrics.jsonl'
     self._metrics_lines = []  # what metrics.jsonl holds, for filesystems that cannot append
     self._config_json = config.to_json_best_effort(sort_keys=True, indent=2)
     self.changes = {}  # key -> [value in config.json, value now], resumable keys only
-    if self._config_path.exists():
-      saved = config_lib.flatten(json.loads(self._config_path.read_text()))
-      now = config_lib.flatten(json.loads(self._config_json))
+    now = config_lib.flatten(json.loads(self._config_json))
+    self._data_dir = now.get('data.dir')
+    saved = _read_object(self._config_path, "the run's configuration")
+    self._saved_data = _read_object(self._data_path, 'the identity of the training set')
+    self._data = None  # the identity of the training set now, once checked
+    if saved is not None:
+      saved = config_lib.flatten(saved)
       # Keys newer than the run's skd_jax are no change at their defaults (see config_lib.default).
       differ = sorted(
           k
@@ -228,8 +271,24 @@ class Workdir:
         )
       self.changes = {k: [saved.get(k), now.get(k)] for k in differ}
 
+  def check_data(self, data: dict[str, Any]) -> None:
+    """Refuses (ConfigError) a training set other than the one the run in this workdir trained on.
+
+    ``data`` is the identity of the training set now (``skd_jax.data.identity``); :meth:`begin`
+    records it. Only reads.
+    """
+    if self._saved_data is not None and self._saved_data != data:
+      where = self._data_dir or 'the default data.dir'
+      raise ConfigError(
+          f'data: {self.path} holds a run trained on {_describe(self._saved_data)}; this config '
+          f'reads {_describe(data)} from {where}; resume with the same training set or use a new '
+          '--workdir'
+      )
+    self._data = data
+
   def begin(self, step: int) -> None:
-    """Starts writing at ``step``: records config changes, drops metrics past ``step``."""
+    """Starts writing at ``step``: records config changes and the training set (once checked by
+    :meth:`check_data`), drops metrics past ``step``."""
     if not self.is_main:
       return
     self.path.mkdir(parents=True, exist_ok=True)
@@ -243,6 +302,8 @@ class Workdir:
     if kept != history:
       _atomic_write(self._changes_path, ''.join(json.dumps(r) + '\n' for r in kept))
     _atomic_write(self._config_path, self._config_json + '\n')
+    if self._data is not None:
+      _atomic_write(self._data_path, json.dumps(self._data, indent=2, sort_keys=True) + '\n')
     records = self.records()
     if self._metrics.exists():
       self._metrics_lines = [json.dumps(r) + '\n' for r in records if r['step'] <= step]

@@ -173,6 +173,38 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
   assert os.listdir(tmp_path / 'c') == []
 
 
+def test_a_checkpoint_that_does_not_fit_is_refused_and_kept_and_a_damaged_one_moved_aside(tmp_path):
+  """A history of another size is no damage: before, it sent the intact checkpoint aside."""
+  state = {'params': jnp.ones((3, 4)), 'rows': {'pskd': jnp.zeros((40, 10), jnp.bfloat16)}}
+  checkpoints = checkpoints_lib.Checkpoints(str(tmp_path / 'c'), str(tmp_path / 'b'), keep=2)
+  checkpoints.save(5, state, {})
+  checkpoints.close()
+  checkpoints = checkpoints_lib.Checkpoints(str(tmp_path / 'c'), str(tmp_path / 'b'), keep=2)
+  misfits = [
+      (
+          {**state, 'rows': {'pskd': jnp.zeros((36, 10), jnp.bfloat16)}},
+          r'rows/pskd is bfloat16\[40, 10\] there and bfloat16\[36, 10\] here',
+      ),
+      (
+          {**state, 'rows': {'pskd': jnp.zeros((40, 10))}},
+          r'rows/pskd is bfloat16\[40, 10\] there and float32\[40, 10\] here',
+      ),
+      ({**state, 'carry': {'dsr': jnp.zeros(2)}}, r'it lacks carry/dsr \(float32\[2\] here\)'),
+      ({'params': state['params']}, 'it holds rows/pskd, which this run has not'),
+  ]
+  for abstract_state, misfit in misfits:
+    with pytest.raises(
+        ConfigError, match=f'^checkpoint: {tmp_path}/c/5 does not fit this run: {misfit}; it was '
+    ):
+      checkpoints.restore(train.abstract(abstract_state))
+  assert os.listdir(tmp_path / 'c') == ['5'] and not os.path.exists(tmp_path / 'b')
+  assert checkpoints.restore(train.abstract(state))[0] == 5
+  _flip_bytes(str(tmp_path / 'c' / '5'))
+  assert checkpoints.restore(train.abstract(state)) is None
+  checkpoints.close()
+  assert os.listdir(tmp_path / 'c') == [] and os.listdir(tmp_path / 'b') == ['5']
+
+
 @pytest.mark.parametrize(
     'message',
     [

@@ -1,5 +1,7 @@
-"""The workdir's files: permissions, torn lines, the config-change history, bad paths."""
+"""The workdir's files: permissions, torn lines, the config-change history, the training set,
+damaged files, bad paths."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -10,9 +12,12 @@ import sys
 import tempfile
 import time
 
+import jax
 import ml_collections
 import pytest
 
+import runs
+from skd_jax import train
 from skd_jax import workdir as workdir_lib
 from skd_jax.errors import ConfigError
 
@@ -99,6 +104,150 @@ def test_keys_newer_than_the_run_resume_at_their_defaults_and_are_refused_otherw
   config.loss.pskd.storage = 'top_k'
   with pytest.raises(ConfigError, match=r"loss.pskd.storage \(None -> 'top_k'\)"):
     workdir_lib.Workdir(str(tmp_path), config, is_main=True)
+
+
+def _identity(examples=40, labels='7e37e8558ec9' + '0' * 52):
+  return {
+      'source': 'idx',
+      'name': 'fashion_mnist',
+      'split': 'train',
+      'examples': examples,
+      'labels_sha256': labels,
+  }
+
+
+def _contents(root):
+  """Every file under ``root`` with its bytes."""
+  files = {}
+  for directory, _, names in os.walk(root):
+    for name in names:
+      with open(os.path.join(directory, name), 'rb') as f:
+        files[os.path.relpath(os.path.join(directory, name), root)] = f.read()
+  return files
+
+
+def test_another_training_set_is_refused_and_the_same_one_found_elsewhere_is_not(tmp_path):
+  config = _config()
+  config.data = {'dir': '/data/a'}
+  workdir = workdir_lib.Workdir(str(tmp_path), config, is_main=True)
+  workdir.check_data(_identity())
+  workdir.begin(0)
+  assert json.loads((tmp_path / 'data.json').read_text()) == _identity()
+  before = _contents(tmp_path)
+  config.data.dir = '/data/b'
+  for other in (_identity(examples=36), _identity(labels='5' * 64)):
+    with pytest.raises(ConfigError) as e:
+      workdir_lib.Workdir(str(tmp_path), config, is_main=True).check_data(other)
+    assert str(e.value) == (
+        f"data: {tmp_path} holds a run trained on 40 examples of fashion_mnist 'train' (labels "
+        f"sha256 7e37e8558ec9); this config reads {other['examples']} examples of fashion_mnist "
+        f"'train' (labels sha256 {other['labels_sha256'][:12]}) from /data/b; resume with the "
+        'same training set or use a new --workdir'
+    )
+  assert _contents(tmp_path) == before
+  moved = workdir_lib.Workdir(str(tmp_path), config, is_main=True)  # data.dir may change
+  moved.check_data(_identity())
+  moved.begin(0)
+  assert json.loads((tmp_path / 'data.json').read_text()) == _identity()
+
+
+def test_a_workdir_written_before_data_json_records_it_when_resumed(tmp_path):
+  workdir_lib.Workdir(str(tmp_path), _config(), is_main=True).begin(0)  # as an older skd_jax did
+  assert not (tmp_path / 'data.json').exists()
+  workdir = workdir_lib.Workdir(str(tmp_path), _config(), is_main=True)
+  workdir.check_data(_identity())
+  workdir.begin(10)
+  assert json.loads((tmp_path / 'data.json').read_text()) == _identity()
+
+
+@pytest.mark.parametrize(
+    'name, text, problem',
+    [
+        ('config.json', b'\x00\xff\x13garbage', 'not text'),
+        ('config.json', b'', 'empty'),
+        ('config.json', b'{\n  "optim": {"lr": 0.1', "not JSON (line 2: Expecting ',' delimiter)"),
+        ('data.json', b'[40]', 'a JSON list'),
+        ('data.json', b'{"examples": 4', "not JSON (line 1: Expecting ',' delimiter)"),
+    ],
+)
+def test_a_damaged_config_or_data_json_is_refused_in_one_line_before_loading_data(
+    tmp_path, name, text, problem
+):
+  """Through the trainer: refused before the data (a missing folder here) is looked at."""
+  config = importlib.import_module('configs.pskd').get_config('quick')
+  config.data.dir = str(tmp_path / 'no_data')
+  workdir = tmp_path / 'wd'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(config.to_json_best_effort(sort_keys=True, indent=2))
+  (workdir / name).write_bytes(text)
+  before = _contents(workdir)
+  with pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  message = str(e.value)
+  assert message.startswith(f'workdir: {workdir / name} is {problem}') and '\n' not in message
+  assert message.endswith(
+      'as a JSON object written by skd_jax; restore the file or use a new --workdir'
+  )
+  assert _contents(workdir) == before
+
+
+def _tiny_run(data_dir):
+  """PS-KD (a per-example history) on idx Fashion-MNIST in ``data_dir``: 1 epoch of 5 steps."""
+  config = importlib.import_module('configs.pskd').get_config('quick')
+  config.data.dir, config.num_epochs, config.batch_size, config.eval_batch_size = data_dir, 1, 8, 8
+  config.model.widths = (4, 8, 8)
+  return config
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """A workdir trained on 40 idx examples, and its data folder."""
+  data = runs.fashion_mnist(tmp_path_factory.mktemp('data'), 40, 8)
+  workdir = tmp_path_factory.mktemp('run')
+  summary = train.train_and_evaluate(_tiny_run(data), str(workdir), devices=jax.devices()[:1])
+  return workdir, data, summary
+
+
+def _other_labels(directory):
+  """The same 40 images, the labels shifted by one class."""
+  with open(os.path.join(directory, 'train-labels-idx1-ubyte'), 'r+b') as f:
+    header, labels = f.read(8), f.read()
+    f.seek(0)
+    f.write(header + bytes((label + 1) % 10 for label in labels))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('examples, change', [(36, None), (40, _other_labels)])
+def test_resuming_on_another_training_set_is_refused_and_moves_nothing(
+    tmp_path, finished_run, examples, change
+):
+  """Before, a history of another size declared the intact checkpoint broken and restarted."""
+  workdir = tmp_path / 'wd'
+  shutil.copytree(finished_run[0], workdir)
+  data = runs.fashion_mnist(tmp_path, examples, 8)
+  if change:
+    change(data)
+  before = _contents(workdir)
+  with pytest.raises(ConfigError, match=f'^data: {workdir} holds a run trained on 40 examples'):
+    train.train_and_evaluate(_tiny_run(data), str(workdir), devices=jax.devices()[:1])
+  assert _contents(workdir) == before  # the checkpoint in place, metrics.jsonl byte for byte
+
+
+@pytest.mark.slow
+def test_the_same_training_set_in_another_folder_resumes(tmp_path, finished_run):
+  original, data, summary = finished_run
+  workdir, moved = tmp_path / 'wd', tmp_path / 'moved'
+  shutil.copytree(original, workdir)
+  shutil.copytree(data, moved)
+  resumed = train.train_and_evaluate(_tiny_run(str(moved)), str(workdir), devices=jax.devices()[:1])
+  assert {k: v for k, v in resumed.items() if k != 'train_seconds'} == {
+      k: v for k, v in summary.items() if k != 'train_seconds'
+  }
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['5']
+  assert not (workdir / 'broken_checkpoints').exists()
+  assert _lines(workdir / 'config_changes.jsonl') == [
+      {'step': 5, 'changes': {'data.dir': [data, str(moved)]}}
+  ]
 
 
 def test_check_path_rejects_files_and_paths_under_files(tmp_path):

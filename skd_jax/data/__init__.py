@@ -10,7 +10,8 @@ Importing this package is cheap: TFDS is only imported by `load_split` when a
 'tfds' source is requested.
 """
 
-from typing import NamedTuple
+import hashlib
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from skd_jax.errors import ConfigError
 __all__ = [
     'Dataset',
     'FASHION_MNIST_DIR',
+    'identity',
     'load_fashion_mnist',
     'load_split',
     'open_records',
@@ -112,3 +114,19 @@ def load_split(data_config, split: str) -> Dataset:
       download=bool(data_config.get('download', False)),
   )
   return Dataset(images, labels, num_classes)
+
+
+def identity(data_config, labels: np.ndarray) -> dict[str, Any]:
+  """What identifies a training set, at no cost even for ImageNet: its source, name and split,
+  its number of examples and the SHA-256 of its labels in index order (int32, little-endian).
+
+  Where the files lie (``data.dir``) is no part of it, and images are not read: a set whose
+  images changed under the same labels has the same identity.
+  """
+  return {
+      'source': data_config.source,
+      'name': data_config.name,
+      'split': data_config.train_split,
+      'examples': len(labels),
+      'labels_sha256': hashlib.sha256(np.asarray(labels, '<i4').tobytes()).hexdigest(),
+  }
