@@ -82,6 +82,22 @@ def fingerprint(tree) -> tuple[dict[str, int], list[str]]:
   )
 
 
+def verify(tree, saved) -> str | None:
+  """Why ``tree`` does not match ``saved``, the :func:`fingerprint` recorded with it (e.g. ``'does
+  not match its fingerprint in params/head/kernel'``); None when it matches."""
+  if not isinstance(saved, dict):
+    return 'has no fingerprint'
+  checksums, non_finite = fingerprint(tree)
+  if non_finite:
+    return f'holds non-finite values in {non_finite[0]}'
+  differ = [name for name in checksums if saved.get(name) != checksums[name]]
+  if differ or set(saved) != set(checksums):
+    where = differ[0] if differ else 'its structure'
+    more = f' and {len(differ) - 1} more arrays' if len(differ) > 1 else ''
+    return f'does not match its fingerprint in {where}{more}'
+  return None
+
+
 def _first_line(error: BaseException) -> str:
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return lines[0] if lines else type(error).__name__
@@ -213,27 +229,12 @@ class Checkpoints:
       except Exception as e:  # pylint: disable=broad-except
         reason = f'does not restore ({_cause(e)})'
       else:
-        reason = self._verify(restored.state, restored.meta)
+        reason = verify(restored.state, (restored.meta or {}).get('fingerprint'))
       if reason is None:
         meta = dict(restored.meta)
         meta.pop('fingerprint')
         return step, restored.state, meta
       self._move_aside(step, reason)
-    return None
-
-  @staticmethod
-  def _verify(state, meta) -> str | None:
-    saved = (meta or {}).get('fingerprint')
-    if not isinstance(saved, dict):
-      return 'has no fingerprint'
-    checksums, non_finite = fingerprint(state)
-    if non_finite:
-      return f'holds non-finite values in {non_finite[0]}'
-    differ = [name for name in checksums if saved.get(name) != checksums[name]]
-    if differ or set(saved) != set(checksums):
-      where = differ[0] if differ else 'its structure'
-      more = f' and {len(differ) - 1} more arrays' if len(differ) > 1 else ''
-      return f'does not match its fingerprint in {where}{more}'
     return None
 
   def _move_aside(self, step: int, reason: str) -> None:

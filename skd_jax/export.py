@@ -7,19 +7,29 @@ and renamed, so it is there whole or not at all) with two items:
   optimizer or loss state;
 * ``spec``: JSON with what the variables alone do not say (:class:`ModelSpec`): the model's name
   and its options as given to ``skd_jax.models.get_model``, the number of classes, the input
-  shape and the input normalisation measured on the training split.
+  shape and the input normalisation measured on the training split, and the fingerprint of the
+  variables (``skd_jax.checkpoints.fingerprint``: one checksum per array).
 
 :func:`load_model` reads it back as a :class:`Model`, which is called on uint8 images::
 
   model = skd_jax.load_model('workdirs/pskd_quick')  # the workdir, or its model/ folder
   logits = model(images)  # uint8 [N, H, W, C] -> float32 [N, num_classes]
+
+:func:`load_model` runs no code from the directory and trusts nothing in it: the spec is checked
+field by field, the model it names is compared with the stored arrays' metadata (paths, shapes,
+dtypes) before any array is read or allocated, and the variables read are compared with their
+fingerprint. A model exported before fingerprints existed loads with a warning that it cannot be
+verified.
 """
 
 import dataclasses
 import functools
+import logging
+import math
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +39,36 @@ from skd_jax import checkpoints
 from skd_jax import models
 from skd_jax import workdir
 from skd_jax.data import pipeline
+from skd_jax.errors import ConfigError
 
 FORMAT = 'skd_jax.model/1'
+_MAX_SIDE = 1 << 16  # the largest image height or width a spec may give
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+  """An exported model that cannot be used: its spec is invalid or disagrees with the stored
+  arrays, or its files do not read or do not match their fingerprint.
+
+  The message is one line naming the file (``.../model/spec`` or ``.../model/variables``) and the
+  field or array at fault.
+  """
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_float_dtype(value) -> bool:
+  try:
+    return isinstance(value, str) and jnp.issubdtype(jnp.dtype(value), jnp.floating)
+  except TypeError:
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +96,57 @@ class ModelSpec:
     return {'format': FORMAT, **dataclasses.asdict(self)}
 
   @classmethod
-  def from_json(cls, spec: dict[str, Any], path: str) -> 'ModelSpec':
+  def from_json(cls, spec: Any, path: str | os.PathLike) -> 'ModelSpec':
+    """The spec in ``spec``, the JSON read from ``path``, checked field by field.
+
+    The model's name and options are checked when the model is built (:meth:`module`).
+
+    Raises:
+      ModelError: ``spec`` is not an object, has another format, lacks a field or holds a value
+        of the wrong type or out of range; the message names ``path`` and the field.
+    """
+
+    def fail(field, expected, value):
+      raise ModelError(f'{path}: {field}: expected {expected}, got {value!r:.80}')
+
+    if not isinstance(spec, dict):
+      raise ModelError(f'{path}: expected a JSON object, got {type(spec).__name__}')
     if spec.get('format') != FORMAT:
-      raise ValueError(f'{path}: format {spec.get("format")!r}; expected {FORMAT!r}')
+      raise ModelError(f'{path}: format {spec.get("format")!r:.80}; expected {FORMAT!r}')
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [name for name in names if name not in spec]
+    if missing:
+      raise ModelError(f'{path}: no field {missing[0]!r}; expected {", ".join(names)}')
     as_tuples = lambda v: tuple(as_tuples(x) for x in v) if isinstance(v, list) else v
-    fields = {f.name: as_tuples(spec[f.name]) for f in dataclasses.fields(cls)}
-    fields['options'] = {k: as_tuples(v) for k, v in spec['options'].items()}
-    return cls(**fields)
+    name, options, num_classes, input_shape, mean, std = (as_tuples(spec[n]) for n in names)
+    if not isinstance(name, str):
+      fail('name', 'the name of a model', name)
+    if not isinstance(options, dict):
+      fail('options', 'an object of model options', options)
+    options = {k: as_tuples(v) for k, v in options.items()}
+    if not _is_float_dtype(options.get('dtype', 'float32')):
+      fail('options.dtype', "a floating-point dtype such as 'float32'", options['dtype'])
+    if not _is_positive_int(num_classes):
+      fail('num_classes', 'a positive integer', num_classes)
+    if not (
+        isinstance(input_shape, tuple)
+        and len(input_shape) == 3
+        and all(map(_is_positive_int, input_shape))
+        and max(input_shape[:2]) <= _MAX_SIDE
+    ):
+      fail('input_shape', f'[H, W, C], positive integers, H and W at most {_MAX_SIDE}', input_shape)
+    for field, values in (('mean', mean), ('std', std)):
+      if not (
+          isinstance(values, tuple)
+          and len(values) == input_shape[2]
+          and all(_is_number(v) and math.isfinite(v) for v in values)
+      ):
+        fail(field, f'one finite number per channel ({input_shape[2]})', values)
+    if min(std) <= 0:
+      fail('std', 'positive numbers', std)
+    return cls(
+        name, options, num_classes, input_shape, tuple(map(float, mean)), tuple(map(float, std))
+    )
 
   def normalize(self, images):
     """uint8 images ``[N, H, W, C]`` as the model sees them, in its computation dtype."""
@@ -86,14 +168,15 @@ def save_model(path: str | os.PathLike, *, params, batch_stats, spec: ModelSpec)
     FloatingPointError: a parameter or BatchNorm statistic is not finite; nothing is written.
   """
   variables = {'params': params, 'batch_stats': batch_stats}
-  _, non_finite = checkpoints.fingerprint(variables)
+  checksums, non_finite = checkpoints.fingerprint(variables)
   if non_finite:
     raise FloatingPointError(f'model: non-finite values in {non_finite[0]}; nothing was exported')
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(
         workdir.path(path),
         args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(variables), spec=ocp.args.JsonSave(spec.to_json())
+            variables=ocp.args.StandardSave(variables),
+            spec=ocp.args.JsonSave({**spec.to_json(), 'fingerprint': checksums}),
         ),
         force=True,
     )
@@ -137,15 +220,84 @@ class Model:
     return self._forward(self.variables, images)
 
 
+class _Unheld(Exception):
+  """A layer that the stored arrays do not hold, met while tracing the model."""
+
+
+def _leaf_name(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
+def _check_sizes(spec: ModelSpec, stored: dict[str, Any], spec_path, variables_path) -> None:
+  """Refuses a spec whose sizes exceed what the stored arrays could hold.
+
+  A model has at least one array per layer and a dimension per width, so no count or width of
+  the spec exceeds both the number of stored arrays and their largest dimension. This bounds the
+  model traced next, whatever the spec says.
+  """
+  largest = max((d for leaf in stored.values() for d in leaf.shape), default=0)
+  sizes = {'num_classes': spec.num_classes, 'input_shape': spec.input_shape[2]}
+  sizes.update({f'options.{k}': v for k, v in spec.options.items() if k != 'dtype'})
+  for field, value in sizes.items():
+    if max(value if isinstance(value, tuple) else (value,)) > max(largest, len(stored)):
+      raise ModelError(
+          f'{spec_path}: {field}: {value!r:.80} is more than {variables_path} holds '
+          f'({len(stored)} arrays, none with a dimension over {largest})'
+      )
+
+
+def _abstract_variables(spec: ModelSpec, module, stored: dict[str, Any], spec_path):
+  """The shapes and dtypes of the variables ``spec`` implies; the trace stops at the first layer
+  that no stored array belongs to, so its cost is bounded by the stored model's."""
+  held = set()
+  for name in stored:
+    layers = name.split('/')[1:-1]  # without the collection and the array's own name
+    held.update(tuple(layers[:i]) for i in range(len(layers) + 1))
+
+  def guard(call, args, kwargs, context):
+    if context.module.path not in held:
+      raise _Unheld('/'.join(context.module.path))
+    return call(*args, **kwargs)
+
+  with nn.intercept_methods(guard):
+    try:
+      return jax.eval_shape(
+          functools.partial(module.init, train=False),
+          jax.random.key(0),
+          jax.ShapeDtypeStruct((1, *spec.input_shape), jnp.float32),
+      )
+    except _Unheld as e:
+      raise ModelError(f'{spec_path}: implies a layer {e} that the stored arrays lack') from None
+
+
+def _compare(expected: dict[str, Any], stored: dict[str, Any], variables_path) -> None:
+  """Refuses stored arrays that are not the ones the spec implies, naming the first."""
+  for name in sorted(expected.keys() | stored.keys()):
+    if name not in stored:
+      raise ModelError(f'{variables_path}: holds no array {name}; the spec implies one')
+    if name not in expected:
+      raise ModelError(f'{variables_path}: holds {name}, which the spec does not imply')
+    want, have = expected[name], stored[name]
+    if tuple(want.shape) != tuple(have.shape) or jnp.dtype(want.dtype) != jnp.dtype(have.dtype):
+      raise ModelError(
+          f'{variables_path}: {name} is {jnp.dtype(have.dtype).name}{list(have.shape)}; the '
+          f'spec implies {jnp.dtype(want.dtype).name}{list(want.shape)}'
+      )
+
+
 def load_model(path: str | os.PathLike) -> Model:
   """Loads the model a run exported; ``path`` is the run's workdir or its ``model/`` folder, on a
   local disk or in a bucket (``gs://``).
 
   The variables are placed on the default device, whatever the devices the run trained on.
+  Nothing is read or allocated beyond the stored arrays' metadata until the spec is known to
+  agree with it (see the module docstring).
 
   Raises:
     FileNotFoundError: ``path`` holds no exported model.
-    ValueError: the model was exported in an unknown format.
+    ModelError: the model cannot be used (a ``ValueError``): its spec is invalid or does not
+      match the stored arrays, its files cannot be read, or the arrays do not match their
+      fingerprint. One line naming the file.
   """
   path = workdir.path(path)
   if not (path / 'spec').is_dir() and (path / 'model').is_dir():
@@ -154,18 +306,57 @@ def load_model(path: str | os.PathLike) -> Model:
     raise FileNotFoundError(
         f"{path}: no exported model; expected a run's workdir or its model/ folder"
     )
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    spec = checkpointer.restore(path, args=ocp.args.Composite(spec=ocp.args.JsonRestore())).spec
-    spec = ModelSpec.from_json(spec, path)
-    module = spec.module()
-    shapes = jax.eval_shape(
-        functools.partial(module.init, train=False),
-        jax.random.key(0),
-        jnp.zeros((1, *spec.input_shape), jnp.float32),
+  spec_path, variables_path = path / 'spec', path / 'variables'
+  handlers = dict(spec=ocp.JsonCheckpointHandler(), variables=ocp.StandardCheckpointHandler())
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as checkpointer:
+
+    def read(item_path, step):
+      try:
+        return step()
+      except Exception as e:  # orbax and tensorstore fail with many types  # pylint: disable=broad-except
+        # Orbax wraps tensorstore's error (which names the file and the byte range) in one that
+        # prints a whole tensorstore spec: the innermost says what went wrong.
+        while e.__cause__ or e.__context__:
+          e = e.__cause__ or e.__context__
+        cause = checkpoints._cause(e)  # pylint: disable=protected-access
+        raise ModelError(f'{item_path}: cannot read ({cause})') from None
+
+    saved = read(
+        spec_path,
+        lambda: checkpointer.restore(
+            path, args=ocp.args.Composite(spec=ocp.args.JsonRestore())
+        ).spec,
+    )
+    spec = ModelSpec.from_json(saved, spec_path)
+    metadata = read(variables_path, lambda: checkpointer.metadata(path).item_metadata.variables)
+    stored = {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(metadata)}
+    try:
+      module = spec.module()
+    except ConfigError as e:
+      raise ModelError(f'{spec_path}: {e}') from None
+    _check_sizes(spec, stored, spec_path, variables_path)
+    shapes = _abstract_variables(spec, module, stored, spec_path)
+    _compare(
+        {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(shapes)},
+        stored,
+        variables_path,
     )
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-    variables = checkpointer.restore(
-        path, args=ocp.args.Composite(variables=ocp.args.StandardRestore(dict(target)))
-    ).variables
+    variables = read(
+        variables_path,
+        lambda: checkpointer.restore(
+            path, args=ocp.args.Composite(variables=ocp.args.StandardRestore(dict(target)))
+        ).variables,
+    )
+  if 'fingerprint' in saved:
+    damaged = checkpoints.verify(variables, saved['fingerprint'])
+    if damaged:
+      raise ModelError(f'{variables_path}: {damaged}; the exported model is damaged')
+  else:
+    log.warning(
+        '%s: exported without a fingerprint (before skd_jax checked models); its variables '
+        'cannot be verified.',
+        path,
+    )
   return Model(spec, module, variables)

@@ -8,6 +8,11 @@ later generation with the config's loss and the previous generation as its froze
 (``teacher.workdir``). A generation with a ``summary.json`` is finished and skipped, and an
 unfinished one resumes from its checkpoints, so rerunning the same command continues the
 sequence wherever it stopped.
+
+Before anything is trained, each finished generation's config is compared with the one the
+command gives it, as a single run's resume does (``skd_jax.workdir.Workdir``): a change to a key
+outside ``config_lib.RESUMABLE`` is refused. A change to a resumable key is allowed but cannot
+apply to a finished generation: it applies from the generation trained next, and is logged.
 """
 
 import json
@@ -53,8 +58,10 @@ def train_generations(
   """Trains (or finishes) ``generations`` generations; returns every generation's summary.
 
   Raises:
-    ConfigError: ``generations`` < 1, the config's loss has no term that uses a teacher, or
-      ``workdir`` cannot be used (``skd_jax.workdir.check_path``).
+    ConfigError: ``generations`` < 1, the config's loss has no term that uses a teacher,
+      ``workdir`` cannot be used (``skd_jax.workdir.check_path``), or a finished generation was
+      trained with a config that differs from its config now in a key that may not change on
+      resume.
     Whatever ``skd_jax.train.train_and_evaluate`` raises, for the generation being trained.
   """
   if not isinstance(generations, int) or generations < 1:
@@ -65,6 +72,22 @@ def train_generations(
         'loss.teacher_kd (configs/teacher_kd.py)'
     )
   workdir_lib.check_path(workdir)
+  for generation in range(1, generations + 1):
+    directory = epath.Path(workdir) / f'generation{generation}'
+    if not (directory / 'summary.json').exists():
+      break  # generations finish in order: the rest are not finished either
+    try:
+      finished = workdir_lib.Workdir(
+          directory, generation_config(config, workdir, generation), is_main=False
+      )
+    except ConfigError as e:
+      raise ConfigError(f'--generations: generation {generation}: {e}') from None
+    if finished.changes:
+      log.info(
+          'Generation %d is finished: the changes %s apply from the next generation trained.',
+          generation,
+          finished.changes,
+      )
   summaries = []
   for generation in range(1, generations + 1):
     directory = epath.Path(workdir) / f'generation{generation}'

@@ -210,8 +210,9 @@ def load_teacher(workdir: str, *, wanted: bool) -> export.Model | None:
 
   Raises:
     ConfigError: a term needs a teacher and ``workdir`` is '', a teacher is given that no term
-      uses (``wanted`` is False), ``workdir`` holds no exported model, or is in a bucket that
-      cannot be reached.
+      uses (``wanted`` is False), ``workdir`` holds no exported model or one that cannot be used
+      (``skd_jax.export.ModelError``: an invalid spec, unreadable or damaged files), or is in a
+      bucket that cannot be reached.
   """
   if not workdir:
     if wanted:
@@ -226,5 +227,5 @@ def load_teacher(workdir: str, *, wanted: bool) -> export.Model | None:
   workdir_lib.check_remote(workdir, 'teacher.workdir')
   try:
     return export.load_model(workdir)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, export.ModelError) as e:
     raise ConfigError(f'teacher.workdir: {e}') from None

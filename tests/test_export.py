@@ -1,8 +1,14 @@
 """The exported model on its own: round trip, devices, refusals, input checks, light imports."""
 
+import dataclasses
+import functools
+import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +17,10 @@ import pytest
 
 import skd_jax
 from skd_jax import export
+from skd_jax import models
+from skd_jax import networks
 from skd_jax.data import pipeline
+from skd_jax.errors import ConfigError
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 SPEC = export.ModelSpec(
@@ -31,6 +40,24 @@ def variables():
   v = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
   stats = jax.tree.map(lambda x: x + 0.1 * jnp.arange(x.size).reshape(x.shape), v['batch_stats'])
   return {'params': v['params'], 'batch_stats': stats}
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory, variables):
+  """A model exported once; tests damage copies of it."""
+  path = tmp_path_factory.mktemp('exported') / 'model'
+  export.save_model(str(path), spec=SPEC, **variables)
+  return path
+
+
+def _copy(exported, tmp_path):
+  shutil.copytree(exported, tmp_path / 'model')
+  return tmp_path / 'model'
+
+
+def _largest_data_file(model):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(model / 'variables') for f in fs]
+  return max(files, key=os.path.getsize)
 
 
 def _images(n=5):
@@ -100,3 +127,134 @@ def test_importing_the_losses_loads_neither_orbax_nor_flax():
       env={**os.environ, 'PYTHONPATH': os.path.dirname(os.path.dirname(__file__))},
   )
   assert out.stdout.strip() == 'False'
+
+
+def test_a_flipped_bit_is_refused_naming_the_array_and_as_a_teacher(tmp_path, exported):
+  model = _copy(exported, tmp_path)
+  with open(_largest_data_file(model), 'r+b') as f:
+    data = bytearray(f.read())
+    data[len(data) // 2] ^= 1
+    f.seek(0)
+    f.write(data)
+  # Where the bit lands decides which check sees it: a changed value or a non-finite one.
+  damaged = (
+      rf'^{model}/variables: (does not match its fingerprint|holds non-finite values) in '
+      r'params/\S+; the exported model is damaged$'
+  )
+  with pytest.raises(export.ModelError, match=damaged):
+    skd_jax.load_model(model)
+  with pytest.raises(ConfigError, match='^teacher.workdir: ' + damaged[1:]):
+    networks.load_teacher(str(tmp_path), wanted=True)
+
+
+def test_a_truncated_data_file_is_one_line(tmp_path, exported):
+  model = _copy(exported, tmp_path)
+  with open(_largest_data_file(model), 'r+b') as f:
+    f.truncate(os.path.getsize(f.name) // 2)
+  with pytest.raises(export.ModelError, match=rf'^{model}/variables: cannot read \([^\n]+\)$'):
+    skd_jax.load_model(model)
+
+
+def _edit_spec(model, edit):
+  with open(model / 'spec' / 'metadata') as f:
+    spec = json.load(f)
+  with open(model / 'spec' / 'metadata', 'w') as f:
+    json.dump(edit(spec), f)
+
+
+def _set(key, value, *, option=False):
+  def edit(spec):
+    (spec['options'] if option else spec)[key] = value
+    return spec
+
+  return edit
+
+
+@pytest.mark.parametrize(
+    'edit, message',
+    [
+        pytest.param(lambda spec: [spec], 'spec: expected a JSON object, got list', id='list'),
+        pytest.param(
+            lambda spec: {k: v for k, v in spec.items() if k != 'mean'},
+            "spec: no field 'mean'",
+            id='missing',
+        ),
+        pytest.param(
+            _set('num_classes', '10'),
+            "spec: num_classes: expected a positive integer, got '10'",
+            id='string',
+        ),
+        pytest.param(
+            _set('input_shape', [100000, 100000, 1]),
+            r'spec: input_shape: expected \[H, W, C\]',
+            id='40GB_input',
+        ),
+        pytest.param(
+            _set('std', [0.2, 0.2]),
+            r'spec: std: expected one finite number per channel \(1\)',
+            id='std_channels',
+        ),
+        pytest.param(
+            _set('name', 'nothing'), "spec: model.name: unknown model 'nothing'", id='name'
+        ),
+        pytest.param(
+            _set('depth', 3, option=True),
+            "spec: model.depth: not an option of model 'small_resnet'",
+            id='option',
+        ),
+        pytest.param(
+            _set('widths', 'abc', option=True),
+            'spec: model.widths: expected a sequence of positive integers',
+            id='option_type',
+        ),
+        pytest.param(
+            _set('blocks_per_stage', 200000, option=True),
+            'spec: options.blocks_per_stage: 200000 is more than .*variables holds',
+            id='200000_blocks',
+        ),
+        pytest.param(
+            _set('blocks_per_stage', 2, option=True),
+            'spec: implies a layer stage1_block2 that the stored arrays lack',
+            id='2_blocks',
+        ),
+        pytest.param(
+            _set('widths', [8, 16, 30], option=True),
+            r'variables: batch_stats/stage3_block1/bn1/mean is float32\[32\]; the spec implies',
+            id='width',
+        ),
+    ],
+)
+def test_an_invalid_spec_is_refused_in_one_line_before_anything_is_allocated(
+    tmp_path, exported, edit, message
+):
+  model = _copy(exported, tmp_path)
+  _edit_spec(model, edit)
+  start = time.perf_counter()
+  with pytest.raises(export.ModelError, match=f'^{model}/{message}'):
+    skd_jax.load_model(model)
+  assert time.perf_counter() - start < 3  # a trace of 200000 blocks takes minutes
+
+
+def test_a_model_exported_without_a_fingerprint_loads_with_a_warning(tmp_path, exported, caplog):
+  model = _copy(exported, tmp_path)
+  _edit_spec(model, lambda spec: {k: v for k, v in spec.items() if k != 'fingerprint'})
+  with caplog.at_level(logging.WARNING, logger='skd_jax.export'):
+    assert skd_jax.load_model(model).spec == SPEC
+  assert 'exported without a fingerprint' in caplog.text and 'cannot be verified' in caplog.text
+
+
+# resnet152 has resnet50's kinds of layers, three times as many: 4 s more.
+@pytest.mark.parametrize('name', sorted(set(models.MODELS) - {'resnet152'}))
+def test_the_layer_guard_lets_every_registered_model_through(name):
+  """Each of its layers holds arrays, so a spec that agrees with its files is never refused."""
+  spec = dataclasses.replace(
+      SPEC, name=name, options={}, input_shape=(32, 32, 3), mean=(0.5,) * 3, std=(0.2,) * 3
+  )
+  module = spec.module()
+  shapes = jax.eval_shape(
+      functools.partial(module.init, train=False),
+      jax.random.key(0),
+      jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+  )
+  stored = {export._leaf_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+  assert export._abstract_variables(spec, module, stored, 'spec') == shapes

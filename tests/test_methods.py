@@ -198,6 +198,29 @@ def test_born_again_generations_train_in_sequence_and_resume_where_they_stopped(
     assert json.load(f)['teacher']['workdir'] == first
   assert len(summaries) == 2 and summaries[1]['steps'] == runs.STEPS_PER_EPOCH
   assert [r['step'] for r in _records(second)] == [2, 4, 5]  # one run's records, resumed at 3
+  # A finished generation is compared with the command as a resume would be, before anything.
+  finished = {
+      g: os.path.getmtime(os.path.join(workdir, g, 'summary.json'))
+      for g in ('generation1', 'generation2')
+  }
+  changed_seed = runs.config('teacher_kd', num_epochs=1, seed=7)
+  with pytest.raises(
+      ConfigError, match=r'^--generations: generation 1: .*different config: seed \(0 -> 7\)'
+  ):
+    generations.train_generations(changed_seed, workdir, 3, devices)
+  changed_loss = runs.config('teacher_kd', num_epochs=1)
+  changed_loss.loss.teacher_kd.temperature = 2.0  # unused by generation 1
+  with pytest.raises(
+      ConfigError, match=r'^--generations: generation 2: .*loss.teacher_kd.temperature'
+  ):
+    generations.train_generations(changed_loss, workdir, 3, devices)
+  changed_lr = runs.config('teacher_kd', num_epochs=1)
+  changed_lr.optim.lr /= 2  # resumable: applies from the next generation trained
+  assert generations.train_generations(changed_lr, workdir, 2, devices) == summaries
+  assert not os.path.exists(os.path.join(workdir, 'generation3'))
+  assert finished == {
+      g: os.path.getmtime(os.path.join(workdir, g, 'summary.json')) for g in finished
+  }
 
 
 def test_generations_need_a_teacher_term():

@@ -45,6 +45,24 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def _is_positive_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_option(key: str, value: Any, default: Any) -> None:
+  """Raises ConfigError unless `value` is of the kind of `default`.
+
+  Every architecture option is a count, width or stride: a positive integer
+  or a sequence of them.
+  """
+  if isinstance(default, int) and not _is_positive_int(value):
+    raise ConfigError(f'model.{key}: expected a positive integer, got {value!r:.80}')
+  if isinstance(default, tuple) and not (
+      isinstance(value, (tuple, list)) and all(map(_is_positive_int, value))
+  ):
+    raise ConfigError(f'model.{key}: expected a sequence of positive integers, got {value!r:.80}')
+
+
 def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs: Any) -> nn.Module:
   """Builds the model registered under `name`.
 
@@ -67,14 +85,15 @@ def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs
         f'model.name: unknown model {name!r}; expected one of ' f'{", ".join(sorted(MODELS))}'
     )
   constructor = MODELS[name]
-  accepted = set(inspect.signature(constructor).parameters)
-  for key in kwargs:
-    if key not in accepted:
-      options = sorted(accepted - {'num_classes', 'dtype'})
+  parameters = inspect.signature(constructor).parameters
+  for key, value in kwargs.items():
+    if key not in parameters:
+      options = sorted(set(parameters) - {'num_classes', 'dtype'})
       raise ConfigError(
           f'model.{key}: not an option of model {name!r}; expected one of '
           f'{", ".join(options) or "(no options)"}'
       )
+    _check_option(key, value, parameters[key].default)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ConfigError(f'model.num_classes: expected a positive integer, got {num_classes!r}')
   try:
