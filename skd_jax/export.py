@@ -7,8 +7,9 @@ and renamed, so it is there whole or not at all) with two items:
   optimizer or loss state;
 * ``spec``: JSON with what the variables alone do not say (:class:`ModelSpec`): the model's name
   and its options as given to ``skd_jax.models.get_model``, the number of classes, the input
-  shape and the input normalisation measured on the training split, and the fingerprint of the
-  variables (``skd_jax.checkpoints.fingerprint``: one checksum per array).
+  shape and the input normalisation measured on the training split, the fingerprint of the
+  variables (``skd_jax.checkpoints.fingerprint``: one checksum per array) and the SHA-256 of the
+  spec's own fields (``spec_sha256``), so that a changed normalisation is caught too.
 
 :func:`load_model` reads it back as a :class:`Model`, which is called on uint8 images::
 
@@ -24,6 +25,8 @@ verified.
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
@@ -171,15 +174,23 @@ def save_model(path: str | os.PathLike, *, params, batch_stats, spec: ModelSpec)
   checksums, non_finite = checkpoints.fingerprint(variables)
   if non_finite:
     raise FloatingPointError(f'model: non-finite values in {non_finite[0]}; nothing was exported')
+  fields = spec.to_json()
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(
         workdir.path(path),
         args=ocp.args.Composite(
             variables=ocp.args.StandardSave(variables),
-            spec=ocp.args.JsonSave({**spec.to_json(), 'fingerprint': checksums}),
+            spec=ocp.args.JsonSave(
+                {**fields, 'fingerprint': checksums, 'spec_sha256': _digest(fields)}
+            ),
         ),
         force=True,
     )
+
+
+def _digest(fields: dict[str, Any]) -> str:
+  """The SHA-256 of a spec's fields (:meth:`ModelSpec.to_json`) as canonical JSON."""
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 class Model:
@@ -341,6 +352,13 @@ def load_model(path: str | os.PathLike) -> Model:
         stored,
         variables_path,
     )
+    if 'spec_sha256' in saved:
+      fields = {k: v for k, v in saved.items() if k not in ('fingerprint', 'spec_sha256')}
+      if _digest(fields) != saved['spec_sha256']:
+        raise ModelError(
+            f'{spec_path}: does not match its fingerprint (spec_sha256); the exported model is '
+            'damaged'
+        )
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
     variables = read(

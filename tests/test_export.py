@@ -235,9 +235,24 @@ def test_an_invalid_spec_is_refused_in_one_line_before_anything_is_allocated(
   assert time.perf_counter() - start < 3  # a trace of 200000 blocks takes minutes
 
 
+def test_a_changed_normalisation_is_refused_as_damage(tmp_path, exported):
+  """A value that is still valid (one digit of the mean) is caught by the spec's own digest."""
+  model = _copy(exported, tmp_path)
+  _edit_spec(model, _set('mean', [SPEC.mean[0] + 1e-3]))
+  with pytest.raises(
+      export.ModelError,
+      match=rf'^{model}/spec: does not match its fingerprint \(spec_sha256\); the exported model '
+      'is damaged$',
+  ):
+    skd_jax.load_model(model)
+
+
 def test_a_model_exported_without_a_fingerprint_loads_with_a_warning(tmp_path, exported, caplog):
   model = _copy(exported, tmp_path)
-  _edit_spec(model, lambda spec: {k: v for k, v in spec.items() if k != 'fingerprint'})
+  _edit_spec(
+      model,
+      lambda spec: {k: v for k, v in spec.items() if k not in ('fingerprint', 'spec_sha256')},
+  )
   with caplog.at_level(logging.WARNING, logger='skd_jax.export'):
     assert skd_jax.load_model(model).spec == SPEC
   assert 'exported without a fingerprint' in caplog.text and 'cannot be verified' in caplog.text
