@@ -7,3 +7,13 @@ class ConfigError(ValueError):
   The message is one line of the form ``"<field or file>: <what is expected>"``. The command line
   entry point prints it and exits with status 2 before anything is written to the workdir.
   """
+
+
+class InputError(RuntimeError):
+  """The training input failed during a run: a worker died or stopped producing, or a data file
+  changed under it.
+
+  The message is one line naming the worker process or the file. The trainer saves a checkpoint
+  at the step that could not start (its state is consistent) and the command line exits with
+  status 1; rerunning the command continues once the input is repaired.
+  """

@@ -121,7 +121,7 @@ def test_fashion_mnist_records_read_rows_from_plain_or_gzipped_files(tmp_path, c
   np.testing.assert_array_equal(got_images[..., 0], images[[3, 17, 3]])
   np.testing.assert_array_equal(got_labels, labels[[3, 17, 3]])
   if not compress:
-    assert isinstance(records._images, np.memmap)  # pylint: disable=protected-access
+    assert isinstance(records._images, idx.IdxRows)  # pylint: disable=protected-access
     restored = __import__('pickle').loads(__import__('pickle').dumps(records))
     assert restored._images is None  # pylint: disable=protected-access
 
