@@ -114,8 +114,9 @@ def _help() -> str:
       'process dies the others exit 1 at once; one that stops silently is declared dead after',
       'distributed_timeout_seconds.',
       '',
-      'Exit status: 0 finished, or stopped by SIGTERM/SIGINT/SIGHUP (rerun to continue); 1 diverged',
-      'or could not write; 2 invalid configuration or data (one line, nothing written).',
+      'Exit status: 0 finished, or stopped by SIGTERM/SIGINT/SIGHUP (rerun to continue); 1 diverged,',
+      'could not write or the input failed; 2 invalid configuration or data (one line, nothing',
+      'written).',
   ]
   return '\n'.join(lines)
 
