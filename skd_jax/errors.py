@@ -13,7 +13,8 @@ class InputError(RuntimeError):
   """The training input failed during a run: a worker died or stopped producing, or a data file
   changed under it.
 
-  The message is one line naming the worker process or the file. The trainer saves a checkpoint
-  at the step that could not start (its state is consistent) and the command line exits with
-  status 1; rerunning the command continues once the input is repaired.
+  The message is one line naming the worker process or the file. When it comes instead of a
+  step's batch, a single-process trainer first saves a checkpoint at that step (the step did not
+  run, so the state is consistent). The command line exits with status 1; rerunning the command
+  continues once the input is repaired.
   """
