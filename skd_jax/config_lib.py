@@ -71,6 +71,7 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.data.pipeline = 'device'
   c.data.workers = 0
   c.data.prefetch = 4
+  c.data.timeout_seconds = 300.0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'preact_resnet18'
@@ -182,6 +183,9 @@ KEYS = {
     '(each process reads its share of every batch on the host: data larger than device memory)',
     'data.workers': "'host' pipeline: worker processes that read and augment (0: threads)",
     'data.prefetch': "'host' pipeline: steps read ahead",
+    'data.timeout_seconds': "'host' pipeline: seconds an input worker may deliver no batch before "
+    "the run saves a checkpoint and stops with status 1 (a worker's first batch, its start-up, "
+    'may take 10 times as long)',
     'model.name': 'cifar_resnet18, preact_resnet18, small_resnet, resnet50 or resnet152 (see '
     'skd_jax/models)',
     'model.dtype': "computation dtype, 'float32' or 'bfloat16' (parameters stay float32)",
@@ -217,6 +221,7 @@ RESUMABLE = (
     'data.download',
     'data.workers',
     'data.prefetch',
+    'data.timeout_seconds',
     'eval_batch_size',
     'log_every_steps',
     'checkpoint_every_epochs',
@@ -375,6 +380,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
     integer('data.eval_resize', config.data.image_size)
   integer('data.workers', 0)
   integer('data.prefetch', 1)
+  check(
+      number(config.data.timeout_seconds) and config.data.timeout_seconds > 0,
+      'data.timeout_seconds',
+      f'expected a number of seconds > 0, got {config.data.timeout_seconds!r}',
+  )
   check(len(config.loss) > 0, 'loss', 'expected at least one loss term')
   integer('log_every_steps', 1)
   integer('checkpoint_every_epochs', 1)

@@ -6,8 +6,8 @@ r"""Command-line entry point.
 ``--help`` lists the configs and every key. Exit status: 0 when training finished (the summary is
 printed) or when a signal stopped it (after a checkpoint, or during start-up with nothing
 written; rerun the same command to continue); 1 when it diverged (the last good checkpoint is
-kept) or a file could not be written; 2 for invalid configuration or data, with one line naming
-the field and nothing written to the workdir. In a run of several processes, a process whose
+kept), a file could not be written or the input failed (a worker died or stalled); 2 for invalid
+configuration or data, with one line naming the field and nothing written to the workdir. In a run of several processes, a process whose
 collectives fail because another one died exits 1 at once with one line (see
 :func:`_exit_for_lost_process`).
 """
@@ -39,7 +39,7 @@ from skd_jax import generations
 from skd_jax import terms
 from skd_jax import train
 from skd_jax.checkpoints import SaveError
-from skd_jax.errors import ConfigError
+from skd_jax.errors import ConfigError, InputError
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -114,8 +114,9 @@ def _help() -> str:
       'process dies the others exit 1 at once; one that stops silently is declared dead after',
       'distributed_timeout_seconds.',
       '',
-      'Exit status: 0 finished, or stopped by SIGTERM/SIGINT/SIGHUP (rerun to continue); 1 diverged',
-      'or could not write; 2 invalid configuration or data (one line, nothing written).',
+      'Exit status: 0 finished, or stopped by SIGTERM/SIGINT/SIGHUP (rerun to continue); 1 diverged,',
+      'could not write or the input failed; 2 invalid configuration or data (one line, nothing',
+      'written).',
   ]
   return '\n'.join(lines)
 
@@ -278,7 +279,7 @@ def main(argv):
       summary = summaries[-1]
   except ConfigError as e:
     _fail(str(e), 2)
-  except train.Diverged as e:
+  except (train.Diverged, InputError) as e:
     _fail(str(e), 1)
   except SaveError as e:
     _fail(f'{e}; stopped, the previous checkpoint is intact', 1)

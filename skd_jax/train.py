@@ -49,6 +49,7 @@ from skd_jax import workdir as workdir_lib
 from skd_jax.data import pipeline
 from skd_jax.data import samplers
 from skd_jax.data import sources
+from skd_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -333,11 +334,11 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
     source = streaming.HostSource(
         train_set,
         mesh,
-        num_steps=config.num_epochs * spe,
         augment=config.data.augment,
         image_size=config.data.image_size,
         workers=config.data.workers,
         prefetch=config.data.prefetch,
+        timeout_seconds=config.data.timeout_seconds,
         **source_options,
     )
   else:
@@ -386,7 +387,7 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
           out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated),
           donate_argnums=(0,),
       )
-      .lower(state, source.step_args(0), teacher)
+      .lower(state, source.example_args(), teacher)
       .compile()
   )
   eval_fn = (
@@ -426,6 +427,15 @@ class Diverged(FloatingPointError):
     )
 
 
+def _save_before(step: int, state: TrainState, window, checkpoints) -> None:
+  """Commits ``state``, the state before ``step``, unless a checkpoint of it exists (a stop before
+  the first step after resuming)."""
+  pending = window.check()
+  if step not in checkpoints.all_steps():
+    checkpoints.save(step, state, {'pending': pending})
+  checkpoints.finish()
+
+
 def abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -448,6 +458,8 @@ def train_and_evaluate(
     Diverged: a non-finite loss, gradient norm or state; the last good checkpoint is kept.
     Preempted: a signal stopped the run, after saving a checkpoint at the current step or, during
       start-up, before writing anything.
+    InputError: the input failed (a worker died or stalled, a data file changed); in a single
+      process, after saving a checkpoint at the step that could not start.
     checkpoints.SaveError: a checkpoint could not be written; the previous one is intact.
   """
   installed = preemption.install()
@@ -494,6 +506,9 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
   evals = [r for r in workdir.records() if r['kind'] == 'eval']
   seconds_before = max([r['train_seconds'] for r in evals], default=0.0)
   run_start = time.time()
+  # The source counts its waits in this loop only, timed with the same clock as this span: their
+  # share of it can never exceed 100%.
+  span_start = time.perf_counter()
 
   spe = job.steps_per_epoch
   total = config.num_epochs * spe
@@ -502,16 +517,24 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
   result = None
   try:
     for step in range(start, total):
-      if preemption.reached(step):
-        pending = window.check()
-        if step not in checkpoints.all_steps():  # a signal before the first step after resuming
-          checkpoints.save(step, state, {'pending': pending})
-        checkpoints.finish()
+      try:
+        if preemption.reached(step):
+          raise sources.Interrupted(step)
+        args = job.source.step_args(step)
+      except sources.Interrupted:  # before the step, or while it waited for its batch
+        _save_before(step, state, window, checkpoints)
         signal_name = preemption.received() or 'a signal to another process'
         raise Preempted(
             f'{signal_name}: saved a checkpoint at step {step}; rerun the same command to continue'
-        )
-      state, measured = job.step(state, step)
+        ) from None
+      except InputError as e:
+        if jax.process_count() > 1:  # the processes save together or not at all
+          raise
+        _save_before(step, state, window, checkpoints)
+        raise InputError(
+            f'{e}; stopped, saved a checkpoint at step {step}; rerun the same command to continue'
+        ) from None
+      state, measured = job.step_fn(state, args, job.teacher)
       done = step + 1
       window.add(done, measured)
       checkpoints.poll()
@@ -534,11 +557,12 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
           ', '.join(f'{k} {v:.4g}' for k, v in result.items()),
       )
       if job.source.wait_seconds:
+        span = time.perf_counter() - span_start
         log.info(
             'The input pipeline kept training waiting for %.1f s of %.1f s so far (%.1f%%).',
             job.source.wait_seconds,
-            result['train_seconds'] - seconds_before,
-            100 * job.source.wait_seconds / (result['train_seconds'] - seconds_before),
+            span,
+            100 * job.source.wait_seconds / span,
         )
       if epoch % config.checkpoint_every_epochs == 0 or done == total:
         checkpoints.save(done, state, {'pending': window.check()})

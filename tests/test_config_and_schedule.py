@@ -102,6 +102,14 @@ def test_unknown_config_argument_is_a_config_error():
     importlib.import_module('configs.pskd').get_config('fast')
 
 
+@pytest.mark.parametrize('value', [0.0, -1.0, float('inf')])
+def test_an_input_timeout_must_be_a_positive_number_of_seconds(value):
+  config = importlib.import_module('configs.pskd').get_config('quick')
+  config.data.timeout_seconds = value
+  with pytest.raises(ConfigError, match='^data.timeout_seconds: expected a'):
+    config_lib.validate(config, device_count=1)
+
+
 def test_unknown_term_is_a_config_error():
   config = importlib.import_module('configs.pskd').get_config('quick')
   config.loss.no_such_term = {'weight': 1.0}

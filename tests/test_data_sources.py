@@ -127,6 +127,37 @@ def test_read_idx_missing_file_names_it(tmp_path):
     idx.read_idx(path)
 
 
+def test_an_idx_file_truncated_during_a_run_is_one_input_error_not_sigbus(tmp_path):
+  images = np.arange(50 * 28 * 28).reshape(50, 28, 28).astype(np.uint8)
+  _write_fashion_split(tmp_path, 'train', images, np.zeros(50, np.uint8), gz=False)
+  path = tmp_path / 'train-images-idx3-ubyte'
+  # In a subprocess: a memory-mapped file cut short kills the process reading it with SIGBUS.
+  script = f"""if True:
+    import os
+    import numpy as np
+    from skd_jax.data import idx
+    records = idx.FashionMnistRecords({str(tmp_path)!r}, 'train')
+    assert (records.read(np.array([49, 3]))[0][..., 0] == np.load({str(tmp_path / 'x.npy')!r})).all()
+    os.truncate({str(path)!r}, 16 + 10 * 28 * 28)
+    print(records.read(np.array([3]))[0].sum())
+    try:
+      records.read(np.array([3, 20]))
+    except Exception as e:
+      print(type(e).__name__, e)
+  """
+  np.save(tmp_path / 'x.npy', images[[49, 3]])
+  result = subprocess.run(
+      [sys.executable, '-c', script], capture_output=True, text=True, timeout=60, check=False
+  )
+  assert result.returncode == 0, result
+  assert result.stdout.splitlines() == [
+      str(images[3].sum()),
+      f'InputError {path}: row 20 lies past the end of the file ({16 + 10 * 28 * 28} bytes, '
+      f'{16 + 50 * 28 * 28} when the run opened it): the file was truncated during the run; '
+      'restore it and rerun to continue',
+  ]
+
+
 # ------------------------------------------------------ load_fashion_mnist
 
 

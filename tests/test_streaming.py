@@ -3,7 +3,13 @@
 import gzip
 import importlib
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -15,10 +21,12 @@ from skd_jax import data as data_lib
 from skd_jax import preemption
 from skd_jax import train
 from skd_jax.data import idx
+from skd_jax.data import sources
 from skd_jax.data import streaming
-from skd_jax.errors import ConfigError
+from skd_jax.errors import ConfigError, InputError
 
 N, B = 72, 16
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Records:
@@ -121,7 +129,7 @@ def test_fashion_mnist_records_read_rows_from_plain_or_gzipped_files(tmp_path, c
   np.testing.assert_array_equal(got_images[..., 0], images[[3, 17, 3]])
   np.testing.assert_array_equal(got_labels, labels[[3, 17, 3]])
   if not compress:
-    assert isinstance(records._images, np.memmap)  # pylint: disable=protected-access
+    assert isinstance(records._images, idx.IdxRows)  # pylint: disable=protected-access
     restored = __import__('pickle').loads(__import__('pickle').dumps(records))
     assert restored._images is None  # pylint: disable=protected-access
 
@@ -162,9 +170,17 @@ def test_a_host_streaming_run_resumes_bit_identically_and_workers_change_nothing
   fashion = runs.fashion_mnist(tmp_path, 72, 32)
   devices = jax.devices()[:8]
   train.train_and_evaluate(_host_config(fashion), str(tmp_path / 'straight'), devices)
+  real_step_args = streaming.HostSource.step_args
+
+  def step_args(self, step):  # a signal arrives while step 7 waits for its batch
+    if step == 7:
+      os.kill(os.getpid(), signal.SIGTERM)
+      raise sources.Interrupted(step)
+    return real_step_args(self, step)
+
   with monkeypatch.context() as patch:
-    patch.setattr(preemption, 'reached', lambda step: step == 7)
-    with pytest.raises(train.Preempted, match='at step 7'):
+    patch.setattr(streaming.HostSource, 'step_args', step_args)
+    with pytest.raises(train.Preempted, match='SIGTERM: saved a checkpoint at step 7'):
       train.train_and_evaluate(_host_config(fashion, workers=2), str(tmp_path / 'resumed'), devices)
   train.train_and_evaluate(_host_config(fashion, workers=2), str(tmp_path / 'resumed'), devices)
   assert runs.without_time(runs.records(tmp_path / 'resumed')) == runs.without_time(
@@ -174,3 +190,160 @@ def test_a_host_streaming_run_resumes_bit_identically_and_workers_change_nothing
   _, expected = runs.restore(tmp_path / 'straight', 10)
   jax.tree.map(np.testing.assert_array_equal, state, expected)
   shutil.rmtree(tmp_path / 'straight')
+
+
+def _children(pid: int) -> dict[int, str]:
+  """``{pid: name}`` of the live (not zombie) processes whose parent is ``pid``, from /proc."""
+  found = {}
+  for entry in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        stat = f.read()
+    except OSError:
+      continue
+    state, parent = stat[stat.rindex(')') + 2 :].split()[:2]
+    if int(parent) == pid and state != 'Z':
+      found[int(entry)] = stat[stat.index('(') + 1 : stat.rindex(')')]
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
+def _workers(pid: int) -> dict[str, int]:
+  return {name: p for p, name in _children(pid).items() if name.startswith('skd-input-')}
+
+
+@pytest.mark.slow
+def test_a_signal_ends_a_wait_for_a_stopped_worker_at_once_and_a_dead_one_is_named(tmp_path):
+  records = idx.FashionMnistRecords(runs.fashion_mnist(tmp_path, 96, 32), 'train')
+  source = streaming.HostSource(
+      records, train.make_mesh(jax.devices()[:1]), seed=0, batch_size=8, workers=2, prefetch=1
+  )
+  source.step_args(0)
+  source.step_args(1)  # both workers have started
+  workers = _workers(os.getpid())
+  assert sorted(workers) == ['skd-input-0', 'skd-input-1']
+  os.kill(workers['skd-input-1'], signal.SIGSTOP)
+  sent = []
+  timer = threading.Timer(
+      1.0, lambda: sent.append(time.perf_counter()) or os.kill(os.getpid(), signal.SIGTERM)
+  )
+  installed = preemption.install()
+  try:
+    timer.start()
+    with pytest.raises(sources.Interrupted):
+      for step in range(2, 100):
+        source.step_args(step)
+    assert time.perf_counter() - sent[0] < 0.5
+  finally:
+    timer.join()
+    if installed:
+      preemption.uninstall()
+  # The wait goes on where it stopped; a worker that dies is named in one line.
+  os.kill(workers['skd-input-1'], signal.SIGKILL)
+  message = f'input worker 1 of 2 died (killed by SIGKILL) before delivering step {step}'
+  with pytest.raises(InputError, match=f'^{re.escape(message)}$'):
+    source.step_args(step)
+  started = time.perf_counter()
+  source.close()
+  assert time.perf_counter() - started < 3 and not _workers(os.getpid())
+
+
+@pytest.mark.slow
+def test_workers_and_the_resource_tracker_exit_when_their_trainer_is_killed(tmp_path):
+  fashion = runs.fashion_mnist(tmp_path, 96, 32)
+  script = f"""if True:
+    import time
+    import jax
+    from skd_jax import example_rows
+    from skd_jax.data import idx, streaming
+    if __name__ == '__main__':
+      mesh = jax.make_mesh((1,), (example_rows.AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+      records = idx.FashionMnistRecords({fashion!r}, 'train')
+      source = streaming.HostSource(records, mesh, seed=0, batch_size=8, workers=2)
+      source.step_args(0)
+      source.step_args(1)
+      print('reading', flush=True)
+      time.sleep(600)
+  """
+  env = {**os.environ, 'JAX_NUM_CPU_DEVICES': '1', 'PYTHONPATH': REPO}
+  trainer = subprocess.Popen(
+      [sys.executable, '-c', script], env=env, stdout=subprocess.PIPE, text=True
+  )
+  children = {}
+  try:
+    assert trainer.stdout.readline() == 'reading\n'
+    children = _children(trainer.pid)
+    assert sorted(n for n in children.values() if n.startswith('skd-input-')) == [
+        'skd-input-0',
+        'skd-input-1',
+    ]
+    assert len(children) == 3  # and the resource tracker
+    trainer.kill()
+    trainer.wait()
+    deadline = time.time() + 5
+    while any(map(_alive, children)) and time.time() < deadline:
+      time.sleep(0.1)
+    assert not any(map(_alive, children)), children
+  finally:
+    for pid in filter(_alive, children):
+      os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_stops_the_run_in_one_line_and_the_rerun_resumes_leaking_nothing(tmp_path):
+  fashion = runs.fashion_mnist(tmp_path, 96, 32)  # 12 steps per epoch
+  workdir = tmp_path / 'wd'
+  command = [
+      sys.executable,
+      '-m',
+      'skd_jax.main',
+      '--config=configs/pskd.py:quick',
+      f'--workdir={workdir}',
+      f'--config.data.dir={fashion}',
+      '--config.data.pipeline=host',
+      '--config.data.workers=2',
+      '--config.data.prefetch=1',
+      '--config.data.timeout_seconds=3',
+      '--config.batch_size=8',
+      '--config.num_epochs=3',
+      '--config.log_every_steps=1',
+      '--config.model.widths=(4, 8, 8)',
+  ]
+  env = {**os.environ, 'JAX_NUM_CPU_DEVICES': '1', 'PYTHONPATH': REPO}
+  run = lambda: subprocess.Popen(
+      command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  proc = run()
+  deadline = time.time() + 180
+  while not (workdir / 'metrics.jsonl').exists() or len(runs.records(workdir)) < 2:
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    time.sleep(0.05)
+  workers = _workers(proc.pid)  # both have delivered a batch: steps 0 and 1 were trained
+  os.kill(workers['skd-input-1'], signal.SIGSTOP)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 1, stderr
+  stopped = re.fullmatch(
+      rf'error: input worker 1 of 2 \(pid {workers["skd-input-1"]}\) delivered nothing for 3 s '
+      r'\(data.timeout_seconds=3\) while training waited for step (\d+); stopped, saved a '
+      r'checkpoint at step \1; rerun the same command to continue',
+      stderr.strip().splitlines()[-1],
+  )
+  assert stopped and 'Traceback' not in stderr, stderr
+  assert stopped.group(1) in os.listdir(workdir / 'checkpoints')
+  assert not any(map(_alive, workers.values()))
+
+  proc = run()
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr
+  assert f'Resumed from the checkpoint at step {stopped.group(1)}.' in stderr
+  assert 'leaked' not in stderr and 'Traceback' not in stderr, stderr
+  # The input wait is a share of the time it was measured in.
+  shares = [float(x) for x in re.findall(r'kept training waiting for .* \(([\d.]+)%\)', stderr)]
+  assert shares and max(shares) <= 100, stderr

@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from skd_jax.errors import ConfigError
+from skd_jax.errors import ConfigError, InputError
 
 # Where the Debian package `dataset-fashion-mnist` installs the .gz idx files.
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -115,24 +115,50 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
   return values.astype(dtype.newbyteorder('='))
 
 
-def map_idx(path: str) -> np.ndarray:
-  """An uncompressed IDX file as a read-only memory map: reading a row reads only its bytes.
+class IdxRows:
+  """Rows of an uncompressed IDX file, read on demand: ``rows[index]`` reads only those rows.
+
+  Each row is one ``os.pread`` (positionless, so threads may share the file); nothing of the file
+  stays in memory. A memory map would read the same bytes, but a file truncated during the run
+  then kills the whole process with SIGBUS; here a short read raises :class:`InputError`.
+
+  Attributes:
+    dtype, shape: of the stored array (``shape[0]`` rows).
 
   Raises:
     ConfigError: the file is gzip-compressed (no random access), or its header or size is bad.
   """
-  with open(path, 'rb') as f:
-    header = f.read(4)
+
+  def __init__(self, path: str):
+    self.path = path
+    self._file = open(path, 'rb')  # pylint: disable=consider-using-with  # open as long as self
+    header = self._file.read(4)
     if header[:2] == _GZIP_MAGIC:
-      raise ConfigError(f'{path}: gzip-compressed; expected an uncompressed IDX file to map')
+      raise ConfigError(f'{path}: gzip-compressed; expected an uncompressed IDX file')
     if len(header) < 4 or header[:2] != b'\0\0' or header[2] not in _IDX_DTYPES or not header[3]:
       raise ConfigError(f'{path}: not an IDX file (bad magic number)')
     ndim = header[3]
-    shape = tuple(int(d) for d in np.frombuffer(f.read(4 * ndim), dtype='>u4'))
-  dtype, offset = _IDX_DTYPES[header[2]], 4 + 4 * ndim
-  if len(shape) != ndim or os.path.getsize(path) != offset + math.prod(shape) * dtype.itemsize:
-    raise ConfigError(f'{path}: IDX size does not match its header; download the file again')
-  return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape)
+    self.shape = tuple(int(d) for d in np.frombuffer(self._file.read(4 * ndim), dtype='>u4'))
+    self.dtype, self._offset = _IDX_DTYPES[header[2]], 4 + 4 * ndim
+    self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+    size = os.fstat(self._file.fileno()).st_size
+    if len(self.shape) != ndim or size != self._offset + self.shape[0] * self._row_bytes:
+      raise ConfigError(f'{path}: IDX size does not match its header; download the file again')
+
+  def __getitem__(self, index: np.ndarray) -> np.ndarray:
+    rows = []
+    for i in np.asarray(index).tolist():
+      row = os.pread(self._file.fileno(), self._row_bytes, self._offset + i * self._row_bytes)
+      if len(row) < self._row_bytes:
+        size = os.fstat(self._file.fileno()).st_size
+        raise InputError(
+            f'{self.path}: row {i} lies past the end of the file ({size} bytes, '
+            f'{self._offset + self.shape[0] * self._row_bytes} when the run opened it): the file '
+            'was truncated during the run; restore it and rerun to continue'
+        )
+      rows.append(row)
+    values = np.frombuffer(b''.join(rows), self.dtype).reshape(len(rows), *self.shape[1:])
+    return values.astype(self.dtype.newbyteorder('='))
 
 
 def _find_file(directory: str, base: str) -> str:
@@ -217,9 +243,9 @@ def load_fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarr
 class FashionMnistRecords:
   """Random access to a Fashion-MNIST split for the host-streaming source.
 
-  An uncompressed images file is memory-mapped, so a process reads only the rows it asks for; a
-  gzip-compressed one (as the Debian package ships) has no random access and is decompressed
-  whole, once per process, on first read. Labels (60 KB) are read at once. Picklable: host
+  An uncompressed images file is read row by row (:class:`IdxRows`), so a process reads only the
+  rows it asks for and holds none of the file; a gzip-compressed one (as the Debian package
+  ships) has no random access and is decompressed whole, once per process, on first read. Labels (60 KB) are read at once. Picklable: host
   workers reopen the files themselves.
   """
 
@@ -244,7 +270,7 @@ class FashionMnistRecords:
     if self._images is None:
       with open(self._images_path, 'rb') as f:
         compressed = f.read(2) == _GZIP_MAGIC
-      images = read_idx(self._images_path) if compressed else map_idx(self._images_path)
+      images = read_idx(self._images_path) if compressed else IdxRows(self._images_path)
       if images.dtype != np.uint8 or images.shape != (len(self.labels), 28, 28):
         raise ConfigError(
             f'{self._images_path}: holds {images.dtype} {list(images.shape)}; expected uint8 '

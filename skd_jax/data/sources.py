@@ -46,6 +46,13 @@ GROUPS = ('main', 'partner', 'previous')
 _AUGMENT, _ORDER, _PARTNER_AUGMENT, _PARTNERS, _PREVIOUS_AUGMENT = 1, 2, 4, 5, 6
 
 
+class Interrupted(Exception):
+  """``step_args`` stopped waiting for the batch because a signal arrived (single process only).
+
+  The trainer stops as it would at a step boundary: the step did not run.
+  """
+
+
 class Examples(struct.PyTreeNode):
   """One group of a step's global batch, ``B`` slots sharded along ``data``.
 
@@ -156,6 +163,10 @@ class OnDeviceSource:
   def step_args(self, step: int) -> tuple[Any, ...]:
     """What :meth:`batch` needs besides the step: the data, the epoch's orders, the class index."""
     return self.data, self._epoch_orders(step // self.steps_per_epoch), self._classes
+
+  def example_args(self) -> tuple[Any, ...]:
+    """Arguments like :meth:`step_args`', for compiling ahead of time."""
+    return self.step_args(0)
 
   def batch(self, step: jax.Array, data: DeviceData, orders, classes) -> Batch:
     """Step ``step``'s global batch (traceable: runs inside the compiled step)."""

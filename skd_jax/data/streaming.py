@@ -13,6 +13,13 @@ of the training process) read and augment whole steps ahead, ``data.prefetch`` o
 in order. Because a step's batch depends on the step alone, the source's position is the step: a
 resumed run restarts the pipeline at the checkpoint's step and repeats or skips no example.
 
+The trainer never waits for input without a bound: a batch is fetched in a thread and waited for
+in slices of 0.1 s, so a signal stops the wait at once (single process), and a worker that delivers
+nothing for ``data.timeout_seconds`` (ten times that for its first batch, which includes its
+start-up) or dies ends the run with one line naming it (:class:`skd_jax.errors.InputError`).
+Worker processes ignore the signals the trainer handles, exit when the trainer dies, even by
+SIGKILL, and are named ``skd-input-I`` (what ``ps`` and ``top`` show, on Linux).
+
 Augmentation draws the whole global batch's random numbers from ``(seed, group, step)`` with
 numpy and keeps its share's, so the result does not depend on the number of processes. With
 ``augment='cifar'`` it is the on-device source's augmentation (random crop after zero padding,
@@ -27,7 +34,15 @@ marked invalid, each process reading its share (resized and centre-cropped with
 ``augment='imagenet'``).
 """
 
+import ctypes
 import functools
+import multiprocessing
+import os
+import queue
+import re
+import signal
+import sys
+import threading
 import time
 
 from absl import flags
@@ -39,13 +54,75 @@ import numpy as np
 from skd_jax import data as data_lib
 from skd_jax import evaluation
 from skd_jax import example_rows
+from skd_jax import preemption
 from skd_jax.data import pipeline
 from skd_jax.data import resized_crops
 from skd_jax.data import samplers
 from skd_jax.data import sources
+from skd_jax.errors import ConfigError, InputError
 
 # Random streams of (seed, stream, step), as the on-device source's fold-in constants.
 _STREAMS = {'main': 1, 'order': 2, 'partner': 4, 'partners': 5, 'previous': 6}
+
+
+# A worker's process name (/proc/PID/comm): how the trainer tells its workers apart by index.
+_WORKER_NAME = 'skd-input-{}'
+_PR_SET_NAME = 15  # prctl option, <linux/prctl.h>
+_POLL_SECONDS = 0.1  # a wait for input looks for a signal and its deadline this often
+_ORPHAN_POLL_SECONDS = 0.5  # a worker checks that its trainer lives this often
+_START_FACTOR = 10  # a worker's first batch, start-up included, may take this many timeouts
+_CLOSE_GRACE_SECONDS = 1.0  # workers of a cut-short wait get this long to stop before SIGKILL
+
+
+def _worker_init(trainer: int, index: int, count: int):
+  """Runs first in every grain worker process: names it and binds its life to the trainer's.
+
+  The trainer handles SIGTERM, SIGINT and SIGHUP (``skd_jax.preemption``) and then closes its
+  workers, so a signal sent to the whole process group (Ctrl-C, a scheduler) must not kill them
+  first. SIGKILL of the trainer leaves it no time to close them: a worker would then block forever
+  on its full queue, so it exits once its parent is no longer ``trainer``.
+  """
+  del count
+  for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)
+  if sys.platform.startswith('linux'):
+    ctypes.CDLL(None).prctl(_PR_SET_NAME, _WORKER_NAME.format(index).encode(), 0, 0, 0)
+  threading.Thread(target=_exit_without, args=(trainer,), daemon=True).start()
+
+
+def _exit_without(trainer: int):
+  while os.getppid() == trainer:
+    time.sleep(_ORPHAN_POLL_SECONDS)
+  os._exit(1)  # pylint: disable=protected-access  # nothing of this process is worth a clean exit
+
+
+def _workers() -> dict[int, multiprocessing.Process]:
+  """This process's live grain workers by index, from the names :func:`_worker_init` gave them."""
+  found = {}
+  for child in multiprocessing.active_children():
+    try:
+      with open(f'/proc/{child.pid}/comm') as f:
+        name = f.read().strip()
+    except OSError:  # not Linux, or the child just exited
+      continue
+    index = re.fullmatch(_WORKER_NAME.format(r'(\d+)'), name)
+    if index:
+      found[int(index.group(1))] = child
+  return found
+
+
+def _fetch(iterator, requests: queue.Queue, results: queue.Queue):
+  """A thread's loop: for every true request, ``(next batch, None)`` or ``(None, the error)``."""
+  while requests.get():
+    try:
+      results.put((next(iterator), None))
+    except Exception as e:  # pylint: disable=broad-exception-caught  # the waiting thread raises it
+      results.put((None, e))
+
+
+def _signalled() -> bool:
+  # Several processes must stop at one step (skd_jax.preemption): none of them leaves a wait alone.
+  return jax.process_count() == 1 and preemption.received() is not None
 
 
 def _rng(seed: int, stream: str, number: int) -> np.random.Generator:
@@ -197,9 +274,10 @@ class HostSource:
     augment: ``'cifar'`` (``crop_padding`` and ``flip``) or ``'imagenet'`` (random-resized crops
       to ``image_size`` pixels and ``flip``; images of any size).
     image_size: the side of ``'imagenet'`` crops.
-    num_steps: the run's number of steps.
     workers: host worker processes (0: threads of this process).
     prefetch: steps read ahead.
+    timeout_seconds: how long a worker may deliver no batch before :meth:`step_args` raises
+      :class:`~skd_jax.errors.InputError` (ten times that for a worker's first batch).
   """
 
   def __init__(
@@ -209,7 +287,6 @@ class HostSource:
       *,
       seed: int,
       batch_size: int,
-      num_steps: int,
       groups=(),
       crop_padding: int = 0,
       flip: bool = False,
@@ -217,6 +294,7 @@ class HostSource:
       image_size: int = 224,
       workers: int = 0,
       prefetch: int = 2,
+      timeout_seconds: float = 300,
   ):
     unknown = set(groups) - set(sources.GROUPS)
     if unknown:
@@ -234,9 +312,10 @@ class HostSource:
         share=_share(batch_size),
     )
     self.batch_size, self.steps_per_epoch = batch_size, self.reader.steps_per_epoch
-    self._num_steps, self._workers, self._prefetch = num_steps, workers, prefetch
+    self._workers, self._prefetch = workers, prefetch
+    self._timeout = timeout_seconds
     self._sharding = NamedSharding(mesh, P(example_rows.AXIS))
-    self._iterator, self._next = None, None
+    self._iterator, self._first, self._next, self._in_flight = None, None, None, False
     self.wait_seconds = 0.0  # time step_args spent waiting for the pipeline
 
   @property
@@ -245,37 +324,143 @@ class HostSource:
 
   def _start(self, step: int):
     self.close()
-    dataset = grain.MapDataset.range(step, self._num_steps).map(self.reader)
+    # Endless, closed by the trainer: at the end of a finite range grain's workers raise
+    # StopIteration, whose traceback holds their last shared-memory arrays in a reference cycle,
+    # alive past a normal exit (segments the resource tracker then reports as leaked).
+    dataset = grain.MapDataset.range(step, sys.maxsize).map(self.reader)
     iterable = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=max(1, self._prefetch), prefetch_buffer_size=self._prefetch)
     )
     if self._workers:
       if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults here)
         flags.FLAGS.mark_as_parsed()
-      iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
-    self._iterator, self._next = iter(iterable), step
+      iterable = iterable.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self._workers),
+          worker_init_fn=functools.partial(_worker_init, os.getpid()),
+      )
+    self._iterator, self._first, self._next = iter(iterable), step, step
+    self._requests, self._results = queue.Queue(), queue.Queue()
+    self._fetcher = threading.Thread(
+        target=_fetch,
+        args=(self._iterator, self._requests, self._results),
+        daemon=True,
+        name='skd_jax-input',
+    )
+    self._fetcher.start()
 
   def close(self):
-    """Stops the pipeline's workers (a later ``step_args`` starts it again)."""
-    close = getattr(self._iterator, 'close', None)
-    if close:
-      close()
-    self._iterator = None
+    """Stops the pipeline and its workers (a later ``step_args`` starts it again).
+
+    After a wait that was cut short (a signal, a timeout) a worker may be stopped or hung: the
+    workers are continued (SIGCONT), asked to stop, and killed if they have not within a second.
+    """
+    if self._iterator is None:
+      return
+    self._requests.put(False)  # ends the fetching thread once it is idle
+    killer = None
+    if self._in_flight:
+      workers = list(_workers().values())
+      for worker in workers:
+        try:
+          os.kill(worker.pid, signal.SIGCONT)
+        except ProcessLookupError:
+          pass
+      killer = threading.Timer(_CLOSE_GRACE_SECONDS, lambda: [w.kill() for w in workers])
+      killer.start()
+    self._iterator.close()
+    if killer:
+      killer.cancel()
+    # A batch that arrived for the abandoned wait holds shared memory until dropped.
+    self._fetcher.join(_CLOSE_GRACE_SECONDS)
+    while not self._results.empty():
+      self._results.get()
+    self._iterator, self._in_flight = None, False
+
+  def _worker(self, step: int) -> str:
+    """Names the worker that reads ``step``, e.g. ``'input worker 1 of 2 (pid 4242)'``."""
+    if not self._workers:
+      return 'the input pipeline (threads of the trainer)'
+    index = (step - self._first) % self._workers  # grain gives worker i every i-th step
+    process = _workers().get(index)
+    return f'input worker {index} of {self._workers}' + (f' (pid {process.pid})' if process else '')
+
+  def _failure(self, step: int, error: Exception) -> Exception:
+    """The error to raise for ``error``, which came instead of step ``step``'s batch: a worker's
+    death in one line naming it; an error of the reader itself as it is."""
+    died = re.search(r'terminated unexpectedly with exit code (-?\d+)', str(error))
+    if not died or isinstance(error, (ConfigError, InputError)):
+      return error
+    code = int(died.group(1))
+    cause = f'killed by {signal.Signals(-code).name}' if code < 0 else f'exit status {code}'
+    return InputError(f'{self._worker(step)} died ({cause}) before delivering step {step}')
+
+  def _wait(self, step: int) -> dict:
+    """The pipeline's next batch (step ``step``), waited for in slices of ``_POLL_SECONDS``.
+
+    Raises:
+      sources.Interrupted: a signal arrived (single process); a later call waits on.
+      InputError: the worker of ``step`` delivered nothing within the timeout, or died.
+    """
+    started = time.perf_counter()
+    limit = self._timeout
+    if step - self._first < max(self._workers, 1):  # the worker's first batch: its start-up
+      limit *= _START_FACTOR
+    if not self._in_flight:
+      self._requests.put(True)
+      self._in_flight = True
+    try:
+      while True:
+        try:
+          local, error = self._results.get(timeout=_POLL_SECONDS)
+          break
+        except queue.Empty:
+          if _signalled():
+            raise sources.Interrupted(step) from None
+          if time.perf_counter() - started > limit:
+            raise InputError(
+                f'{self._worker(step)} delivered nothing for {limit:g} s (data.timeout_seconds='
+                f'{self._timeout:g}) while training waited for step {step}'
+            ) from None
+    finally:
+      self.wait_seconds += time.perf_counter() - started
+    self._in_flight = False
+    if error is not None:
+      raise self._failure(step, error)
+    return local
 
   def step_args(self, step: int) -> tuple[sources.Batch]:
-    """Step ``step``'s global batch on the devices (the pipeline restarts for an unexpected step)."""
+    """Step ``step``'s global batch on the devices (the pipeline restarts for an unexpected step).
+
+    Raises:
+      sources.Interrupted: a signal arrived while waiting (single process).
+      InputError: a worker died or delivered nothing for ``timeout_seconds``.
+    """
     if self._iterator is None or step != self._next:
       self._start(step)
-    started = time.perf_counter()
-    local = next(self._iterator)
-    self.wait_seconds += time.perf_counter() - started
+    local = self._wait(step)
     if local.pop('step') != step:
       raise RuntimeError(f'input pipeline: expected step {step}')
+    if self._workers:
+      # The workers' arrays come in shared memory; JAX on a CPU would keep using that memory
+      # instead of copying, and a batch still referenced at exit would leak its segments.
+      local = jax.tree.map(np.array, local)
     self._next = step + 1
     put = lambda x: jax.make_array_from_process_local_data(
         self._sharding, x, (self.batch_size, *x.shape[1:])
     )
     return ({g: sources.Examples(**{k: put(v) for k, v in a.items()}) for g, a in local.items()},)
+
+  def example_args(self) -> tuple[sources.Batch]:
+    """The shapes, shardings and dtypes of :meth:`step_args`' result, for compiling ahead of time.
+
+    Reads step 0 in this process: the workers start with the first step trained, once.
+    """
+    local = self.reader(0)
+    del local['step']
+    spec = lambda x: jax.ShapeDtypeStruct(
+        (self.batch_size, *x.shape[1:]), x.dtype, sharding=self._sharding
+    )
+    return ({g: sources.Examples(**{k: spec(v) for k, v in a.items()}) for g, a in local.items()},)
 
   def batch(self, step, batch: sources.Batch) -> sources.Batch:
     """The batch ``step_args`` brought (traceable)."""
