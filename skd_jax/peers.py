@@ -114,7 +114,12 @@ def finished() -> None:
 
 
 def exit(status: int) -> None:  # pylint: disable=redefined-builtin
-  """Ends this process now with ``status``, telling the others it left (which ends them)."""
+  """Ends this process now with ``status``, telling the others it left (which ends them).
+
+  Returns at once in a single process (or before :func:`initialize`).
+  """
+  if _state.timeout is None:
+    return
   _leave(_EXITED)
   sys.stdout.flush()
   sys.stderr.flush()
