@@ -16,8 +16,11 @@
 #   the rest          passed unchanged to every process (--config=..., --workdir=..., ...)
 #   PORT              (environment, optional) the coordinator's port on localhost, given to each
 #                     process as --coordinator_address=localhost:PORT; default: a free port
-#   STOP_GRACE_SECONDS  (environment, optional, default 30) when one process fails, the others
-#                     get SIGTERM, and SIGKILL if they are still running this many seconds later
+#   STOP_GRACE_SECONDS  (environment, optional, default 130) when one process fails, the others
+#                     get SIGTERM, and SIGKILL if they are still running this many seconds later;
+#                     the default outlasts their own bound (they exit 1 with one line at the
+#                     latest --config.distributed_timeout_seconds + 1 s after a process died,
+#                     101 s with the default 100)
 #
 # SIGTERM, SIGINT and SIGHUP sent to this script are forwarded to every process (each process runs
 # in its own process group, so Ctrl-C in a terminal reaches them once, through here): they agree
@@ -71,7 +74,7 @@ while ((${#running[@]})); do
     status=$code
     forward TERM
     if ((${#running[@]})); then
-      (sleep "${STOP_GRACE_SECONDS:-30}" && kill -s KILL "${!running[@]}" 2>/dev/null) &
+      (sleep "${STOP_GRACE_SECONDS:-130}" && kill -s KILL "${!running[@]}" 2>/dev/null) &
       stopping=$!
     fi
   fi

@@ -208,7 +208,7 @@ KEYS = {
     'keep_checkpoints': 'checkpoints kept, >= 1 (older ones are deleted)',
     'distributed': 'call jax.distributed.initialize() to auto-detect a TPU pod or SLURM cluster',
     'distributed_timeout_seconds': 'multi-process runs: seconds without heartbeats after which a '
-    'process counts as dead and JAX ends the others (a process that exits is noticed at once)',
+    'process counts as dead and the others exit 1 (one that exits is noticed at once)',
 }
 
 # Keys a run may change when it is resumed: the optimizer's hyperparameters (e.g. a lower learning

@@ -7,9 +7,15 @@ r"""Command-line entry point.
 printed) or when a signal stopped it (after a checkpoint, or during start-up with nothing
 written; rerun the same command to continue); 1 when it diverged (the last good checkpoint is
 kept), a file could not be written or the input failed (a worker died or stalled); 2 for invalid
-configuration or data, with one line naming the field and nothing written to the workdir. In a run of several processes, a process whose
-collectives fail because another one died exits 1 at once with one line (see
-:func:`_exit_for_lost_process`).
+configuration or data, with one line naming the field and nothing written to the workdir.
+
+In a run of several processes, when one process dies or fails at any moment (a step, a save,
+evaluation, start-up; process 0 included), every other one exits 1 with one line: at once when
+its next collective fails (:func:`_exit_for_lost_process`) or the failed process left through
+``peers.exit``, and at the latest ``distributed_timeout_seconds`` + 1 seconds later, when its
+heartbeats in the coordination service stop (``skd_jax.peers``). Checkpoints are committed
+atomically, so the rerun resumes from the last committed one. A signal during start-up stops
+every process before training, with nothing written (``skd_jax.preemption``).
 """
 
 from skd_jax import preemption
@@ -36,6 +42,7 @@ from ml_collections import config_flags
 
 from skd_jax import config_lib
 from skd_jax import generations
+from skd_jax import peers
 from skd_jax import terms
 from skd_jax import train
 from skd_jax.checkpoints import SaveError
@@ -64,6 +71,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _fail(message: str, status: int):
   print(f'error: {message}', file=sys.stderr)
+  peers.exit(status)  # returns in a single process
   sys.exit(status)
 
 
@@ -111,8 +119,7 @@ def _help() -> str:
       'Several processes: --config.distributed=True detects a Cloud TPU pod or a SLURM job;',
       'elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I to each',
       '(launch/local.sh N K starts N processes with K CPU devices each on this machine). When a',
-      'process dies the others exit 1 at once; one that stops silently is declared dead after',
-      'distributed_timeout_seconds.',
+      'process dies the others exit 1, at the latest distributed_timeout_seconds + 1 s later.',
       '',
       'Exit status: 0 finished, or stopped by SIGTERM/SIGINT/SIGHUP (rerun to continue); 1 diverged,',
       'could not write or the input failed; 2 invalid configuration or data (one line, nothing',
@@ -195,12 +202,7 @@ def _initialize_distributed(config) -> None:
   if not given and not config.distributed:
     return
   try:
-    jax.distributed.initialize(
-        _COORDINATOR.value,
-        _NUM_PROCESSES.value,
-        _PROCESS_ID.value,
-        heartbeat_timeout_seconds=timeout,
-    )
+    peers.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, timeout)
   except (ValueError, RuntimeError, TypeError) as e:
     if given:
       raise ConfigError(f'--coordinator_address: cannot start ({_one_line(e)})') from None
@@ -217,10 +219,9 @@ def _exit_for_lost_process(error: Exception, timeout: int):
 
   When a process dies, the others' next collective fails at once (its connections close) with a
   ``JaxRuntimeError``. Exiting normally would then run ``jax.distributed``'s exit handler, which
-  waits at a shutdown barrier for the dead process until its heartbeats time out and then aborts
-  (SIGABRT, pages of logs): so this exits at once, without it. Checkpoints stay intact (each is
-  committed atomically). A process that stops silently (a frozen host) is detected by the
-  coordination service after ``timeout`` seconds without heartbeats; JAX then ends the others.
+  waits at a shutdown barrier for the dead process: so this exits at once, without it
+  (``peers.exit``). Checkpoints stay intact (each is committed atomically). A process that stops
+  silently (a frozen host) is detected by ``skd_jax.peers`` after ``timeout`` seconds.
   """
   cause = re.sub(r'\[\S+\.cc:\d+\] ', '', _one_line(error))  # gloo's source location
   print(
@@ -230,8 +231,7 @@ def _exit_for_lost_process(error: Exception, timeout: int):
       file=sys.stderr,
       flush=True,
   )
-  sys.stdout.flush()
-  os._exit(1)
+  peers.exit(1)
 
 
 class _WithoutOrbax(pylogging.Filter):
@@ -286,12 +286,14 @@ def main(argv):
   except OSError as e:  # a workdir file could not be written (a full disk, say)
     _fail(f'{e.filename or "workdir"}: cannot write ({e.strerror or e}); stopped', 1)
   except train.Preempted as e:
+    peers.finished()
     logging.warning('%s', e)
     return
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
     _exit_for_lost_process(e, _CONFIG.value.distributed_timeout_seconds)
+  peers.finished()
   if jax.process_index() == 0:
     print(json.dumps(summary, indent=2, sort_keys=True))
 

@@ -240,7 +240,7 @@ def _count(tree) -> int:
 
 
 def _stop_if_signalled():
-  """Ends start-up when a signal has arrived (single process only: ``skd_jax.preemption``)."""
+  """Ends start-up when a signal has arrived (to any process of the run: ``skd_jax.preemption``)."""
   signal_name = preemption.stop_before_training()
   if signal_name:
     raise Preempted(f'{signal_name} during start-up: stopped before training; nothing was written')

@@ -69,6 +69,36 @@ def _logged_read(self, index):
 
 streaming.StepReader.__call__ = _step_call
 idx.FashionMnistRecords.read = _logged_read
+
+# SIGNAL=PROCESS:WHERE:NAME: process PROCESS sends itself the signal NAME (e.g. SIGKILL) while it
+# opens the data during start-up (WHERE=start) or once it has started saving the checkpoint of
+# step WHERE (the save still runs in the background), after writing the time to READ_LOG/signalled.
+if os.environ.get('SIGNAL'):
+  import signal, time
+
+  from skd_jax import checkpoints
+
+  _process, _where, _name = os.environ['SIGNAL'].split(':')
+  _open_splits, _save = streaming.open_splits, checkpoints.Checkpoints.save
+
+  def _signal_if(where):
+    import jax
+
+    if (jax.process_index(), where) == (int(_process), _where):
+      with open(os.path.join(os.environ['READ_LOG'], 'signalled'), 'w') as f:
+        f.write(repr(time.time()))
+      os.kill(os.getpid(), getattr(signal, _name))
+
+  def _signalling_open_splits(*args, **kwargs):
+    _signal_if('start')
+    return _open_splits(*args, **kwargs)
+
+  def _signalling_save(self, step, state, meta):
+    _save(self, step, state, meta)
+    _signal_if(str(step))
+
+  streaming.open_splits = _signalling_open_splits
+  checkpoints.Checkpoints.save = _signalling_save
 """
 
 
@@ -82,10 +112,11 @@ def setup(tmp_path_factory):
   return dict(root=root, data=runs.fashion_mnist(root / 'data', NUM_TRAIN, 16))
 
 
-def _env(setup, read_log):
+def _env(setup, read_log, **variables):
   read_log.mkdir(exist_ok=True)
   return {
       **os.environ,
+      **variables,
       'PATH': f'{os.path.dirname(sys.executable)}:{os.environ["PATH"]}',
       'PYTHONPATH': f'{setup["root"] / "hooks"}:{REPO}',
       'READ_LOG': str(read_log),
@@ -107,13 +138,14 @@ def _args(setup, workdir, *extra):
   )
 
 
-def _local(setup, name, processes, devices, *extra):
-  """``launch/local.sh`` on the combined config in ``root/name``, started (a Popen)."""
+def _local(setup, name, processes, devices, *extra, **variables):
+  """``launch/local.sh`` on the combined config in ``root/name``, started (a Popen), with the
+  environment ``variables`` of the hooks above."""
   workdir = setup['root'] / name
   return subprocess.Popen(
       ['launch/local.sh', str(processes), str(devices), *_args(setup, workdir, *extra)],
       cwd=REPO,
-      env=_env(setup, setup['root'] / f'{name}_reads'),
+      env=_env(setup, setup['root'] / f'{name}_reads', **variables),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -231,7 +263,8 @@ def test_a_preempted_two_by_two_run_resumes_bit_identically(setup, two_by_two):
   proc.send_signal(signal.SIGTERM)
   stdout, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 0, ''.join(lines) + stderr
-  assert 'steps' not in stdout and stderr.count('saved a checkpoint at step') == 2, stderr
+  # Both processes got the SIGTERM (the launcher forwards it) and say so.
+  assert 'steps' not in stdout and stderr.count('SIGTERM: saved a checkpoint at step') == 2, stderr
   stopped, _ = _restore(setup['root'] / 'preempted')
   assert 0 < stopped < TOTAL
   _finish(_local(setup, 'preempted', 2, 2))
@@ -308,6 +341,39 @@ def test_a_killed_process_stops_the_other_at_once_in_one_line(setup):
   ), stderr
 
 
+def _one_line(stderr, expected):
+  """Asserts that ``stderr`` holds the one ``error:`` line ``expected`` and no native pages."""
+  for pages in ('Traceback', 'Fatal Python error', 'Check failure'):
+    assert pages not in stderr, stderr
+  assert [line for line in stderr.splitlines() if line.startswith('error: ')] == [expected], stderr
+
+
+def _signalled(proc, reads):
+  """Waits for ``proc``; its stderr, and the seconds since the hook sent its signal."""
+  _, stderr = proc.communicate(timeout=600)
+  return stderr, time.time() - float((reads / 'signalled').read_text())
+
+
+def test_process_0_killed_during_start_up_stops_the_other_in_one_line(setup):
+  """Process 0, which starts the coordination service, is killed while it opens the data: process
+  1 exits 1 with one line within distributed_timeout_seconds + 1 s, and nothing is written
+  (before, process 1 aborted at once: SIGABRT, pages of native logs, having lost the service)."""
+  timeout, name = 5, 'killed_starting'
+  proc = _local(
+      setup, name, 2, 2, f'--config.distributed_timeout_seconds={timeout}', SIGNAL='0:start:SIGKILL'
+  )
+  stderr, seconds = _signalled(proc, setup['root'] / f'{name}_reads')
+  print(f'\nthe launcher exited {seconds:.2f} s after process 0 was killed during start-up')
+  assert proc.returncode == 128 + signal.SIGKILL, stderr
+  assert seconds < timeout + 15, seconds  # the documented bound
+  _one_line(
+      stderr,
+      f'error: process 1 of 2: process 0 gave no sign of life for {timeout} s '
+      '(distributed_timeout_seconds): it died or hangs; stopped',
+  )
+  assert not (setup['root'] / name).exists()
+
+
 def test_a_bad_timeout_exits_2_in_one_line(setup, tmp_path):
   proc = subprocess.run(
       [
@@ -328,3 +394,57 @@ def test_a_bad_timeout_exits_2_in_one_line(setup, tmp_path):
       'error: distributed_timeout_seconds: expected an integer >= 1, got 0'
   )
   assert not (tmp_path / 'wd').exists()
+
+
+def _files(workdir):
+  return {
+      os.path.join(d, name): os.stat(os.path.join(d, name)).st_mtime_ns
+      for d, _, names in os.walk(workdir)
+      for name in names
+  }
+
+
+def test_a_process_killed_while_saving_stops_the_other_and_the_rerun_resumes(setup):
+  """Three launches on one workdir.
+
+  1. Process 1 is killed once it has started saving the last checkpoint. Process 0, waiting for
+     it at orbax's commit barrier, sees its heartbeats stop and exits 1 with one line within
+     distributed_timeout_seconds + 1 s (before: JAX aborted it, SIGABRT with pages of native
+     logs).
+  2. A SIGTERM to process 1 during start-up stops both processes before they compile, with
+     status 0, each saying who was signalled, and nothing written (before: they trained, and
+     process 1 said "a signal to another process").
+  3. The rerun resumes from the last committed checkpoint and finishes.
+  """
+  timeout, name, last = 5, 'killed_saving', TOTAL - STEPS_PER_EPOCH
+  workdir, reads = setup['root'] / name, setup['root'] / f'{name}_reads'
+  proc = _local(
+      setup,
+      name,
+      2,
+      2,
+      f'--config.distributed_timeout_seconds={timeout}',
+      SIGNAL=f'1:{TOTAL}:SIGKILL',
+  )
+  stderr, seconds = _signalled(proc, reads)
+  print(f'\nthe launcher exited {seconds:.2f} s after process 1 was killed while saving')
+  assert proc.returncode == 128 + signal.SIGKILL, stderr
+  assert seconds < timeout + 15, seconds  # the documented bound
+  _one_line(
+      stderr,
+      f'error: process 0 of 2: process 1 gave no sign of life for {timeout} s '
+      '(distributed_timeout_seconds): it died or hangs; stopped',
+  )
+  with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
+    assert manager.latest_step() == last
+
+  before = _files(workdir)
+  stdout, stderr = _finish(_local(setup, name, 2, 2, SIGNAL='1:start:SIGTERM'))
+  stopped = 'during start-up: stopped before training; nothing was written'
+  assert f'SIGTERM {stopped}' in stderr and f'SIGTERM to process 1 {stopped}' in stderr, stderr
+  assert 'Compiled' not in stderr and not stdout, stderr
+  assert _files(workdir) == before
+
+  _, stderr = _finish(_local(setup, name, 2, 2))
+  assert f'Resumed from the checkpoint at step {last}.' in stderr, stderr
+  assert json.loads((workdir / 'summary.json').read_text())['steps'] == TOTAL
