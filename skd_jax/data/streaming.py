@@ -220,11 +220,15 @@ class StepReader:
     self._orders = {}
 
   def _order(self, epoch: int) -> np.ndarray:
-    if epoch not in self._orders:
+    # Worker threads call this concurrently: read the cache once, replace it whole, and return
+    # the local result, so another thread's epoch never replaces ours between check and use.
+    order = self._orders.get(epoch)
+    if order is None:
       perm = _rng(self.seed, 'order', epoch).permutation(self.num_examples)
       slots = np.arange(self.steps_per_epoch * self.batch_size) % self.num_examples
-      self._orders = {epoch: perm[slots].astype(np.int32)}  # one epoch at a time
-    return self._orders[epoch]
+      order = perm[slots].astype(np.int32)
+      self._orders = {epoch: order}  # one epoch at a time
+    return order
 
   def _slots(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     epoch, position = divmod(step, self.steps_per_epoch)
