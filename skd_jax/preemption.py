@@ -24,6 +24,8 @@ the handlers before the slow imports of JAX and TensorFlow Datasets.
 import ctypes
 import signal
 
+from skd_jax.errors import ConfigError
+
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _AGREE_MS = 24 * 3600 * 1000  # a process that died meanwhile ends this one sooner (skd_jax.peers)
 
@@ -86,6 +88,13 @@ def join_processes() -> None:
 
   if jax.process_count() == 1 or _state.multi_process:
     return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  if distributed.global_state.preemption_sync_manager is None:  # then SIGTERM is still ours
+    raise ConfigError(
+        'jax_enable_preemption_service: is off; several processes stop together through it, '
+        'expected it on (the default)'
+    )
   action = _Sigaction()
   if ctypes.CDLL(None).sigaction(signal.SIGTERM, None, ctypes.byref(action)) != 0:
     raise OSError("cannot read the SIGTERM handler of JAX's preemption service")

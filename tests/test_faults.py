@@ -319,3 +319,16 @@ def test_a_resume_with_other_keys_is_refused_naming_them(tmp_path, monkeypatch):
     runs.run(changed, tmp_path)
   message = str(raised.value)
   assert 'num_epochs (2 -> 3), seed (0 -> 1)' in message and 'optim.lr' not in message.split(';')[0]
+
+
+def test_several_processes_without_jax_preemption_service_are_refused_in_one_line(monkeypatch):
+  """Without JAX's native SIGTERM handler there is nothing to pass signals on to: a clear refusal,
+  not a call through a null function pointer."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  assert preemption.install()
+  try:
+    with pytest.raises(ConfigError, match='^jax_enable_preemption_service: is off; '):
+      preemption.join_processes()
+    assert preemption.stop_before_training() is None  # still the single-process protocol
+  finally:
+    preemption.uninstall()
