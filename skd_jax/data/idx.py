@@ -245,8 +245,8 @@ class FashionMnistRecords:
 
   An uncompressed images file is read row by row (:class:`IdxRows`), so a process reads only the
   rows it asks for and holds none of the file; a gzip-compressed one (as the Debian package
-  ships) has no random access and is decompressed whole, once per process, on first read. Labels (60 KB) are read at once. Picklable: host
-  workers reopen the files themselves.
+  ships) has no random access and is decompressed whole, once per process, on first read. Labels
+  (60 KB) are read at once. Picklable: host workers reopen the files themselves.
   """
 
   num_classes = FASHION_MNIST_NUM_CLASSES
