@@ -18,7 +18,7 @@ Offline Fashion-MNIST (`quick`, the baseline's setup):
 
   python -m skd_jax.main --config=configs/dlb.py:quick --workdir=/tmp/dlb_quick
 
-Measured (2-core CPU, 2026-12-06, after the first-step fix; 605 s wall on a slow day): top-1
+Measured (2-core CPU, 605 s wall on a slow day, 2026-12-06, after the first-step fix): top-1
 91.51%, NLL 0.232, ECE 1.50, AURC 11.1 (baseline of 2026-11-30: 91.56%, ECE 0.46).
 """
 
