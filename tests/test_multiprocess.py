@@ -348,10 +348,19 @@ def _one_line(stderr, expected):
   assert [line for line in stderr.splitlines() if line.startswith('error: ')] == [expected], stderr
 
 
-def _signalled(proc, reads):
-  """Waits for ``proc``; its stderr, and the seconds since the hook sent its signal."""
+def _the_other_stops(proc, reads, *, killed, timeout, when):
+  """Waits for ``proc``, whose process ``killed`` the hook killed ``when``: the launcher ends
+  with the kill's status, within the documented bound, the other process having said one line."""
   _, stderr = proc.communicate(timeout=600)
-  return stderr, time.time() - float((reads / 'signalled').read_text())
+  seconds = time.time() - float((reads / 'signalled').read_text())
+  print(f'\nthe launcher exited {seconds:.2f} s after process {killed} was killed {when}')
+  assert proc.returncode == 128 + signal.SIGKILL, stderr
+  assert seconds < timeout + 15, seconds  # the documented bound
+  _one_line(
+      stderr,
+      f'error: process {1 - killed} of 2: process {killed} gave no sign of life for {timeout} s '
+      '(distributed_timeout_seconds): it died or hangs; stopped',
+  )
 
 
 def test_process_0_killed_during_start_up_stops_the_other_in_one_line(setup):
@@ -362,14 +371,8 @@ def test_process_0_killed_during_start_up_stops_the_other_in_one_line(setup):
   proc = _local(
       setup, name, 2, 2, f'--config.distributed_timeout_seconds={timeout}', SIGNAL='0:start:SIGKILL'
   )
-  stderr, seconds = _signalled(proc, setup['root'] / f'{name}_reads')
-  print(f'\nthe launcher exited {seconds:.2f} s after process 0 was killed during start-up')
-  assert proc.returncode == 128 + signal.SIGKILL, stderr
-  assert seconds < timeout + 15, seconds  # the documented bound
-  _one_line(
-      stderr,
-      f'error: process 1 of 2: process 0 gave no sign of life for {timeout} s '
-      '(distributed_timeout_seconds): it died or hangs; stopped',
+  _the_other_stops(
+      proc, setup['root'] / f'{name}_reads', killed=0, timeout=timeout, when='during start-up'
   )
   assert not (setup['root'] / name).exists()
 
@@ -426,15 +429,7 @@ def test_a_process_killed_while_saving_stops_the_other_and_the_rerun_resumes(set
       f'--config.distributed_timeout_seconds={timeout}',
       SIGNAL=f'1:{TOTAL}:SIGKILL',
   )
-  stderr, seconds = _signalled(proc, reads)
-  print(f'\nthe launcher exited {seconds:.2f} s after process 1 was killed while saving')
-  assert proc.returncode == 128 + signal.SIGKILL, stderr
-  assert seconds < timeout + 15, seconds  # the documented bound
-  _one_line(
-      stderr,
-      f'error: process 0 of 2: process 1 gave no sign of life for {timeout} s '
-      '(distributed_timeout_seconds): it died or hangs; stopped',
-  )
+  _the_other_stops(proc, reads, killed=1, timeout=timeout, when='while saving')
   with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
     assert manager.latest_step() == last
 
