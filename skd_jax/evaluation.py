@@ -81,3 +81,22 @@ def evaluate(eval_fn, test, models: dict[str, object]) -> dict[str, float]:
     summary = metrics_lib.summarize({k: v[valid] for k, v in merged.items()})
     result.update({prefix + k: v for k, v in summary.items()})
   return result
+
+
+_SUMMARY_KEYS = ('top1', 'top5', 'nll', 'ece', 'aurc', 'eaurc')
+
+
+def summary(result, records, *, num_epochs: int, num_steps: int) -> dict:
+  """A run's ``summary.json``: the final evaluation ``result`` (the student's metrics, its EMA
+  copy's, ``train_seconds``) with the best top-1 and its epoch over the eval ``records`` of
+  ``metrics.jsonl`` (the final result itself when there are none)."""
+  evals = [r for r in records if r['kind'] == 'eval'] or [{**result, 'epoch': num_epochs}]
+  best = max(evals, key=lambda r: r['top1'])
+  keys = _SUMMARY_KEYS + tuple(f'ema/{k}' for k in _SUMMARY_KEYS) + ('train_seconds',)
+  return {
+      **{k: result[k] for k in keys if k in result},
+      'best_top1': best['top1'],
+      'best_epoch': int(best['epoch']),
+      'epochs': num_epochs,
+      'steps': num_steps,
+  }

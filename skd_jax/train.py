@@ -575,21 +575,8 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
   if result is None:  # the run had already finished: evaluate the restored model again
     result = _evaluate(job, state)
     result['train_seconds'] = seconds_before
-  evals = [r for r in workdir.records() if r['kind'] == 'eval'] or [
-      {**result, 'epoch': config.num_epochs}
-  ]
-  best = max(evals, key=lambda r: r['top1'])
-  keys = ('top1', 'top5', 'nll', 'ece', 'aurc', 'eaurc')
-  summary = {
-      k: result[k]
-      for k in keys + tuple(f'ema/{k}' for k in keys) + ('train_seconds',)
-      if k in result
-  }
-  summary.update(
-      best_top1=best['top1'],
-      best_epoch=int(best['epoch']),
-      epochs=config.num_epochs,
-      steps=total,
+  summary = evaluation.summary(
+      result, workdir.records(), num_epochs=config.num_epochs, num_steps=total
   )
   job.networks.export(workdir.model, state.params, state.batch_stats)
   workdir.write_summary(summary)
