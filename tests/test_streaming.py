@@ -219,8 +219,16 @@ def _workers(pid: int) -> dict[str, int]:
   return {name: p for p, name in _children(pid).items() if name.startswith('skd-input-')}
 
 
+def _segments() -> set[str]:
+  """The shared memory of grain workers on this machine: theirs (named after their trainer), or
+  multiprocessing's default names."""
+  mine = f'skd{os.getpid()}_'
+  return {n for n in os.listdir('/dev/shm') if n.startswith((mine, 'psm_'))}
+
+
 @pytest.mark.slow
 def test_a_signal_ends_a_wait_for_a_stopped_worker_at_once_and_a_dead_one_is_named(tmp_path):
+  before = _segments()
   records = idx.FashionMnistRecords(runs.fashion_mnist(tmp_path, 96, 32), 'train')
   source = streaming.HostSource(
       records, train.make_mesh(jax.devices()[:1]), seed=0, batch_size=8, workers=2, prefetch=1
@@ -253,6 +261,11 @@ def test_a_signal_ends_a_wait_for_a_stopped_worker_at_once_and_a_dead_one_is_nam
   started = time.perf_counter()
   source.close()
   assert time.perf_counter() - started < 3 and not _workers(os.getpid())
+  # The batches the killed worker held are freed too (grain frees the others from a thread).
+  deadline = time.time() + 2
+  while _segments() - before and time.time() < deadline:
+    time.sleep(0.05)
+  assert not _segments() - before
 
 
 @pytest.mark.slow

@@ -34,12 +34,16 @@ marked invalid, each process reading its share (resized and centre-cropped with
 ``augment='imagenet'``).
 """
 
+import collections
 import ctypes
 import functools
+import gc
 import multiprocessing
+from multiprocessing import shared_memory
 import os
 import queue
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -72,6 +76,10 @@ _POLL_SECONDS = 0.1  # a wait for input looks for a signal and its deadline this
 _ORPHAN_POLL_SECONDS = 0.5  # a worker checks that its trainer lives this often
 _START_FACTOR = 10  # a worker's first batch, start-up included, may take this many timeouts
 _CLOSE_GRACE_SECONDS = 1.0  # workers of a cut-short wait get this long to stop before SIGKILL
+# The POSIX shared memory a trainer's workers create (/dev/shm/skd<trainer pid>_<random>): what a
+# worker that died mid-batch leaves is found by name (HostSource.close).
+_SEGMENT_PREFIX = 'skd{}_'
+_RECEIVED_NAMES = 4096  # segments a trainer remembers having received (grain frees those)
 
 
 def _worker_init(trainer: int, index: int, count: int):
@@ -88,6 +96,9 @@ def _worker_init(trainer: int, index: int, count: int):
   if sys.platform.startswith('linux'):
     ctypes.CDLL(None).prctl(_PR_SET_NAME, _WORKER_NAME.format(index).encode(), 0, 0, 0)
   threading.Thread(target=_exit_without, args=(trainer,), daemon=True).start()
+  # grain puts batches in segments named by multiprocessing's private _make_filename.
+  prefix = '/' + _SEGMENT_PREFIX.format(trainer)
+  shared_memory._make_filename = lambda: prefix + secrets.token_hex(8)  # pylint: disable=protected-access
 
 
 def _exit_without(trainer: int):
@@ -111,13 +122,42 @@ def _workers() -> dict[int, multiprocessing.Process]:
   return found
 
 
-def _fetch(iterator, requests: queue.Queue, results: queue.Queue):
-  """A thread's loop: for every true request, ``(next batch, None)`` or ``(None, the error)``."""
+def _fetch(iterator, requests: queue.Queue, results: queue.Queue, received: collections.deque):
+  """A thread's loop: for every true request, ``(next batch, None)`` or ``(None, the error)``.
+
+  Records the names of the shared-memory segments of every batch in ``received``.
+  """
   while requests.get():
     try:
-      results.put((next(iterator), None))
+      batch = next(iterator)
     except Exception as e:  # pylint: disable=broad-exception-caught  # the waiting thread raises it
       results.put((None, e))
+      continue
+    received.extend(a.shm.name for a in jax.tree.leaves(batch) if getattr(a, 'shm', None))
+    results.put((batch, None))
+    del batch  # its segments are freed when the waiting thread drops it, not at the next request
+
+
+def _unlink_orphans(received) -> None:
+  """Frees the segments this process's workers created that no batch delivered.
+
+  A worker killed while it held a batch (blocked on its full queue, or stopped and then killed)
+  leaves the batch's segments behind; grain frees only what reached its queue or this process, and
+  the resource tracker would free the rest at exit with a warning of leaked objects. Segments this
+  process received are grain's to free, when their arrays are collected.
+  """
+  prefix = _SEGMENT_PREFIX.format(os.getpid())
+  try:
+    names = [n for n in os.listdir('/dev/shm') if n.startswith(prefix) and n not in received]
+  except OSError:  # no /dev/shm: not Linux
+    return
+  for name in names:
+    try:
+      segment = shared_memory.SharedMemory(name)
+      segment.close()
+      segment.unlink()  # also tells the resource tracker
+    except FileNotFoundError:
+      pass
 
 
 def _signalled() -> bool:
@@ -344,9 +384,10 @@ class HostSource:
       )
     self._iterator, self._first, self._next = iter(iterable), step, step
     self._requests, self._results = queue.Queue(), queue.Queue()
+    self._received = collections.deque(maxlen=_RECEIVED_NAMES)
     self._fetcher = threading.Thread(
         target=_fetch,
-        args=(self._iterator, self._requests, self._results),
+        args=(self._iterator, self._requests, self._results, self._received),
         daemon=True,
         name='skd_jax-input',
     )
@@ -357,6 +398,7 @@ class HostSource:
 
     After a wait that was cut short (a signal, a timeout) a worker may be stopped or hung: the
     workers are continued (SIGCONT), asked to stop, and killed if they have not within a second.
+    What a killed worker held in shared memory is freed.
     """
     if self._iterator is None:
       return
@@ -378,6 +420,11 @@ class HostSource:
     self._fetcher.join(_CLOSE_GRACE_SECONDS)
     while not self._results.empty():
       self._results.get()
+    if self._workers:
+      # Batches a failure left in reference cycles (an error's traceback holds grain's frames)
+      # would keep their segments until the interpreter exits, past the resource tracker's count.
+      gc.collect()
+      _unlink_orphans(set(self._received))
     self._iterator, self._in_flight = None, False
 
   def _worker(self, step: int) -> str:
