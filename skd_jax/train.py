@@ -558,7 +558,7 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
           'epoch %d/%d: %s',
           epoch,
           config.num_epochs,
-          ', '.join(f'{k} {v:.4g}' for k, v in result.items()),
+          ', '.join(f'{k} {v:.4g}' for k, v in result.items() if not isinstance(v, dict)),
       )
       if job.source.wait_seconds:
         span = time.perf_counter() - span_start
