@@ -72,6 +72,10 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.data.workers = 0
   c.data.prefetch = 4
   c.data.timeout_seconds = 300.0
+  c.data.train_examples = 0
+  c.data.subset_seed = 0
+  c.data.label_noise = 0.0
+  c.data.noise_seed = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'preact_resnet18'
@@ -186,6 +190,14 @@ KEYS = {
     'data.timeout_seconds': "'host' pipeline: seconds an input worker may deliver no batch before "
     "the run saves a checkpoint and stops with status 1 (a worker's first batch, its start-up, "
     'may take 10 times as long)',
+    'data.train_examples': 'train on a class-balanced subset of this many examples, N / C of each '
+    'of the C classes (0: the whole split); N must be a multiple of C and every class must have '
+    'N / C examples (skd_jax/data/selection.py)',
+    'data.subset_seed': 'seed of the subset drawn for data.train_examples (independent of seed)',
+    'data.label_noise': 'symmetric label noise, in [0, 1): exactly round(rate * N) training labels '
+    'are replaced by one of the other classes, uniformly; the test split is untouched',
+    'data.noise_seed': 'seed of the examples data.label_noise changes and of their new labels '
+    '(independent of seed)',
     'model.name': 'cifar_resnet18, preact_resnet18, small_resnet, resnet50 or resnet152 (see '
     'skd_jax/models)',
     'model.dtype': "computation dtype, 'float32' or 'bfloat16' (parameters stay float32)",
@@ -378,6 +390,14 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
     )
     integer('data.image_size', 1)
     integer('data.eval_resize', config.data.image_size)
+  integer('data.train_examples', 0)
+  integer('data.subset_seed', 0)
+  check(
+      number(config.data.label_noise) and 0 <= config.data.label_noise < 1,
+      'data.label_noise',
+      f'expected a fraction in [0, 1), got {config.data.label_noise!r}',
+  )
+  integer('data.noise_seed', 0)
   integer('data.workers', 0)
   integer('data.prefetch', 1)
   check(

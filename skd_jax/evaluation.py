@@ -66,8 +66,10 @@ class DeviceEvalSet:
 def evaluate(eval_fn, test, models: dict[str, object]) -> dict[str, float]:
   """The metrics of every model in ``models`` (key prefix -> variables), prefixed, in one dict.
 
-  ``test`` is a :class:`DeviceEvalSet` or a ``HostEvalSet``; each batch is read once for all
-  models.
+  Every model gets the scalars of ``skd_jax.metrics.summarize`` and, under ``reliability``, the
+  10 bins of its ECE (``skd_jax.metrics.reliability_bins``: a dict of lists, for reliability
+  diagrams). ``test`` is a :class:`DeviceEvalSet` or a ``HostEvalSet``; each batch is read once
+  for all models.
   """
   stats = {prefix: [] for prefix in models}
   for args in test.batches():
@@ -78,7 +80,9 @@ def evaluate(eval_fn, test, models: dict[str, object]) -> dict[str, float]:
     batches = jax.device_get(batches)
     merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     valid = merged.pop('valid')
-    summary = metrics_lib.summarize({k: v[valid] for k, v in merged.items()})
+    stats = {k: v[valid] for k, v in merged.items()}
+    summary = metrics_lib.summarize(stats)
+    summary['reliability'] = metrics_lib.reliability_bins(stats['confidence'], stats['correct'])
     result.update({prefix + k: v for k, v in summary.items()})
   return result
 

@@ -140,22 +140,68 @@ def expected_calibration_error(confidence, correct, num_bins: int = 10) -> float
     ValueError: on non-1-D or mismatched inputs, an empty set, or ``num_bins < 1``.
   """
   confidence, correct = _as_1d_pair(confidence, correct)  # float64: exact for float32 input
+  total = confidence.shape[0]
+  weighted_gaps = [
+      abs(accuracy - mean_confidence) * count if count else 0
+      for count, mean_confidence, accuracy in _bins(confidence, correct, num_bins)
+  ]
+  return float(100 * sum(weighted_gaps) / total)
+
+
+def _bins(confidence: np.ndarray, correct: np.ndarray, num_bins: int) -> list[tuple]:
+  """``(count, mean confidence, accuracy)`` of every bin of `expected_calibration_error`, in the
+  official code's bins and arithmetic; ``(0, 0.0, 0.0)`` for an empty bin."""
   if num_bins < 1:
     raise ValueError(f'num_bins: expected a positive integer, got {num_bins}')
-  total = confidence.shape[0]
   width = 1.0 / num_bins
-  weighted_gaps = []
+  bins = []
   for upper in np.arange(width, 1 + width, width):
     lower = upper - width
     in_bin = (confidence > lower) & (confidence <= upper)
     count = int(np.sum(in_bin))
     if count == 0:
-      weighted_gaps.append(0)
+      bins.append((0, 0.0, 0.0))
       continue
     accuracy = float(int(np.sum(correct[in_bin]))) / count
     mean_confidence = sum(confidence[in_bin].tolist()) / count  # Python's sum: the same order
-    weighted_gaps.append(abs(accuracy - mean_confidence) * count)
-  return float(100 * sum(weighted_gaps) / total)
+    bins.append((count, mean_confidence, accuracy))
+  return bins
+
+
+def reliability_bins(confidence, correct, num_bins: int = 10) -> dict[str, list]:
+  """The bins of `expected_calibration_error`, for a reliability diagram.
+
+  The same bins (the official code's float64 edges, an example in bin ``k`` when
+  ``lower_k < c <= upper_k``; a confidence of 0 or exactly on a rounded edge is in no bin) and the
+  same arithmetic, so that with ``N`` the number of examples::
+
+    ECE = 100 * sum_k count_k * |accuracy_k - confidence_k| / N
+
+  holds exactly. For ``num_bins = 10`` there are 10 bins; the official edges
+  (``np.arange(w, 1 + w, w)``) give one more for a few sizes, such as 49.
+
+  Args:
+    confidence: 1-D array of max softmax probabilities.
+    correct: 1-D array of 0/1 correctness indicators, same length.
+    num_bins: number of bins ``M``.
+
+  Returns:
+    ``{'count': [int], 'confidence': [float], 'accuracy': [float]}``, one entry per bin from the
+    lowest confidences: the number of examples, their mean confidence and their accuracy (both
+    in ``[0, 1]``, 0 for an empty bin).
+
+  Raises:
+    ValueError: on non-1-D or mismatched inputs, an empty set, or ``num_bins < 1``.
+
+  >>> bins = reliability_bins([0.95, 0.9, 0.55, 0.35], [1, 0, 1, 1], num_bins=4)
+  >>> bins['count'], bins['accuracy']
+  ([0, 1, 1, 2], [0.0, 1.0, 1.0, 0.5])
+  >>> [round(c, 3) for c in bins['confidence']]
+  [0.0, 0.35, 0.55, 0.925]
+  """
+  confidence, correct = _as_1d_pair(confidence, correct)
+  counts, confidences, accuracies = zip(*_bins(confidence, correct, num_bins))
+  return {'count': list(counts), 'confidence': list(confidences), 'accuracy': list(accuracies)}
 
 
 def _aurc_raw(confidence: np.ndarray, correct: np.ndarray) -> float:

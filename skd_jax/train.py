@@ -48,6 +48,7 @@ from skd_jax import train_log
 from skd_jax import workdir as workdir_lib
 from skd_jax.data import pipeline
 from skd_jax.data import samplers
+from skd_jax.data import selection
 from skd_jax.data import sources
 from skd_jax.errors import InputError
 
@@ -276,21 +277,24 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
     num_classes = train_set.num_classes
   else:
     train_set = data_lib.load_split(config.data, config.data.train_split)
+    train_set = selection.select_dataset(config.data, train_set)  # data.train_examples, ...
     mean, std = pipeline.channel_stats(train_set.images)
     num_classes, image_shape = train_set.num_classes, train_set.images.shape[1:]
     test_set = data_lib.load_split(config.data, config.data.test_split)
     test = evaluation.DeviceEvalSet(
         sources.to_devices(test_set.images, test_set.labels, mesh), config.eval_batch_size
     )
+  chosen = getattr(train_set, 'selection', None)  # the subset and label noise, if any
   if check_data:
-    check_data(data_lib.identity(config.data, train_set.labels))
+    check_data(data_lib.identity(config.data, train_set.labels, chosen))
   _stop_if_signalled()  # before the slow part: initialisation and compilation
   log.info(
-      'Data: %s, %d training (%s, %s pipeline) and %d test (%s) images of %s, %d classes.',
+      'Data: %s, %d training (%s, %s pipeline%s) and %d test (%s) images of %s, %d classes.',
       config.data.name,
       len(train_set.labels),
       config.data.train_split,
       config.data.pipeline,
+      chosen.describe() if chosen else '',
       test.num_examples,
       config.data.test_split,
       'x'.join(map(str, image_shape)),
@@ -554,7 +558,7 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
           'epoch %d/%d: %s',
           epoch,
           config.num_epochs,
-          ', '.join(f'{k} {v:.4g}' for k, v in result.items()),
+          ', '.join(f'{k} {v:.4g}' for k, v in result.items() if not isinstance(v, dict)),
       )
       if job.source.wait_seconds:
         span = time.perf_counter() - span_start

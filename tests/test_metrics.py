@@ -187,6 +187,63 @@ def test_ece_perfectly_calibrated_is_zero():
   assert metrics.expected_calibration_error(confidence, correct) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_reliability_bins_give_back_the_ece(seed):
+  rng = np.random.default_rng(seed)
+  edges = np.arange(0.1, 1.1, 0.1)
+  near_edges = np.concatenate([edges, edges - 0.1, np.nextafter(edges, 2), np.nextafter(edges, 0)])
+  confidence = np.concatenate([rng.random(500), near_edges, [0.0, 1.0]])
+  if seed:  # float32 confidences as the model gives them; float64 ones hit the edges exactly
+    confidence = confidence.astype(np.float32)
+  correct = (rng.random(confidence.size) < 0.7).astype(np.float32)
+  bins = metrics.reliability_bins(confidence, correct)
+  assert set(bins) == {'count', 'confidence', 'accuracy'}
+  assert all(len(v) == 10 for v in bins.values())
+  assert all(type(c) is int for c in bins['count'])  # pylint: disable=unidiomatic-typecheck
+  # 0 and the values on a rounded edge are in no bin, but count in N.
+  assert 0 < confidence.size - sum(bins['count']) < 12
+  gaps = [n * abs(a - c) for n, a, c in zip(*bins.values())]
+  ece = 100 * sum(gaps) / confidence.size
+  assert abs(ece - metrics.expected_calibration_error(confidence, correct)) < 1e-9
+  for k, (n, c, a) in enumerate(zip(bins['count'], bins['confidence'], bins['accuracy'])):
+    if n:
+      assert k / 10 - 1e-7 <= c <= (k + 1) / 10 + 1e-7 and 0 <= a <= 1
+    else:
+      assert c == a == 0
+
+
+def test_evaluate_records_the_reliability_bins_of_every_model():
+  from skd_jax import evaluation  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  stats = {
+      'confidence': rng.random(12).astype(np.float32),
+      'correct': (rng.random(12) < 0.5).astype(np.float32),
+      'top5': np.ones(12, np.float32),
+      'nll': rng.random(12).astype(np.float32),
+      'valid': np.arange(12) < 10,  # the last two are padding
+  }
+
+  class Test:
+
+    def batches(self):
+      yield (slice(0, 6),)
+      yield (slice(6, 12),)
+
+  shift = {'': 0.0, 'ema/': 0.05}
+  eval_fn = lambda prefix, rows: {
+      k: v[rows] - shift[prefix] if k == 'confidence' else v[rows] for k, v in stats.items()
+  }
+  result = evaluation.evaluate(eval_fn, Test(), {'': '', 'ema/': 'ema/'})
+  for prefix in shift:
+    valid = {k: v[:10] for k, v in stats.items()}
+    confidence = valid['confidence'] - shift[prefix]
+    assert result[prefix + 'reliability'] == metrics.reliability_bins(confidence, valid['correct'])
+    assert result[prefix + 'ece'] == metrics.expected_calibration_error(
+        confidence, valid['correct']
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # aurc / eaurc
 # ----------------------------------------------------------------------------------------------

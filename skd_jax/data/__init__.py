@@ -40,11 +40,13 @@ class Dataset(NamedTuple):
     images: uint8 [N, H, W, C] (C == 1 for grayscale).
     labels: int32 [N], in [0, num_classes).
     num_classes: number of classes.
+    selection: the subset and label noise applied (``skd_jax.data.selection``), or None.
   """
 
   images: np.ndarray
   labels: np.ndarray
   num_classes: int
+  selection: Any = None
 
 
 def _source(data_config) -> tuple[str, str]:
@@ -116,9 +118,13 @@ def load_split(data_config, split: str) -> Dataset:
   return Dataset(images, labels, num_classes)
 
 
-def identity(data_config, labels: np.ndarray) -> dict[str, Any]:
+def identity(data_config, labels: np.ndarray, selection=None) -> dict[str, Any]:
   """What identifies a training set, at no cost even for ImageNet: its source, name and split,
   its number of examples and the SHA-256 of its labels in index order (int32, little-endian).
+
+  ``labels`` are the labels trained on. With a subset or label noise (``selection``, a
+  ``skd_jax.data.selection.Selection``) they are the chosen examples' noisy labels, and the
+  identity adds what was chosen (``Selection.identity``: ``subset``, ``label_noise``).
 
   Where the files lie (``data.dir``) is no part of it, and images are not read: a set whose
   images changed under the same labels has the same identity.
@@ -129,4 +135,5 @@ def identity(data_config, labels: np.ndarray) -> dict[str, Any]:
       'split': data_config.train_split,
       'examples': len(labels),
       'labels_sha256': hashlib.sha256(np.asarray(labels, '<i4').tobytes()).hexdigest(),
+      **(selection.identity() if selection is not None else {}),
   }

@@ -62,6 +62,7 @@ from skd_jax import preemption
 from skd_jax.data import pipeline
 from skd_jax.data import resized_crops
 from skd_jax.data import samplers
+from skd_jax.data import selection
 from skd_jax.data import sources
 from skd_jax.errors import ConfigError, InputError
 
@@ -189,12 +190,15 @@ def open_splits(data_config, mesh, eval_batch_size: int):
   """The training records, the streamed test set, the model's input shape and the normalisation.
 
   Returns:
-    ``(train records, HostEvalSet, (H, W, C), (mean, std))``. The mean and std are those of an
-    evenly spaced sample of training images as the model sees them at evaluation: 10,000, or
-    1,000 with ``'imagenet'`` augmentation (large images to decode).
+    ``(train records, HostEvalSet, (H, W, C), (mean, std))``. The training records are the
+    subset with the noisy labels when ``data.train_examples`` or ``data.label_noise`` ask for
+    them (``skd_jax.data.selection``). The mean and std are those of an evenly spaced sample of
+    those training images as the model sees them at evaluation: 10,000, or 1,000 with
+    ``'imagenet'`` augmentation (large images to decode).
   """
   augment, size = data_config.augment, data_config.image_size
   train_set = data_lib.open_records(data_config, data_config.train_split)
+  train_set = selection.select_records(data_config, train_set)  # data.train_examples, ...
   transform = eval_transform(augment, size, data_config.eval_resize)
   count = 1_000 if augment == 'imagenet' else 10_000
   sample = np.linspace(0, len(train_set) - 1, min(len(train_set), count)).astype(np.int64)
