@@ -80,9 +80,9 @@ def evaluate(eval_fn, test, models: dict[str, object]) -> dict[str, float]:
     batches = jax.device_get(batches)
     merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     valid = merged.pop('valid')
-    stats = {k: v[valid] for k, v in merged.items()}
-    summary = metrics_lib.summarize(stats)
-    summary['reliability'] = metrics_lib.reliability_bins(stats['confidence'], stats['correct'])
+    kept = {k: v[valid] for k, v in merged.items()}
+    summary = metrics_lib.summarize(kept)
+    summary['reliability'] = metrics_lib.reliability_bins(kept['confidence'], kept['correct'])
     result.update({prefix + k: v for k, v in summary.items()})
   return result
 

@@ -5,8 +5,8 @@
   keys.
 * ``data.json`` -- the identity of the training set (``skd_jax.data.identity``: source, name,
   split, number of examples, SHA-256 of the labels trained on; with ``data.train_examples`` or
-  ``data.label_noise``, the subset and the noise, ``skd_jax.data.selection``). Resuming on another training set is refused;
-  the same one found in another ``data.dir`` is not. A workdir written before ``data.json``
+  ``data.label_noise``, the subset and the noise, ``skd_jax.data.selection``). Resuming on
+  another training set is refused; the same one found in another ``data.dir`` is not. A workdir written before ``data.json``
   existed records it when it is resumed.
 * ``config_changes.jsonl`` -- one line per resume that changed resumable keys:
   ``{"step": S, "changes": {"optim.lr": [old, new], ...}}``, S being the step from which the new
