@@ -335,7 +335,9 @@ class Workdir:
     run killed before the removal leaves them for the next start to remove.
     """
     self.tensorboard.mkdir(parents=True, exist_ok=True)
-    older = [p for p in self.tensorboard.iterdir() if 'tfevents' in p.name]
+    # A bucket has no empty folders: there the folder exists once it holds a file.
+    found = self.tensorboard.iterdir() if self.tensorboard.exists() else []
+    older = [p for p in found if 'tfevents' in p.name]
     serials = [events.serial(p.name) for p in older]
     number = max([time.time_ns()] + [s + 1 for s in serials if s is not None])
     self._events = self.tensorboard / events.file_name(number)
