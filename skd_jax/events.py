@@ -8,7 +8,8 @@ record's step holding every scalar of the record, tagged by its kind: ``train/lo
 scalars, and values that are not numbers (the reliability bins) are left out.
 
 ``skd_jax.workdir`` keeps the files in ``WORKDIR/tensorboard/`` equal to ``metrics.jsonl``;
-:func:`read` reads them back.
+:func:`read` reads them back. Records carry no wall-clock time, so an event's is the time it was
+written: events rewritten when a run resumes all carry the time of the rewrite.
 """
 
 import re

@@ -440,8 +440,11 @@ def csv_text(table: dict[str, EntryResult]) -> str:
 # Plots.
 
 
-def _pooled_bins(runs: list[Run], notes: list[str]):
-  """Counts, mean confidence and accuracy per bin, pooled over ``runs``' last eval records."""
+def pooled_reliability(runs: list[Run], notes: list[str]):
+  """``(count, confidence, accuracy, runs used)`` per bin, pooled over the ``reliability`` bins of
+  ``runs``' last eval records: counts summed, confidence and accuracy averaged weighted by the
+  counts (NaN in empty bins). Runs without bins are left out with a line in ``notes``; None if no
+  run has them."""
   count = conf = correct = None
   used = 0
   for run in runs:
@@ -487,7 +490,7 @@ def _plot_reliability(study: Study, path: str, notes: list[str]) -> bool:
     ax.set_visible(False)
   for ax, name in zip(axes.flat, entries):
     finished = [r for r in study.runs[name] if r.finished]
-    pooled = _pooled_bins(finished, notes)
+    pooled = pooled_reliability(finished, notes)
     ax.plot([0, 1], [0, 1], '--', color='gray', linewidth=1)
     ax.set(xlim=(0, 1), ylim=(0, 1.12), xlabel='confidence', ylabel='accuracy')
     if pooled is None:

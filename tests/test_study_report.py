@@ -221,3 +221,21 @@ def test_an_entry_named_baseline_is_the_baseline_without_study_json(tmp_path):
   assert float(rows['ls', 'top1']['diff_mean']) == pytest.approx(0.75)
   with open(os.path.join(study, 'results.md')) as f:
     assert 'Paired difference to `baseline`' in f.read()
+
+
+def test_reliability_bins_pool_over_seeds_weighted_by_their_counts(tmp_path):
+  def run(seed, bins):
+    records = [{'kind': 'eval', 'step': 10, 'epoch': 1.0, 'top1': 50.0, 'reliability': bins}]
+    return study_report.Run('e', seed, str(tmp_path), records, {'top1': 50.0}, 1)
+
+  a = {'count': [2, 0, 6], 'confidence': [0.2, 0.0, 0.9], 'accuracy': [0.5, 0.0, 1.0]}
+  b = {'count': [2, 1, 2], 'confidence': [0.3, 0.5, 0.8], 'accuracy': [0.0, 1.0, 0.5]}
+  notes = []
+  missing = study_report.Run('e', 2, str(tmp_path), [{'kind': 'eval', 'step': 10}], {}, 1)
+  count, confidence, accuracy, used = study_report.pooled_reliability(
+      [run(0, a), run(1, b), missing], notes
+  )
+  assert used == 2 and len(notes) == 1 and 'e seed 2' in notes[0]
+  assert count.tolist() == [4, 1, 8]
+  assert confidence.tolist() == pytest.approx([0.25, 0.5, (6 * 0.9 + 2 * 0.8) / 8])
+  assert accuracy.tolist() == pytest.approx([0.25, 1.0, (6 + 1) / 8])
