@@ -17,7 +17,8 @@ and on workdirs copied from elsewhere, and writes into the study folder:
   excludes 0. Runs without ``summary.json`` are listed as unfinished, with their last epoch, and
   left out of every statistic.
 * ``reliability.png`` (per entry, pooled over its finished seeds: the accuracy of each confidence
-  bin with its count, from the ``reliability`` bins of each run's last eval record),
+  bin with its count, from the ``reliability`` bins of each run's last eval record; not drawn
+  when no finished run has them),
   ``curves.png`` (test top-1, NLL and ECE against epoch: the mean over seeds and their min-max
   band), ``train_loss.png`` (training loss against step, the same way) and ``bars.png`` (final
   top-1 and ECE, mean with ± one std error bars and each seed's value). The plots need matplotlib
@@ -59,7 +60,7 @@ METRICS = (
     ('eaurc', 'E-AURC', 2),
     ('best_top1', 'best top-1 (%)', 2),
     ('best_epoch', 'best epoch', 1),
-    ('train_seconds', 'train time (s)', 0),
+    ('train_seconds', 'train time (s)', 1),
     ('step_seconds', 'ms/step', None),  # shown in milliseconds
     ('step_cost', 'step cost', 2),
 )
@@ -482,15 +483,21 @@ def _figure(rows: int, cols: int, width: float, height: float):
 
 
 def _plot_reliability(study: Study, path: str, notes: list[str]) -> bool:
+  """The diagram of every entry; none (False) when no finished run has reliability bins."""
   entries = list(study.runs)
+  pooled_bins = {
+      name: pooled_reliability([r for r in runs if r.finished], notes)
+      for name, runs in study.runs.items()
+  }
+  if all(p is None for p in pooled_bins.values()):
+    return False
   cols = min(4, len(entries))
   rows = math.ceil(len(entries) / cols)
   figure, axes = _figure(rows, cols, 3.4, 3.4)
   for ax in axes.flat[len(entries) :]:
     ax.set_visible(False)
   for ax, name in zip(axes.flat, entries):
-    finished = [r for r in study.runs[name] if r.finished]
-    pooled = pooled_reliability(finished, notes)
+    pooled = pooled_bins[name]
     ax.plot([0, 1], [0, 1], '--', color='gray', linewidth=1)
     ax.set(xlim=(0, 1), ylim=(0, 1.12), xlabel='confidence', ylabel='accuracy')
     if pooled is None:
@@ -636,6 +643,8 @@ def write_report(study_dir: str, *, plots: bool = True) -> list[str]:
     ):
       if study.runs and draw(os.path.join(study_dir, name)):
         plots.append(name)
+      elif os.path.exists(os.path.join(study_dir, name)):  # an earlier report's, now stale
+        os.remove(os.path.join(study_dir, name))
   for note in notes:
     log.warning('%s', note)
   for name, text in (

@@ -187,9 +187,17 @@ def test_markdown_marks_differences_beyond_noise_and_lists_unfinished_runs(study
 
 def test_without_a_baseline_there_are_no_differences_and_a_half_finished_study_reports(tmp_path):
   study = str(tmp_path)
-  _run(study, 'pskd', 0, top1=91.0)
+  _run(study, 'pskd', 0, top1=91.0, bins=False)
   _run(study, 'cskd', 0, top1=30.0, done=1)  # nothing finished yet
+  (tmp_path / 'reliability.png').write_bytes(b'an earlier report')
   written = study_report.write_report(study)
+  # No finished run has reliability bins: no diagram, and the earlier one is gone.
+  assert sorted(os.path.basename(p) for p in written if p.endswith('.png')) == [
+      'bars.png',
+      'curves.png',
+      'train_loss.png',
+  ]
+  assert not (tmp_path / 'reliability.png').exists()
   rows = _csv(study)
   assert float(rows['pskd', 'top1']['mean']) == 91.0 and rows['pskd', 'top1']['std'] == ''
   assert all(row['diff_n'] == '' for row in rows.values())
