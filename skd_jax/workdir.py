@@ -15,6 +15,10 @@
   in ``README.md`` (section "The workdir"). When a run starts, lines past the step it starts from
   are dropped (all of them when it starts from scratch), and so are lines that do not parse (a
   line torn by a killed process), so the file reads as one uninterrupted run.
+* ``tensorboard/`` -- TensorBoard event files of the records of ``metrics.jsonl``
+  (``skd_jax.events``), kept equal to it: appended to with every record, and rewritten from the
+  records kept when a run starts, into a new file that replaces the older ones, so a resumed run
+  shows each step once.
 * ``summary.json`` -- final metrics, written once at the end.
 * ``checkpoints/`` -- orbax checkpoints (``skd_jax.checkpoints``); ``broken_checkpoints/`` holds
   damaged ones (unreadable metadata, failed to restore or to match their fingerprint), moved
@@ -33,8 +37,8 @@ filesystems orbax writes checkpoints to). Every file is reached through ``etils.
 reaches its own (gs:// through gcsfs, installed by the ``gcs`` extra), and :func:`path` never
 turns a URL into a local path. :func:`check_path` asks the bucket once, without retrying, before
 anything is loaded or written, so a bucket that cannot be reached, or reached without
-credentials, fails in one line. Object stores cannot append: there ``metrics.jsonl`` is rewritten
-whole at each record.
+credentials, fails in one line. Object stores cannot append: there ``metrics.jsonl`` and the event
+file are rewritten whole at each record.
 """
 
 import importlib
@@ -43,12 +47,14 @@ import logging
 import os
 import re
 import tempfile
+import time
 from typing import Any
 
 from etils import epath
 import ml_collections
 
 from skd_jax import config_lib
+from skd_jax import events
 from skd_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -74,13 +80,16 @@ def is_remote(p: str | os.PathLike) -> bool:
   return '://' in os.fspath(p)
 
 
-def _atomic_write(target: epath.Path, text: str) -> None:
+def _atomic_write(target: epath.Path, text: str | bytes) -> None:
   if is_remote(target):  # one upload replaces an object whole; a rename would copy it
-    target.write_text(text)
+    if isinstance(text, bytes):
+      target.write_bytes(text)
+    else:
+      target.write_text(text)
     return
   fd, tmp = tempfile.mkstemp(dir=target.parent, prefix='.tmp-')
   try:
-    with os.fdopen(fd, 'w') as f:
+    with os.fdopen(fd, 'wb' if isinstance(text, bytes) else 'w') as f:
       f.write(text)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
     os.replace(tmp, target)
@@ -190,6 +199,12 @@ def _parse(lines: list[str], name: str) -> list[dict[str, Any]]:
   return records
 
 
+def read_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of ``WORKDIR/metrics.jsonl`` ([] without one; lines that do not parse are skipped
+  with a warning), read without a configuration: for reports on finished or copied workdirs."""
+  return Workdir._read(path(workdir) / 'metrics.jsonl')
+
+
 def _read_object(file: epath.Path, expected: str) -> dict[str, Any] | None:
   """The JSON object in ``file`` (None if there is no file); ConfigError if it holds none."""
   if not file.exists():
@@ -242,6 +257,9 @@ class Workdir:
     self.checkpoints = self.path / 'checkpoints'
     self.broken_checkpoints = self.path / 'broken_checkpoints'
     self.model = self.path / 'model'
+    self.tensorboard = self.path / events.FOLDER
+    self._events = None  # the event file being written, once begun
+    self._events_bytes = b''  # what it holds, for filesystems that cannot append
     self._config_path = self.path / 'config.json'
     self._data_path = self.path / 'data.json'
     self._changes_path = self.path / 'config_changes.jsonl'
@@ -305,10 +323,30 @@ class Workdir:
     _atomic_write(self._config_path, self._config_json + '\n')
     if self._data is not None:
       _atomic_write(self._data_path, json.dumps(self._data, indent=2, sort_keys=True) + '\n')
-    records = self.records()
+    records = [r for r in self.records() if r['step'] <= step]
     if self._metrics.exists():
-      self._metrics_lines = [json.dumps(r) + '\n' for r in records if r['step'] <= step]
+      self._metrics_lines = [json.dumps(r) + '\n' for r in records]
       _atomic_write(self._metrics, ''.join(self._metrics_lines))
+    self._begin_events(records)
+
+  def _begin_events(self, records: list[dict[str, Any]]) -> None:
+    """Writes the kept ``records`` to a new event file and removes the older ones.
+
+    TensorBoard reads a folder's files in name order, so the new file's number follows theirs. A
+    run killed before the removal leaves them for the next start to remove.
+    """
+    self.tensorboard.mkdir(parents=True, exist_ok=True)
+    # A bucket has no empty folders: there the folder exists once it holds a file.
+    found = self.tensorboard.iterdir() if self.tensorboard.exists() else []
+    older = [p for p in found if 'tfevents' in p.name]
+    serials = [events.serial(p.name) for p in older]
+    number = max([time.time_ns()] + [s + 1 for s in serials if s is not None])
+    self._events = self.tensorboard / events.file_name(number)
+    now = time.time()
+    self._events_bytes = events.header(now) + b''.join(events.encode(r, now) for r in records)
+    _atomic_write(self._events, self._events_bytes)
+    for p in older:
+      p.unlink()
 
   @staticmethod
   def _read(file: epath.Path) -> list[dict[str, Any]]:
@@ -321,16 +359,24 @@ class Workdir:
     return self._read(self._metrics)
 
   def log(self, record: dict[str, Any]) -> None:
-    """Appends ``record`` to ``metrics.jsonl`` (after :meth:`begin`)."""
+    """Appends ``record`` to ``metrics.jsonl`` and its scalars to the event file (after
+    :meth:`begin`)."""
     if not self.is_main:
       return
     line = json.dumps(record) + '\n'
+    event = events.encode(record, time.time()) if self._events is not None else b''
     if is_remote(self._metrics):  # an object cannot be appended to: write it whole
       self._metrics_lines.append(line)
       _atomic_write(self._metrics, ''.join(self._metrics_lines))
+      if event:
+        self._events_bytes += event
+        _atomic_write(self._events, self._events_bytes)
     else:
       with self._metrics.open('a') as f:
         f.write(line)
+      if event:
+        with self._events.open('ab') as f:
+          f.write(event)
 
   def write_summary(self, summary: dict[str, Any]) -> None:
     if self.is_main:

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
+from skd_jax import events
 from skd_jax import train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
@@ -45,6 +46,15 @@ def records(workdir, kind=None):
 
 def without_time(records_):
   return [{k: v for k, v in r.items() if k != 'train_seconds'} for r in records_]
+
+
+def event_scalars(records_):
+  """``(step, tag, value)`` of the records' scalars as the event files hold them (float32)."""
+  return [
+      (r['step'], tag, float(np.float32(v)))
+      for r in records_
+      for tag, v in events.scalars(r).items()
+  ]
 
 
 def restore(workdir, step=None):

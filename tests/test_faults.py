@@ -19,6 +19,7 @@ import pytest
 
 import runs
 from skd_jax import checkpoints as checkpoints_lib
+from skd_jax import events
 from skd_jax import losses
 from skd_jax import optim
 from skd_jax import preemption
@@ -47,6 +48,10 @@ def _assert_same_run(workdir, uninterrupted):
       k: v for k, v in expected_summary.items() if k != 'train_seconds'
   }
   assert runs.without_time(runs.records(workdir)) == runs.without_time(runs.records(expected_dir))
+  # TensorBoard shows each step once, with the values of metrics.jsonl.
+  assert events.read(os.path.join(workdir, 'tensorboard')) == runs.event_scalars(
+      runs.records(workdir)
+  )
   _, state = runs.restore(workdir, 10)
   _, expected = runs.restore(expected_dir, 10)
   jax.tree.map(np.testing.assert_array_equal, state, expected)

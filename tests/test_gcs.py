@@ -22,6 +22,7 @@ import pytest
 import runs
 import skd_jax
 from skd_jax import checkpoints as checkpoints_lib
+from skd_jax import events
 from skd_jax import preemption
 from skd_jax import train
 from skd_jax import workdir as workdir_lib
@@ -133,6 +134,7 @@ def test_the_trainer_runs_preempted_resumes_and_exports_in_a_bucket_as_on_disk(
   assert without_time(json.loads((workdir / 'summary.json').read_text())) == without_time(local)
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert runs.without_time(records) == runs.without_time(runs.records(tmp_path / 'local'))
+  assert events.read(workdir / 'tensorboard') == runs.event_scalars(records)  # each step once
   assert json.loads((workdir / 'config.json').read_text()) == json.loads(
       (tmp_path / 'local' / 'config.json').read_text()
   )
