@@ -31,13 +31,26 @@ changes an entry which already has runs in DIR is refused, naming the entries an
 only keys that change no result differ (``data.dir``, ``log_every_steps``, ... : the keys a
 single run may change on resume, ``optim.*`` excepted). Adding entries or seeds is allowed.
 
+``DIR/study.json`` (what ``skd_jax.study_report`` reads besides the workdirs)::
+
+  {"study": "configs/studies/quick.py", "seeds": [0, 1, 2], "baseline": "baseline",
+   "config_overrides": ["--config.num_epochs=1"],   # the study command's, applied to every run
+   "entries": {"baseline": {"config": "/abs/configs/baseline.py:quick", "overrides": [...],
+                            "teacher": null, "run_config": {"num_epochs": 1, ...}}, ...}}
+
+``entries`` is in the study file's order, followed by entries the file no longer has but whose
+runs DIR keeps; ``seeds`` are every seed recorded so far. A run is finished when
+``DIR/<entry>/seed<k>/summary.json`` exists.
+
 SIGTERM, SIGINT and SIGHUP are passed on to the running runs, which save a checkpoint and exit;
 the study then starts no more runs and exits 0; rerun the same command to continue.
 
 ``--parallel=K`` runs K runs at a time, each its own process. On a CPU the study splits this
 machine's cores between them (each process is pinned to its own share, with
 ``os.sched_setaffinity``; XLA sizes its thread pools to the cores it may use); with fewer cores
-than K they share all of them. Accelerators are not split: K processes would share them.
+than K they share all of them. XLA's CPU reductions split their work by thread count, so a
+run's numbers depend on its share: runs under the same K on the same machine agree bit for bit,
+under another K up to float rounding. Accelerators are not split: K processes would share them.
 
 Exit status: 0 every selected run finished, or a signal stopped the study; 1 a run failed or
 was skipped for its failed teacher, or the report failed; 2 invalid input (one line naming the
@@ -407,7 +420,8 @@ def check_changes(workdir: str, record: dict[str, Any]) -> dict[str, Any]:
         'restore them, give the changed entry a new name, or use a new --workdir'
     )
   merged = dict(record)
-  merged['entries'] = {**saved_entries, **record['entries']}
+  # The study file's order, then entries it no longer has (their runs are still in DIR).
+  merged['entries'] = {**record['entries'], **saved_entries, **record['entries']}
   merged['seeds'] = sorted(set(saved.get('seeds', [])) | set(record['seeds']))
   return merged
 
@@ -524,33 +538,53 @@ def _duration(seconds: float) -> str:
   return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
 
 
+class _Stop:
+  """Records the first SIGTERM, SIGINT or SIGHUP and passes every one on to the running runs."""
+
+  def __init__(self):
+    self.signal: str | None = None  # the first signal's name
+    self.signum: int | None = None
+    self.processes: list[subprocess.Popen] = []
+    self._previous = {}
+
+  def install(self) -> None:
+    self._previous = {sig: signal.signal(sig, self.handle) for sig in _SIGNALS}
+
+  def restore(self) -> None:
+    """Gives the signals back to their previous handlers (before the report: Ctrl-C ends it)."""
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def handle(self, signum, frame):
+    del frame
+    self.signal = self.signal or signal.Signals(signum).name
+    self.signum = self.signum or signum
+    for process in self.processes:
+      if process.poll() is None:
+        try:
+          process.send_signal(signum)
+        except ProcessLookupError:  # it has just exited
+          pass
+
+  def add(self, process: subprocess.Popen) -> None:
+    self.processes.append(process)
+    if self.signum is not None:  # it came while the process started: pass it on too
+      process.send_signal(self.signum)
+
+
 class _Runner:
   """Starts runs, at most ``parallel`` at a time, each after its teacher; passes signals on."""
 
-  def __init__(self, runs: list[Run], global_args: list[str], parallel: int):
+  def __init__(self, runs: list[Run], global_args: list[str], parallel: int, stop: _Stop):
+    self.stop = stop
     self.runs = runs
     self.global_args = global_args
     self.parallel = parallel
     self.slots = _cpu_slots(parallel)
-    self.signal: str | None = None
-    self.signum: int | None = None
     self.walls: list[float] = []
     self.total = sum(r.state == 'pending' for r in runs)
     self.count = 0
-
-  def _say(self, message: str) -> None:
-    print(f'study: {message}', file=sys.stderr, flush=True)
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = self.signal or signal.Signals(signum).name
-    self.signum = self.signum or signum
-    for run in self.runs:
-      if run.state == 'running' and run.process.poll() is None:
-        try:
-          run.process.send_signal(signum)
-        except ProcessLookupError:
-          pass
 
   def _eta(self) -> str:
     left = sum(r.state in ('pending', 'running') for r in self.runs)
@@ -581,11 +615,10 @@ class _Runner:
           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
       )
     run.state, run.started = 'running', time.time()
-    if self.signum is not None:  # it came while this run started: pass it on too
-      run.process.send_signal(self.signum)
+    self.stop.add(run.process)
     self.count += 1
     where = f', CPUs {min(cpus)}-{max(cpus)}' if cpus else ''
-    self._say(f'started {run.name} ({self.count}/{self.total}{where}); log: {run.log}')
+    _say(f'started {run.name} ({self.count}/{self.total}{where}); log: {run.log}')
 
   def _last_output(self, run: Run) -> str:
     try:
@@ -600,14 +633,14 @@ class _Runner:
     if run.finished and status == 0:
       run.state = 'done'
       self.walls.append(wall)
-      self._say(f'finished {run.name} in {_duration(wall)}; {self._eta()}')
-    elif self.signal and (status == 0 or status < 0):
+      _say(f'finished {run.name} in {_duration(wall)}; {self._eta()}')
+    elif status == 0 or (self.stop.signal and status < 0):
+      # A signal stopped it (status 0: after saving a checkpoint, or during start-up).
       run.state = 'stopped'
-      saved = 'stopped' if status < 0 else 'stopped cleanly'
-      self._say(f'{saved} {run.name} after {_duration(wall)} ({self._last_output(run)})')
+      _say(f'stopped {run.name} after {_duration(wall)}: {self._last_output(run)}')
     else:
       run.state = 'failed'
-      self._say(
+      _say(
           f'FAILED {run.name} after {_duration(wall)}: exit status {status}: '
           f'{self._last_output(run)} (log: {run.log})'
       )
@@ -618,32 +651,28 @@ class _Runner:
       if run.state != 'pending':
         continue
       teacher = run.teacher
-      if teacher is not None and teacher.state in ('failed', 'skipped'):
+      if teacher is not None and teacher.state in ('failed', 'skipped', 'stopped'):
         run.state = 'skipped'
-        self._say(f'skipped {run.name}: its teacher {teacher.name} {teacher.state}')
+        _say(f'skipped {run.name}: its teacher {teacher.name} {teacher.state}')
       elif teacher is None or teacher.state == 'done':
         ready.append(run)
     return ready
 
   def run(self) -> None:
-    previous = {sig: signal.signal(sig, self._handle) for sig in _SIGNALS}
-    try:
-      while True:
-        if self.signal is None:
-          busy = sum(r.state == 'running' for r in self.runs)
-          for run in self._ready()[: self.parallel - busy]:
-            self._start(run)
-        running = [r for r in self.runs if r.state == 'running']
-        if not running:
-          break
-        for run in running:
-          status = run.process.poll()
-          if status is not None:
-            self._finish(run, status)
-        time.sleep(_POLL_SECONDS)
-    finally:
-      for sig, handler in previous.items():
-        signal.signal(sig, handler)
+    """Runs until every run is done, failed or skipped, or a signal stopped the running ones."""
+    while True:
+      if self.stop.signal is None:
+        busy = sum(r.state == 'running' for r in self.runs)
+        for run in self._ready()[: self.parallel - busy]:
+          self._start(run)
+      running = [r for r in self.runs if r.state == 'running']
+      if not running:
+        break
+      for run in running:
+        status = run.process.poll()
+        if status is not None:
+          self._finish(run, status)
+      time.sleep(_POLL_SECONDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,61 +763,79 @@ def _select(study: Study, flags_) -> tuple[list[str], list[int]]:
   return names, seeds
 
 
-def run_study(argv: list[str]) -> int:
-  """Runs the study the flags ``argv`` describe; returns the exit status."""
+def _say(message: str) -> None:
+  print(f'study: {message}', file=sys.stderr, flush=True)
+
+
+def run_study(argv: list[str], stop: _Stop) -> int:
+  """Runs the study the flags ``argv`` describe; returns the exit status.
+
+  ``stop`` has recorded the signals since start-up; it passes them on to the runs.
+  """
   flags_, global_args = _parse(argv)
   study = load_study(flags_.study)
   names, seeds = _select(study, flags_)
+  if '://' in flags_.workdir:
+    raise BadInput(f'--workdir: {flags_.workdir}: expected a local directory')
   workdir = os.path.abspath(flags_.workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise BadInput(f'--workdir: {workdir} is a file; expected a directory')
   for entry in study.entries.values():
     entry.resolved = resolve(entry, global_args)
   record = check_changes(workdir, _record(study, flags_.study, global_args))
+  if stop.signal:
+    _say(f'{stop.signal} during start-up: stopped before any run; nothing was written')
+    return 0
 
   # From here on DIR is written.
   os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, 'study.json'), record)
   runs = _plan(study, names, seeds, workdir)
   extra = sorted({r.entry.name for r in runs} - set(names))
-  say = lambda message: print(f'study: {message}', file=sys.stderr, flush=True)
   if extra:
-    say(f'also runs {", ".join(extra)}: teacher(s) of the selected entries')
+    _say(f'also runs {", ".join(extra)}: teacher(s) of the selected entries')
   finished = [r for r in runs if r.finished]
   for run in finished:
     run.state = 'done'
   parallel = int(flags_.parallel)
-  say(
+  _say(
       f'{len(runs)} runs ({len(finished)} already finished) of {len(study.entries)} entries in '
       f'{workdir}, {parallel} at a time'
   )
   start = time.time()
-  runner = _Runner(runs, global_args, parallel)
-  runner.run()
+  _Runner(runs, global_args, parallel, stop).run()
   counts = {s: sum(r.state == s for r in runs) for s in ('done', 'failed', 'skipped', 'stopped')}
-  left = sum(r.state in ('pending', 'stopped') for r in runs)
   summary = (
       f'{counts["done"]} of {len(runs)} runs finished, {counts["failed"]} failed, '
       f'{counts["skipped"]} skipped, in {_duration(time.time() - start)}'
   )
-  status = 1 if counts['failed'] or counts['skipped'] else 0
-  if runner.signal:
-    say(
-        f'{runner.signal}: stopped; {summary}, {left} not finished (interrupted runs saved a '
-        'checkpoint); rerun the same command to continue'
+  if stop.signal:
+    _say(
+        f'{stop.signal}: stopped; {summary}; {len(runs) - sum(counts.values())} not started, '
+        f'{counts["stopped"]} stopped (a run stopped in training saved a checkpoint); rerun the '
+        'same command to continue'
     )
     return 0
-  say(summary)
+  if counts['stopped']:  # a signal to a run alone
+    summary += f', {counts["stopped"]} stopped by a signal of their own (rerun to continue)'
+  _say(summary)
+  status = 1 if counts['failed'] or counts['skipped'] or counts['stopped'] else 0
   if flags_.report.lower() in ('true', '1'):
+    stop.restore()
     status = max(status, write_report(workdir))
   return status
 
 
 def main(argv: list[str]) -> int:
-  """``python -m skd_jax.study ...``: runs a study, or ``report DIR``; returns the exit status."""
+  """``python -m skd_jax.study ...``: runs a study, or ``report DIR``; returns the exit status.
+
+  While a study runs, SIGTERM, SIGINT and SIGHUP are recorded (and passed on to the runs)
+  instead of ending it; the previous handlers are restored for its report and at the end.
+  """
   if any(a in ('-h', '--help', '-help', '--helpfull', '-?') for a in argv):
     print(USAGE, end='')
     return 0
+  stop = _Stop()
   try:
     if argv[:1] == ['report']:
       if len(argv) != 2:
@@ -796,10 +843,13 @@ def main(argv: list[str]) -> int:
       if not os.path.isdir(argv[1]):
         raise BadInput(f'report: {argv[1]} is not a directory')
       return write_report(argv[1])
-    return run_study(argv)
+    stop.install()
+    return run_study(argv, stop)
   except BadInput as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  finally:
+    stop.restore()
 
 
 if __name__ == '__main__':
