@@ -166,8 +166,9 @@ def _find(path: str) -> str | None:
 
 
 def _last_line(text: str) -> str:
+  """The last non-empty line of ``text``, without absl's prefix (``W1206 09:48:18 1 f.py:2] ``)."""
   lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-  return lines[-1] if lines else ''
+  return re.sub(r'^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] ', '', lines[-1]) if lines else ''
 
 
 def _load_study_file(spec: str):
@@ -680,8 +681,13 @@ class _Runner:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_report(workdir: str) -> int:
-  """Writes the study's report with ``skd_jax.study_report``; prints the paths. Exit status."""
+def write_report(workdir: str) -> int | None:
+  """Writes the study's report with ``skd_jax.study_report`` and prints its paths.
+
+  Returns:
+    0 when written, 1 when the report failed, None when this skd_jax has no
+    ``skd_jax.study_report`` (said in one line).
+  """
   try:
     study_report = importlib.import_module('skd_jax.study_report')
   except ModuleNotFoundError as e:
@@ -691,11 +697,12 @@ def write_report(workdir: str) -> int:
         'report: skd_jax.study_report is not part of this skd_jax; no report written',
         file=sys.stderr,
     )
-    return 1
+    return None
   try:
     paths = study_report.write_report(workdir)
   except Exception as e:  # pylint: disable=broad-except  # one line, the runs are intact
-    print(f'report: failed ({type(e).__name__}: {_last_line(e)})', file=sys.stderr)
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), '')
+    print(f'report: failed ({type(e).__name__}: {first})', file=sys.stderr)
     return 1
   for path in paths:
     print(path)
@@ -799,7 +806,7 @@ def run_study(argv: list[str], stop: _Stop) -> int:
     run.state = 'done'
   parallel = int(flags_.parallel)
   _say(
-      f'{len(runs)} runs ({len(finished)} already finished) of {len(study.entries)} entries in '
+      f'{len(runs)} run(s) ({len(finished)} already finished) of {len(study.entries)} entries in '
       f'{workdir}, {parallel} at a time'
   )
   start = time.time()
@@ -822,7 +829,7 @@ def run_study(argv: list[str], stop: _Stop) -> int:
   status = 1 if counts['failed'] or counts['skipped'] or counts['stopped'] else 0
   if flags_.report.lower() in ('true', '1'):
     stop.restore()
-    status = max(status, write_report(workdir))
+    status = max(status, write_report(workdir) or 0)  # a missing report module is said only
   return status
 
 
@@ -842,7 +849,8 @@ def main(argv: list[str]) -> int:
         raise BadInput('report: expected one directory: python -m skd_jax.study report DIR')
       if not os.path.isdir(argv[1]):
         raise BadInput(f'report: {argv[1]} is not a directory')
-      return write_report(argv[1])
+      status = write_report(argv[1])
+      return 1 if status is None else status
     stop.install()
     return run_study(argv, stop)
   except BadInput as e:
