@@ -39,7 +39,7 @@ def _write(path, text):
   return str(path)
 
 
-def _study(*args, cache):
+def _study(*args, cache, report=False):
   """Starts ``python -m skd_jax.study`` on tiny runs (2 epochs of 20 steps, widths 4/8/8)."""
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_COMPILATION_CACHE_DIR': cache}
   env.pop('JAX_NUM_CPU_DEVICES', None)
@@ -54,7 +54,7 @@ def _study(*args, cache):
           '--config.batch_size=8',
           '--config.eval_batch_size=16',
           '--config.log_every_steps=1',
-          '--report=false',
+          f'--report={str(report).lower()}',
       ],
       cwd=REPO,
       env=env,
@@ -90,7 +90,7 @@ def studies(tmp_path_factory):
   stopped_with_checkpoint = (a / 'baseline' / 'seed0' / 'checkpoints').is_dir() and not (
       a / 'baseline' / 'seed0' / 'summary.json'
   ).exists()
-  rerun = _study(*common, f'--workdir={a}', '--parallel=2', cache=cache)
+  rerun = _study(*common, f'--workdir={a}', '--parallel=2', cache=cache, report=True)
   rerun = rerun.communicate(timeout=600) + (rerun.returncode,)
   reference = reference.communicate(timeout=600) + (reference.returncode,)
   return dict(
@@ -124,9 +124,11 @@ def test_a_signal_stops_the_study_cleanly_and_the_rerun_equals_an_uninterrupted_
 
 @pytest.mark.slow
 def test_teachers_run_first_and_a_failing_entry_does_not_stop_the_others(studies):
-  _, stderr, status = studies['rerun']
+  stdout, stderr, status = studies['rerun']
   a = studies['a']
   assert status == 1, stderr
+  # The report is written at the end all the same (skd_jax.study_report), its paths on stdout.
+  assert f'{a}/results.md' in stdout.split() and (a / 'results.md').exists(), stderr
   for seed in (0, 1):
     line = next(l for l in stderr.splitlines() if f'FAILED broken/seed{seed}' in l)
     assert 'exit status 2: error: optim.lr: expected a finite number, got inf' in line
