@@ -148,6 +148,8 @@ class Entry:
 
 @dataclasses.dataclass
 class Study:
+  """A study file, checked: its entries by name (in the file's order), seeds and baseline."""
+
   entries: dict[str, Entry]  # in the study file's order
   seeds: list[int]
   baseline: str
