@@ -93,19 +93,21 @@ def init_state(
     method: terms_lib.Combined,
     labels: jax.Array,
     *,
-    seed: int,
+    key: jax.Array,
     mesh,
 ) -> TrainState:
   """The initial state, created on the devices with its final shardings.
 
-  ``labels`` are the ``[N]`` training labels from which ``method`` creates its per-example rows.
+  ``labels`` are the ``[N]`` training labels from which ``method`` creates its per-example rows;
+  ``key`` is the run's PRNG key (``skd_jax.data.sources.run_key``), an argument of the compiled
+  initialisation so that every seed shares one program.
   """
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P(example_rows.AXIS))
 
   @functools.partial(jax.jit, out_shardings=replicated)
-  def init_model():
-    variables = networks.init(jax.random.fold_in(jax.random.key(seed), 0))
+  def init_model(key):
+    variables = networks.init(jax.random.fold_in(key, 0))
     return TrainState.create(
         apply_fn=networks.student.apply,
         tx=tx,
@@ -115,7 +117,7 @@ def init_state(
         **variables,
     )
 
-  state = init_model()
+  state = init_model(key)
   num_rows = example_rows.padded_rows(labels.shape[0], mesh)
   labels = jnp.pad(labels, (0, num_rows - labels.shape[0]))
   carry_shardings = {
@@ -138,17 +140,18 @@ def train_step(
     batch: sources.Batch,
     teacher=None,
     *,
+    key: jax.Array,
     networks: networks_lib.Networks,
     method: terms_lib.Combined,
     mesh,
     schedule,
     steps_per_epoch: int,
-    seed: int,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch; returns the new state and scalar measurements.
 
   ``batch`` is the step's :data:`skd_jax.data.sources.Batch`; ``teacher`` the frozen teacher's
-  variables (when a term asks for a teacher pass). The measurements are the loss, each term's
+  variables (when a term asks for a teacher pass); ``key`` the run's PRNG key
+  (``skd_jax.data.sources.run_key``), from which the terms' key of the step is folded. The measurements are the loss, each term's
   unweighted loss (``loss/<term>``), the terms' metrics, the training top-1 (%) of the final
   head, the learning rate and the gradient norm, all averaged over the batch's real examples,
   plus ``finite``: whether the updated parameters and BatchNorm statistics are all finite.
@@ -175,7 +178,7 @@ def train_step(
         num_views=method.num_views,
         valid=main.valid,
         passes=passes,
-        key=sources.step_key(seed, _TERMS, step),
+        key=sources.step_key(key, _TERMS, step),
         classify=functools.partial(networks.classify, params),
     )
     out = method(inputs, rows, state.carry)
@@ -348,12 +351,13 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
   schedule = optim_lib.make_schedule(
       config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs
   )
+  key = sources.run_key(config.seed, mesh)
   state = init_state(
       networks,
       optim_lib.make_optimizer(config.optim, schedule),
       method,
       source.labels,
-      seed=config.seed,
+      key=key,
       mesh=mesh,
   )
   heads = {k: _count(v) for k, v in state.params.items() if k != 'backbone'}
@@ -379,17 +383,20 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       mesh=mesh,
       schedule=schedule,
       steps_per_epoch=spe,
-      seed=config.seed,
   )
-  step_fn = (
+  # The seed is an argument (the run's key), not a constant: every seed runs the same program.
+  compiled_step = (
       jax.jit(
-          lambda state, args, teacher: step(state, source.batch(state.step, *args), teacher),
+          lambda state, args, teacher, key: step(
+              state, source.batch(state.step, *args), teacher, key=key
+          ),
           out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated),
           donate_argnums=(0,),
       )
-      .lower(state, source.example_args(), teacher)
+      .lower(state, source.example_args(), teacher, key)
       .compile()
   )
+  step_fn = lambda state, args, teacher: compiled_step(state, args, teacher, key)
   eval_fn = (
       jax.jit(test.eval_step(networks, mesh), out_shardings=replicated)
       .lower(networks.inference(state.params, state.batch_stats), *test.example_args())
