@@ -22,6 +22,7 @@ every process:
 """
 
 import functools
+import json
 import logging
 import time
 from typing import Any, NamedTuple
@@ -49,7 +50,7 @@ from skd_jax import workdir as workdir_lib
 from skd_jax.data import pipeline
 from skd_jax.data import samplers
 from skd_jax.data import sources
-from skd_jax.errors import InputError
+from skd_jax.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +446,47 @@ def _save_before(step: int, state: TrainState, window, checkpoints) -> None:
 
 def abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """The summary of the run that finished in ``workdir`` with ``config``, or None; reads only.
+
+  A run is finished when its ``summary.json`` holds the summary of ``config.num_epochs`` epochs,
+  its newest checkpoint is of the summary's last step, its model is exported, and ``config``
+  equals the one in its ``config.json`` (a change, even to a key that may change on resume, is
+  None: :func:`train_and_evaluate` applies it). What :func:`train_and_evaluate` would return for
+  such a workdir is the same summary, after loading the data, building and compiling the job and
+  evaluating again; this answers in a fraction of a second. None in a run of several processes,
+  whose processes must take the same path.
+
+  Raises:
+    ConfigError: ``workdir`` cannot be used (``skd_jax.workdir.check_path``), or ``config`` is
+      invalid, as :func:`train_and_evaluate` would.
+  """
+  if jax.process_count() > 1:
+    return None
+  workdir_lib.check_path(workdir)
+  try:
+    finished = workdir_lib.Workdir(workdir, config, is_main=False)
+  except ConfigError:
+    return None  # train_and_evaluate reports it, after the same checks
+  file = finished.path / 'summary.json'
+  if finished.changes or not file.exists() or not finished.model.exists():
+    return None
+  config_lib.validate(config, device_count=jax.device_count())
+  try:
+    summary = json.loads(file.read_text())
+    steps = [int(p.name) for p in finished.checkpoints.iterdir() if p.name.isdigit()]
+  except (OSError, ValueError):  # a damaged summary, no checkpoints: the slow path says what
+    return None
+  if not (
+      isinstance(summary, dict)
+      and summary.get('epochs') == config.num_epochs
+      and steps
+      and max(steps) == summary.get('steps')
+  ):
+    return None
+  return summary
 
 
 def train_and_evaluate(
