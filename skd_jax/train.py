@@ -152,10 +152,10 @@ def train_step(
 
   ``batch`` is the step's :data:`skd_jax.data.sources.Batch`; ``teacher`` the frozen teacher's
   variables (when a term asks for a teacher pass); ``key`` the run's PRNG key
-  (``skd_jax.data.sources.run_key``), from which the terms' key of the step is folded. The measurements are the loss, each term's
-  unweighted loss (``loss/<term>``), the terms' metrics, the training top-1 (%) of the final
-  head, the learning rate and the gradient norm, all averaged over the batch's real examples,
-  plus ``finite``: whether the updated parameters and BatchNorm statistics are all finite.
+  (``skd_jax.data.sources.run_key``), from which the terms' key of the step is folded. The
+  measurements are the loss, each term's unweighted loss (``loss/<term>``), the terms' metrics,
+  the training top-1 (%) of the final head, the learning rate and the gradient norm, all averaged
+  over the batch's real examples, plus ``finite``: whether the updated parameters and BatchNorm statistics are all finite.
   """
   step = state.step
   main = batch['main']
