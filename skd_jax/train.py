@@ -21,6 +21,7 @@ every process:
   (``skd_jax.checkpoints``).
 """
 
+import concurrent.futures
 import functools
 import json
 import logging
@@ -88,6 +89,45 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 # ---------------------------------------------------------------------------------------------
 
 
+def _initializers(networks: networks_lib.Networks, tx, method: terms_lib.Combined, mesh):
+  """The jitted parts of :func:`init_state` and the shardings of their results.
+
+  Returns ``(model, rows, carry)``: ``model(key)`` is the state without rows and carry,
+  ``rows(labels)`` the per-example rows of the padded labels and ``carry()`` the terms' carry;
+  and ``shardings(state)``, the sharding of every leaf of a state.
+  """
+  replicated = NamedSharding(mesh, P())
+  sharded = NamedSharding(mesh, P(example_rows.AXIS))
+
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def model(key):
+    variables = networks.init(jax.random.fold_in(key, 0))
+    return TrainState.create(
+        apply_fn=networks.student.apply,
+        tx=tx,
+        rows={},
+        carry={},
+        ema=networks.init_ema(variables['params'], variables['batch_stats']),
+        **variables,
+    )
+
+  carry_shardings = {
+      name: sharded if kind == 'batch' else replicated
+      for name, kind in method.carry_sharding().items()
+  }
+  rows = jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))
+  carry = jax.jit(method.init_carry, out_shardings=carry_shardings)
+
+  def shardings(state):
+    on = lambda sharding, tree: jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(lambda _: replicated, state).replace(
+        rows=on(example_rows.sharding(mesh), state.rows),
+        carry={name: on(carry_shardings[name], tree) for name, tree in state.carry.items()},
+    )
+
+  return model, rows, carry, shardings
+
+
 def init_state(
     networks: networks_lib.Networks,
     tx,
@@ -103,31 +143,36 @@ def init_state(
   ``key`` is the run's PRNG key (``skd_jax.data.sources.run_key``), an argument of the compiled
   initialisation so that every seed shares one program.
   """
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(example_rows.AXIS))
-
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def init_model(key):
-    variables = networks.init(jax.random.fold_in(key, 0))
-    return TrainState.create(
-        apply_fn=networks.student.apply,
-        tx=tx,
-        rows={},
-        carry={},
-        ema=networks.init_ema(variables['params'], variables['batch_stats']),
-        **variables,
-    )
-
-  state = init_model(key)
+  model, rows, carry, _ = _initializers(networks, tx, method, mesh)
   num_rows = example_rows.padded_rows(labels.shape[0], mesh)
   labels = jnp.pad(labels, (0, num_rows - labels.shape[0]))
-  carry_shardings = {
-      name: sharded if kind == 'batch' else replicated
-      for name, kind in method.carry_sharding().items()
-  }
-  return state.replace(
-      rows=jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))(labels),
-      carry=jax.jit(method.init_carry, out_shardings=carry_shardings)(),
+  return model(key).replace(rows=rows(labels), carry=carry())
+
+
+def abstract_init_state(
+    networks: networks_lib.Networks,
+    tx,
+    method: terms_lib.Combined,
+    labels: jax.Array,
+    *,
+    mesh,
+) -> TrainState:
+  """What :func:`init_state` returns, as ``jax.ShapeDtypeStruct`` s with their shardings, without
+  compiling or running the initialisation (to compile the steps at the same time)."""
+  model, rows, carry, shardings = _initializers(networks, tx, method, mesh)
+  num_rows = example_rows.padded_rows(labels.shape[0], mesh)
+  labels = jax.eval_shape(lambda x: jnp.pad(x, (0, num_rows - x.shape[0])), labels)
+  key = jax.eval_shape(jax.random.key, 0)
+  state = jax.eval_shape(model, key).replace(
+      rows=jax.eval_shape(rows, labels),
+      carry=jax.eval_shape(carry),
+  )
+  return jax.tree.map(
+      lambda x, sharding: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type
+      ),
+      state,
+      shardings(state),
   )
 
 
@@ -352,29 +397,15 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
   schedule = optim_lib.make_schedule(
       config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs
   )
+  tx = optim_lib.make_optimizer(config.optim, schedule)
   key = sources.run_key(config.seed, mesh)
-  state = init_state(
-      networks,
-      optim_lib.make_optimizer(config.optim, schedule),
-      method,
-      source.labels,
-      key=key,
-      mesh=mesh,
-  )
-  heads = {k: _count(v) for k, v in state.params.items() if k != 'backbone'}
-  log.info(
-      'Model: %s %s (%s), %s parameters%s%s. Loss: %s.',
-      config.model.name,
-      options or '',
-      config.model.dtype,
-      f'{_count(state.params["backbone"]):,}',
-      ''.join(f' + {n:,} in the training-only head {k}' for k, n in heads.items()),
-      f'; teacher {networks.teacher.spec.name}' if networks.teacher else '',
-      ' + '.join(f'{t.weight:g} {t.name}' for t in method.terms),
-  )
 
   # Compiled ahead of time, so that start-up ends here and the progress bar times training only.
+  # The steps are compiled from the initial state's shapes while the initialisation compiles and
+  # runs (most of its time is compiling its random draws): XLA releases the GIL, so on several
+  # cores the compilations overlap.
   started = time.perf_counter()
+  shapes = abstract_init_state(networks, tx, method, source.labels, mesh=mesh)
   teacher = networks.teacher_variables(mesh)
   replicated = NamedSharding(mesh, P())
   step = functools.partial(
@@ -386,24 +417,36 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       steps_per_epoch=spe,
   )
   # The seed is an argument (the run's key), not a constant: every seed runs the same program.
-  compiled_step = (
-      jax.jit(
-          lambda state, args, teacher, key: step(
-              state, source.batch(state.step, *args), teacher, key=key
-          ),
-          out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated),
-          donate_argnums=(0,),
-      )
-      .lower(state, source.example_args(), teacher, key)
-      .compile()
+  lowered_step = jax.jit(
+      lambda state, args, teacher, key: step(
+          state, source.batch(state.step, *args), teacher, key=key
+      ),
+      out_shardings=(jax.tree.map(lambda x: x.sharding, shapes), replicated),
+      donate_argnums=(0,),
+  ).lower(shapes, source.example_args(), teacher, key)
+  lowered_eval = jax.jit(test.eval_step(networks, mesh), out_shardings=replicated).lower(
+      networks.inference(shapes.params, shapes.batch_stats), *test.example_args()
   )
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    compiling = pool.submit(lambda: (lowered_step.compile(), lowered_eval.compile()))
+    state = init_state(networks, tx, method, source.labels, key=key, mesh=mesh)
+    compiled_step, eval_fn = compiling.result()
   step_fn = lambda state, args, teacher: compiled_step(state, args, teacher, key)
-  eval_fn = (
-      jax.jit(test.eval_step(networks, mesh), out_shardings=replicated)
-      .lower(networks.inference(state.params, state.batch_stats), *test.example_args())
-      .compile()
+  heads = {k: _count(v) for k, v in state.params.items() if k != 'backbone'}
+  log.info(
+      'Model: %s %s (%s), %s parameters%s%s. Loss: %s.',
+      config.model.name,
+      options or '',
+      config.model.dtype,
+      f'{_count(state.params["backbone"]):,}',
+      ''.join(f' + {n:,} in the training-only head {k}' for k, n in heads.items()),
+      f'; teacher {networks.teacher.spec.name}' if networks.teacher else '',
+      ' + '.join(f'{t.weight:g} {t.name}' for t in method.terms),
   )
-  log.info('Compiled the train and evaluation steps in %.1f s.', time.perf_counter() - started)
+  log.info(
+      'Compiled the train and evaluation steps and initialised the model in %.1f s.',
+      time.perf_counter() - started,
+  )
   return Job(state, step_fn, eval_fn, source, test, networks, teacher)
 
 

@@ -163,7 +163,10 @@ def test_the_command_line_caches_its_programs_and_reprints_a_finished_run(tmp_pa
   assert entries  # the train step, the evaluation step, the initialisation at least
   other_seed = _main(*args, f'--workdir={tmp_path / "c"}', '--config.seed=2', cache=str(cache))
   assert other_seed.returncode == 0, other_seed.stderr
-  assert sorted(os.listdir(cache)) == entries  # every program came from the cache
+  # Every program came from the cache: no program of the first run was written again under
+  # another key. (A tiny one whose compile time crossed the cache's threshold may be new.)
+  programs = lambda names: {name.rsplit('-', 2)[0] for name in names}
+  assert not programs(set(os.listdir(cache)) - set(entries)) & programs(entries)
 
   # The finished run again, with a cache folder that cannot be created: one warning line.
   (tmp_path / 'file').write_text('')
