@@ -92,9 +92,9 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 def _initializers(networks: networks_lib.Networks, tx, method: terms_lib.Combined, mesh):
   """The jitted parts of :func:`init_state` and the shardings of their results.
 
-  Returns ``(model, rows, carry)``: ``model(key)`` is the state without rows and carry,
-  ``rows(labels)`` the per-example rows of the padded labels and ``carry()`` the terms' carry;
-  and ``shardings(state)``, the sharding of every leaf of a state.
+  Returns ``(model, rows, carry, shardings)``: ``model(key)`` is the state without rows and
+  carry, ``rows(labels)`` the per-example rows of the padded labels, ``carry()`` the terms' carry,
+  and ``shardings(state)`` the sharding of every leaf of a state.
   """
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P(example_rows.AXIS))
