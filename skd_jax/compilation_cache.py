@@ -14,12 +14,14 @@ The folder, first match wins:
 4. ``$XDG_CACHE_HOME/skd_jax/jax``, by default ``~/.cache/skd_jax/jax``.
 
 Programs that take at least :data:`MIN_COMPILE_SECONDS` to compile are kept. Several processes
-may share the folder: JAX writes an entry under its key once (from process 0 of a multi-process
-run only) and never changes it, and an entry it cannot read (a write cut short) is compiled
-again with a warning. A cached program is the program the compiler would build, so results do
-not depend on the cache. Nothing is ever removed: delete the folder to free the space (a few MB
-per config). A folder that cannot be created or written is reported in one warning line and the
-run compiles without a cache.
+may share the folder (JAX 0.10.2, without a size limit, takes no lock): JAX writes an entry under
+its key once, from process 0 of a multi-process run only, and never rewrites it; an entry it
+cannot read (one being written by another process, or one cut short when its writer was killed)
+is compiled again, with a warning. A cut-short entry stays, so its program is compiled (and
+warned about) in every run until the folder is deleted. A cached program is the program the
+compiler would build, so results do not depend on the cache. Nothing is ever removed: delete the
+folder to free the space (a few MB per config). A folder that cannot be created or written is
+reported in one warning line and the run compiles without a cache.
 """
 
 import logging
