@@ -1,13 +1,20 @@
 r"""Command-line entry point.
 
   python -m skd_jax.main --config=configs/pskd.py:quick --workdir=/tmp/pskd \
-      [--config.KEY=VALUE ...] [--generations=K]
+      [--config.KEY=VALUE ...] [--generations=K] [--compilation_cache=DIR|off]
 
 ``--help`` lists the configs and every key. Exit status: 0 when training finished (the summary is
 printed) or when a signal stopped it (after a checkpoint, or during start-up with nothing
 written; rerun the same command to continue); 1 when it diverged (the last good checkpoint is
 kept), a file could not be written or the input failed (a worker died or stalled); 2 for invalid
 configuration or data, with one line naming the field and nothing written to the workdir.
+
+Compiled programs are kept in a persistent compilation cache, by default in
+``~/.cache/skd_jax/jax`` (``skd_jax.compilation_cache``: ``--compilation_cache=DIR`` or the
+environment variable ``SKD_JAX_COMPILATION_CACHE`` chooses another folder, ``off`` turns it off),
+so a second run of the same config starts in seconds, whatever its seed. Rerunning a finished
+run prints its summary from ``summary.json`` without loading data or compiling
+(``skd_jax.train.finished_summary``).
 
 In a run of several processes, when one process dies or fails at any moment (a step, a save,
 evaluation, start-up; process 0 included), every other one exits 1 with one line: at once when
@@ -40,6 +47,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from skd_jax import compilation_cache
 from skd_jax import config_lib
 from skd_jax import generations
 from skd_jax import peers
@@ -64,6 +72,12 @@ _GENERATIONS = flags.DEFINE_integer(
     None,
     'Born-again networks: train this many generations in WORKDIR/generationG, each taught by the '
     'previous one (skd_jax.generations).',
+)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache',
+    None,
+    'Folder of the persistent compilation cache, or "off" (default: $SKD_JAX_COMPILATION_CACHE, '
+    'else $XDG_CACHE_HOME/skd_jax/jax, i.e. ~/.cache/skd_jax/jax).',
 )
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,6 +134,10 @@ def _help() -> str:
       'elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I to each',
       '(launch/local.sh N K starts N processes with K CPU devices each on this machine). When a',
       'process dies the others exit 1, at the latest distributed_timeout_seconds + 1 s later.',
+      '',
+      'Compiled programs are cached in ~/.cache/skd_jax/jax ($XDG_CACHE_HOME/skd_jax/jax), so the',
+      'next run of a config starts in seconds, whatever its seed; --compilation_cache=DIR (or',
+      f'{compilation_cache.ENV}=DIR) chooses another folder, =off turns the cache off.',
       '',
       'Exit status: 0 finished, or stopped by SIGTERM/SIGINT/SIGHUP (rerun to continue); 1 diverged,',
       'could not write or the input failed; 2 invalid configuration or data (one line, nothing',
@@ -270,10 +288,17 @@ def main(argv):
   logging.get_absl_handler().addFilter(_WithoutOrbax())
   sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
   pylogging.getLogger('skd_jax').setLevel(pylogging.INFO)
+  compilation_cache.enable(_COMPILATION_CACHE.value)
   try:
     _initialize_distributed(_CONFIG.value)
     if _GENERATIONS.value is None:
-      summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      summary = train.finished_summary(_CONFIG.value, _WORKDIR.value)
+      if summary is None:
+        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      else:
+        pylogging.getLogger('skd_jax.main').info(
+            'The run in %s is finished: its summary.json.', _WORKDIR.value
+        )
     else:
       summaries = generations.train_generations(_CONFIG.value, _WORKDIR.value, _GENERATIONS.value)
       summary = summaries[-1]

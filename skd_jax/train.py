@@ -21,7 +21,9 @@ every process:
   (``skd_jax.checkpoints``).
 """
 
+import concurrent.futures
 import functools
+import json
 import logging
 import time
 from typing import Any, NamedTuple
@@ -50,7 +52,7 @@ from skd_jax.data import pipeline
 from skd_jax.data import samplers
 from skd_jax.data import selection
 from skd_jax.data import sources
-from skd_jax.errors import InputError
+from skd_jax.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +90,19 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 # ---------------------------------------------------------------------------------------------
 
 
-def init_state(
-    networks: networks_lib.Networks,
-    tx,
-    method: terms_lib.Combined,
-    labels: jax.Array,
-    *,
-    seed: int,
-    mesh,
-) -> TrainState:
-  """The initial state, created on the devices with its final shardings.
+def _initializers(networks: networks_lib.Networks, tx, method: terms_lib.Combined, mesh):
+  """The jitted parts of :func:`init_state` and the shardings of their results.
 
-  ``labels`` are the ``[N]`` training labels from which ``method`` creates its per-example rows.
+  Returns ``(model, rows, carry, shardings)``: ``model(key)`` is the state without rows and
+  carry, ``rows(labels)`` the per-example rows of the padded labels, ``carry()`` the terms' carry,
+  and ``shardings(state)`` the sharding of every leaf of a state.
   """
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P(example_rows.AXIS))
 
   @functools.partial(jax.jit, out_shardings=replicated)
-  def init_model():
-    variables = networks.init(jax.random.fold_in(jax.random.key(seed), 0))
+  def model(key):
+    variables = networks.init(jax.random.fold_in(key, 0))
     return TrainState.create(
         apply_fn=networks.student.apply,
         tx=tx,
@@ -116,16 +112,68 @@ def init_state(
         **variables,
     )
 
-  state = init_model()
-  num_rows = example_rows.padded_rows(labels.shape[0], mesh)
-  labels = jnp.pad(labels, (0, num_rows - labels.shape[0]))
   carry_shardings = {
       name: sharded if kind == 'batch' else replicated
       for name, kind in method.carry_sharding().items()
   }
-  return state.replace(
-      rows=jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))(labels),
-      carry=jax.jit(method.init_carry, out_shardings=carry_shardings)(),
+  rows = jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))
+  carry = jax.jit(method.init_carry, out_shardings=carry_shardings)
+
+  def shardings(state):
+    on = lambda sharding, tree: jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(lambda _: replicated, state).replace(
+        rows=on(example_rows.sharding(mesh), state.rows),
+        carry={name: on(carry_shardings[name], tree) for name, tree in state.carry.items()},
+    )
+
+  return model, rows, carry, shardings
+
+
+def init_state(
+    networks: networks_lib.Networks,
+    tx,
+    method: terms_lib.Combined,
+    labels: jax.Array,
+    *,
+    key: jax.Array,
+    mesh,
+) -> TrainState:
+  """The initial state, created on the devices with its final shardings.
+
+  ``labels`` are the ``[N]`` training labels from which ``method`` creates its per-example rows;
+  ``key`` is the run's PRNG key (``skd_jax.data.sources.run_key``), an argument of the compiled
+  initialisation so that every seed shares one program.
+  """
+  model, rows, carry, _ = _initializers(networks, tx, method, mesh)
+  num_rows = example_rows.padded_rows(labels.shape[0], mesh)
+  labels = jnp.pad(labels, (0, num_rows - labels.shape[0]))
+  return model(key).replace(rows=rows(labels), carry=carry())
+
+
+def abstract_init_state(
+    networks: networks_lib.Networks,
+    tx,
+    method: terms_lib.Combined,
+    labels: jax.Array,
+    *,
+    mesh,
+) -> TrainState:
+  """What :func:`init_state` returns, as ``jax.ShapeDtypeStruct`` s with their shardings, without
+  compiling or running the initialisation (to compile the steps at the same time)."""
+  model, rows, carry, shardings = _initializers(networks, tx, method, mesh)
+  num_rows = example_rows.padded_rows(labels.shape[0], mesh)
+  labels = jax.eval_shape(lambda x: jnp.pad(x, (0, num_rows - x.shape[0])), labels)
+  key = jax.eval_shape(jax.random.key, 0)
+  state = jax.eval_shape(model, key).replace(
+      rows=jax.eval_shape(rows, labels),
+      carry=jax.eval_shape(carry),
+  )
+  return jax.tree.map(
+      lambda x, sharding: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type
+      ),
+      state,
+      shardings(state),
   )
 
 
@@ -139,20 +187,21 @@ def train_step(
     batch: sources.Batch,
     teacher=None,
     *,
+    key: jax.Array,
     networks: networks_lib.Networks,
     method: terms_lib.Combined,
     mesh,
     schedule,
     steps_per_epoch: int,
-    seed: int,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch; returns the new state and scalar measurements.
 
   ``batch`` is the step's :data:`skd_jax.data.sources.Batch`; ``teacher`` the frozen teacher's
-  variables (when a term asks for a teacher pass). The measurements are the loss, each term's
-  unweighted loss (``loss/<term>``), the terms' metrics, the training top-1 (%) of the final
-  head, the learning rate and the gradient norm, all averaged over the batch's real examples,
-  plus ``finite``: whether the updated parameters and BatchNorm statistics are all finite.
+  variables (when a term asks for a teacher pass); ``key`` the run's PRNG key
+  (``skd_jax.data.sources.run_key``), from which the terms' key of the step is folded. The
+  measurements are the loss, each term's unweighted loss (``loss/<term>``), the terms' metrics,
+  the training top-1 (%) of the final head, the learning rate and the gradient norm, all averaged
+  over the batch's real examples, plus ``finite``: whether the updated parameters and BatchNorm statistics are all finite.
   """
   step = state.step
   main = batch['main']
@@ -176,7 +225,7 @@ def train_step(
         num_views=method.num_views,
         valid=main.valid,
         passes=passes,
-        key=sources.step_key(seed, _TERMS, step),
+        key=sources.step_key(key, _TERMS, step),
         classify=functools.partial(networks.classify, params),
     )
     out = method(inputs, rows, state.carry)
@@ -352,14 +401,41 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
   schedule = optim_lib.make_schedule(
       config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs
   )
-  state = init_state(
-      networks,
-      optim_lib.make_optimizer(config.optim, schedule),
-      method,
-      source.labels,
-      seed=config.seed,
+  tx = optim_lib.make_optimizer(config.optim, schedule)
+  key = sources.run_key(config.seed, mesh)
+
+  # Compiled ahead of time, so that start-up ends here and the progress bar times training only.
+  # The steps are compiled from the initial state's shapes while the initialisation compiles and
+  # runs (most of its time is compiling its random draws): XLA releases the GIL, so on several
+  # cores the compilations overlap.
+  started = time.perf_counter()
+  shapes = abstract_init_state(networks, tx, method, source.labels, mesh=mesh)
+  teacher = networks.teacher_variables(mesh)
+  replicated = NamedSharding(mesh, P())
+  step = functools.partial(
+      train_step,
+      networks=networks,
+      method=method,
       mesh=mesh,
+      schedule=schedule,
+      steps_per_epoch=spe,
   )
+  # The seed is an argument (the run's key), not a constant: every seed runs the same program.
+  lowered_step = jax.jit(
+      lambda state, args, teacher, key: step(
+          state, source.batch(state.step, *args), teacher, key=key
+      ),
+      out_shardings=(jax.tree.map(lambda x: x.sharding, shapes), replicated),
+      donate_argnums=(0,),
+  ).lower(shapes, source.example_args(), teacher, key)
+  lowered_eval = jax.jit(test.eval_step(networks, mesh), out_shardings=replicated).lower(
+      networks.inference(shapes.params, shapes.batch_stats), *test.example_args()
+  )
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    compiling = pool.submit(lambda: (lowered_step.compile(), lowered_eval.compile()))
+    state = init_state(networks, tx, method, source.labels, key=key, mesh=mesh)
+    compiled_step, eval_fn = compiling.result()
+  step_fn = lambda state, args, teacher: compiled_step(state, args, teacher, key)
   heads = {k: _count(v) for k, v in state.params.items() if k != 'backbone'}
   log.info(
       'Model: %s %s (%s), %s parameters%s%s. Loss: %s.',
@@ -371,35 +447,10 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       f'; teacher {networks.teacher.spec.name}' if networks.teacher else '',
       ' + '.join(f'{t.weight:g} {t.name}' for t in method.terms),
   )
-
-  # Compiled ahead of time, so that start-up ends here and the progress bar times training only.
-  started = time.perf_counter()
-  teacher = networks.teacher_variables(mesh)
-  replicated = NamedSharding(mesh, P())
-  step = functools.partial(
-      train_step,
-      networks=networks,
-      method=method,
-      mesh=mesh,
-      schedule=schedule,
-      steps_per_epoch=spe,
-      seed=config.seed,
+  log.info(
+      'Compiled the train and evaluation steps and initialised the model in %.1f s.',
+      time.perf_counter() - started,
   )
-  step_fn = (
-      jax.jit(
-          lambda state, args, teacher: step(state, source.batch(state.step, *args), teacher),
-          out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated),
-          donate_argnums=(0,),
-      )
-      .lower(state, source.example_args(), teacher)
-      .compile()
-  )
-  eval_fn = (
-      jax.jit(test.eval_step(networks, mesh), out_shardings=replicated)
-      .lower(networks.inference(state.params, state.batch_stats), *test.example_args())
-      .compile()
-  )
-  log.info('Compiled the train and evaluation steps in %.1f s.', time.perf_counter() - started)
   return Job(state, step_fn, eval_fn, source, test, networks, teacher)
 
 
@@ -442,6 +493,47 @@ def _save_before(step: int, state: TrainState, window, checkpoints) -> None:
 
 def abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """The summary of the run that finished in ``workdir`` with ``config``, or None; reads only.
+
+  A run is finished when its ``summary.json`` holds the summary of ``config.num_epochs`` epochs,
+  its newest checkpoint is of the summary's last step, its model is exported, and ``config``
+  equals the one in its ``config.json`` (a change, even to a key that may change on resume, is
+  None: :func:`train_and_evaluate` applies it). What :func:`train_and_evaluate` would return for
+  such a workdir is the same summary, after loading the data, building and compiling the job and
+  evaluating again; this answers in a fraction of a second. None in a run of several processes,
+  whose processes must take the same path.
+
+  Raises:
+    ConfigError: ``workdir`` cannot be used (``skd_jax.workdir.check_path``), or ``config`` is
+      invalid, as :func:`train_and_evaluate` would.
+  """
+  if jax.process_count() > 1:
+    return None
+  workdir_lib.check_path(workdir)
+  try:
+    finished = workdir_lib.Workdir(workdir, config, is_main=False)
+  except ConfigError:
+    return None  # train_and_evaluate reports it, after the same checks
+  file = finished.path / 'summary.json'
+  if finished.changes or not file.exists() or not finished.model.exists():
+    return None
+  config_lib.validate(config, device_count=jax.device_count())
+  try:
+    summary = json.loads(file.read_text())
+    steps = [int(p.name) for p in finished.checkpoints.iterdir() if p.name.isdigit()]
+  except (OSError, ValueError):  # a damaged summary, no checkpoints: the slow path says what
+    return None
+  if not (
+      isinstance(summary, dict)
+      and summary.get('epochs') == config.num_epochs
+      and steps
+      and max(steps) == summary.get('steps')
+  ):
+    return None
+  return summary
 
 
 def train_and_evaluate(

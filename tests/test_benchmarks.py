@@ -1,7 +1,12 @@
 """The model-FLOPs count of benchmarks/flops.py against closed forms and torch's count."""
 
+import os
+import sys
+
+from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import flops
@@ -61,3 +66,29 @@ def test_a_training_step_counts_what_torchs_flop_counter_counts(
 
   images = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
   assert flops.training_flops(logits, variables['params'], images) == torch_flops
+
+
+def test_the_startup_benchmark_writes_its_data_subset_and_applies_its_overrides(tmp_path):
+  """benchmarks/startup.py's parts that need no process: the subset and each run's config."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))  # its `timing`
+  from benchmarks import startup  # pylint: disable=g-import-not-at-top
+  from skd_jax.data import idx  # pylint: disable=g-import-not-at-top
+
+  flags.FLAGS(['startup', '--train_examples=30', '--test_examples=20'])
+  startup._write_subset(str(tmp_path))  # pylint: disable=protected-access
+  images, labels = idx.load_fashion_mnist(str(tmp_path), 'train')
+  full_images, full_labels = idx.load_fashion_mnist(idx.FASHION_MNIST_DIR, 'train')
+  np.testing.assert_array_equal(images, full_images[:30])
+  np.testing.assert_array_equal(labels, full_labels[:30])
+  assert len(idx.load_fashion_mnist(str(tmp_path), 'test')[1]) == 20
+  args = dict(
+      config='pskd',
+      data=str(tmp_path),
+      seed=7,
+      num_epochs=1,
+      overrides=['batch_size=16', 'model.widths=(4, 8, 8)', 'model.dtype=bfloat16'],
+  )
+  config = startup._config(args)  # pylint: disable=protected-access
+  assert (config.seed, config.num_epochs, config.batch_size) == (7, 1, 16)
+  assert tuple(config.model.widths) == (4, 8, 8) and config.model.dtype == 'bfloat16'
+  assert config.data.dir == str(tmp_path) and 'pskd' in config.loss

@@ -86,9 +86,23 @@ def to_devices(images: np.ndarray, labels: np.ndarray, mesh) -> DeviceData:
   return DeviceData(images=put(images), labels=put(labels.astype(np.int32)))
 
 
-def step_key(seed: int, stream: int, step) -> jax.Array:
-  """The PRNG key of ``stream`` at ``step``: ``fold_in(fold_in(key(seed), stream), step)``."""
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), step)
+def run_key(seed: int, mesh) -> jax.Array:
+  """The run's PRNG key ``jax.random.key(seed)``, replicated on ``mesh``.
+
+  Made on the host and passed to the compiled programs as an argument, so that no program holds
+  the seed: a run with another seed reuses every compiled program (and the persistent
+  compilation cache). The key's data are those of ``jax.random.key(seed)`` inside a program.
+  """
+  data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+  replicated = NamedSharding(mesh, P())
+  data = jax.make_array_from_process_local_data(replicated, data)
+  return jax.jit(jax.random.wrap_key_data, out_shardings=replicated)(data)
+
+
+def step_key(key: jax.Array, stream: int, step) -> jax.Array:
+  """The PRNG key of ``stream`` at ``step``: ``fold_in(fold_in(key, stream), step)``, ``key``
+  being the run's (:func:`run_key`)."""
+  return jax.random.fold_in(jax.random.fold_in(key, stream), step)
 
 
 class OnDeviceSource:
@@ -127,7 +141,8 @@ class OnDeviceSource:
     self.batch_size = batch_size
     self.steps_per_epoch = samplers.steps_per_epoch(self.num_examples, batch_size)
     self.groups = ('main',) + tuple(g for g in GROUPS[1:] if g in groups)
-    self._mesh, self._seed = mesh, seed
+    self._mesh = mesh
+    self.key = run_key(seed, mesh)
     self._augment = functools.partial(pipeline.augment, crop_padding=crop_padding, flip=flip)
     self.data = to_devices(images, labels, mesh)
     replicated = NamedSharding(mesh, P())
@@ -137,23 +152,21 @@ class OnDeviceSource:
       self._classes = samplers.ClassIndex(
           *(jax.make_array_from_process_local_data(replicated, x) for x in classes)
       )
+    order = functools.partial(
+        samplers.epoch_order, num_examples=self.num_examples, batch_size=batch_size
+    )
     self._order_fn = jax.jit(
-        functools.partial(
-            samplers.epoch_order, num_examples=self.num_examples, batch_size=batch_size
-        ),
+        lambda key, epoch: order(jax.random.fold_in(key, _ORDER), epoch),
         out_shardings=replicated,
     )
-    self._order_key = jax.jit(
-        lambda: jax.random.fold_in(jax.random.key(seed), _ORDER), out_shardings=replicated
-    )()
     self._orders = (None, None)  # (epoch, (its order, the previous epoch's order))
 
   def _epoch_orders(self, epoch: int):
     if self._orders[0] != epoch:
-      order = self._order_fn(self._order_key, epoch)
+      order = self._order_fn(self.key, epoch)
       previous = order
       if 'previous' in self.groups and epoch > 0:
-        previous = self._order_fn(self._order_key, epoch - 1)
+        previous = self._order_fn(self.key, epoch - 1)
       self._orders = (epoch, (order, previous))
     return self._orders[1]
 
@@ -161,14 +174,15 @@ class OnDeviceSource:
     """Nothing to stop: the data stays on the devices."""
 
   def step_args(self, step: int) -> tuple[Any, ...]:
-    """What :meth:`batch` needs besides the step: the data, the epoch's orders, the class index."""
-    return self.data, self._epoch_orders(step // self.steps_per_epoch), self._classes
+    """What :meth:`batch` needs besides the step: the data, the epoch's orders, the class index
+    and the run's key."""
+    return self.data, self._epoch_orders(step // self.steps_per_epoch), self._classes, self.key
 
   def example_args(self) -> tuple[Any, ...]:
     """Arguments like :meth:`step_args`', for compiling ahead of time."""
     return self.step_args(0)
 
-  def batch(self, step: jax.Array, data: DeviceData, orders, classes) -> Batch:
+  def batch(self, step: jax.Array, data: DeviceData, orders, classes, key) -> Batch:
     """Step ``step``'s global batch (traceable: runs inside the compiled step)."""
     order, previous_order = orders
     spe = self.steps_per_epoch
@@ -176,19 +190,19 @@ class OnDeviceSource:
         samplers.batch_slots, num_examples=self.num_examples, batch_size=self.batch_size
     )
     index, valid = slots_of(order, step % spe)
-    batch = {'main': self._examples(data, index, valid, step_key(self._seed, _AUGMENT, step))}
+    batch = {'main': self._examples(data, index, valid, step_key(key, _AUGMENT, step))}
     if 'partner' in self.groups:
       partners = samplers.class_partners(
-          step_key(self._seed, _PARTNERS, step), data.labels[index], classes
+          step_key(key, _PARTNERS, step), data.labels[index], classes
       )
-      key = step_key(self._seed, _PARTNER_AUGMENT, step)
-      batch['partner'] = self._examples(data, partners, valid, key)
+      augment_key = step_key(key, _PARTNER_AUGMENT, step)
+      batch['partner'] = self._examples(data, partners, valid, augment_key)
     if 'previous' in self.groups:
       # Step s - 1 lies in the previous epoch exactly when s starts an epoch.
       order = jnp.where(step % spe == 0, previous_order, order)
       index, valid = slots_of(order, (step - 1) % spe)
-      key = step_key(self._seed, _PREVIOUS_AUGMENT, step)
-      batch['previous'] = self._examples(data, index, valid & (step > 0), key)
+      augment_key = step_key(key, _PREVIOUS_AUGMENT, step)
+      batch['previous'] = self._examples(data, index, valid & (step > 0), augment_key)
     return batch
 
   def _examples(self, data: DeviceData, index, valid, key) -> Examples:
