@@ -28,13 +28,10 @@ import logging
 import time
 from typing import Any, NamedTuple
 
-import flax.training.train_state
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
-import optax
 
 from skd_jax import checkpoints as checkpoints_lib
 from skd_jax import config_lib
@@ -45,6 +42,7 @@ from skd_jax import export
 from skd_jax import networks as networks_lib
 from skd_jax import optim as optim_lib
 from skd_jax import preemption
+from skd_jax import state as state_lib
 from skd_jax import terms as terms_lib
 from skd_jax import train_log
 from skd_jax import workdir as workdir_lib
@@ -55,22 +53,6 @@ from skd_jax.data import sources
 from skd_jax.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
-
-_TERMS = 3  # fold-in constant of the terms' PRNG stream (skd_jax.data.sources uses 1, 2, 4-6)
-
-
-class TrainState(flax.training.train_state.TrainState):
-  """The student's parameters and optimizer state, plus BatchNorm statistics and the terms' state.
-
-  ``params`` and ``batch_stats`` hold the backbone under ``'backbone'`` and each training-only
-  head under its name; ``ema`` is the EMA copy of the backbone, if a term keeps one
-  (``skd_jax.networks``).
-  """
-
-  batch_stats: Any
-  rows: dict[str, Any]  # term name -> pytree of per-example tables, sharded along examples
-  carry: dict[str, Any]  # term name -> step-to-step state, replicated or sharded with the batch
-  ema: dict[str, Any]  # {'params', 'batch_stats'} of the backbone's EMA copy, or {}
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -86,174 +68,6 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model & optimizer (skd_jax.networks, skd_jax.optim)
-# ---------------------------------------------------------------------------------------------
-
-
-def _initializers(networks: networks_lib.Networks, tx, method: terms_lib.Combined, mesh):
-  """The jitted parts of :func:`init_state` and the shardings of their results.
-
-  Returns ``(model, rows, carry, shardings)``: ``model(key)`` is the state without rows and
-  carry, ``rows(labels)`` the per-example rows of the padded labels, ``carry()`` the terms' carry,
-  and ``shardings(state)`` the sharding of every leaf of a state.
-  """
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(example_rows.AXIS))
-
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def model(key):
-    variables = networks.init(jax.random.fold_in(key, 0))
-    return TrainState.create(
-        apply_fn=networks.student.apply,
-        tx=tx,
-        rows={},
-        carry={},
-        ema=networks.init_ema(variables['params'], variables['batch_stats']),
-        **variables,
-    )
-
-  carry_shardings = {
-      name: sharded if kind == 'batch' else replicated
-      for name, kind in method.carry_sharding().items()
-  }
-  rows = jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))
-  carry = jax.jit(method.init_carry, out_shardings=carry_shardings)
-
-  def shardings(state):
-    on = lambda sharding, tree: jax.tree.map(lambda _: sharding, tree)
-    return jax.tree.map(lambda _: replicated, state).replace(
-        rows=on(example_rows.sharding(mesh), state.rows),
-        carry={name: on(carry_shardings[name], tree) for name, tree in state.carry.items()},
-    )
-
-  return model, rows, carry, shardings
-
-
-def init_state(
-    networks: networks_lib.Networks,
-    tx,
-    method: terms_lib.Combined,
-    labels: jax.Array,
-    *,
-    key: jax.Array,
-    mesh,
-) -> TrainState:
-  """The initial state, created on the devices with its final shardings.
-
-  ``labels`` are the ``[N]`` training labels from which ``method`` creates its per-example rows;
-  ``key`` is the run's PRNG key (``skd_jax.data.sources.run_key``), an argument of the compiled
-  initialisation so that every seed shares one program.
-  """
-  model, rows, carry, _ = _initializers(networks, tx, method, mesh)
-  num_rows = example_rows.padded_rows(labels.shape[0], mesh)
-  labels = jnp.pad(labels, (0, num_rows - labels.shape[0]))
-  return model(key).replace(rows=rows(labels), carry=carry())
-
-
-def abstract_init_state(
-    networks: networks_lib.Networks,
-    tx,
-    method: terms_lib.Combined,
-    labels: jax.Array,
-    *,
-    mesh,
-) -> TrainState:
-  """What :func:`init_state` returns, as ``jax.ShapeDtypeStruct`` s with their shardings, without
-  compiling or running the initialisation (to compile the steps at the same time)."""
-  model, rows, carry, shardings = _initializers(networks, tx, method, mesh)
-  num_rows = example_rows.padded_rows(labels.shape[0], mesh)
-  labels = jax.eval_shape(lambda x: jnp.pad(x, (0, num_rows - x.shape[0])), labels)
-  key = jax.eval_shape(jax.random.key, 0)
-  state = jax.eval_shape(model, key).replace(
-      rows=jax.eval_shape(rows, labels),
-      carry=jax.eval_shape(carry),
-  )
-  return jax.tree.map(
-      lambda x, sharding: jax.ShapeDtypeStruct(
-          x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type
-      ),
-      state,
-      shardings(state),
-  )
-
-
-# ---------------------------------------------------------------------------------------------
-# Update step
-# ---------------------------------------------------------------------------------------------
-
-
-def train_step(
-    state: TrainState,
-    batch: sources.Batch,
-    teacher=None,
-    *,
-    key: jax.Array,
-    networks: networks_lib.Networks,
-    method: terms_lib.Combined,
-    mesh,
-    schedule,
-    steps_per_epoch: int,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on the global batch; returns the new state and scalar measurements.
-
-  ``batch`` is the step's :data:`skd_jax.data.sources.Batch`; ``teacher`` the frozen teacher's
-  variables (when a term asks for a teacher pass); ``key`` the run's PRNG key
-  (``skd_jax.data.sources.run_key``), from which the terms' key of the step is folded. The
-  measurements are the loss, each term's unweighted loss (``loss/<term>``), the terms' metrics,
-  the training top-1 (%) of the final head, the learning rate and the gradient norm, all averaged
-  over the batch's real examples, plus ``finite``: whether the updated parameters and BatchNorm statistics are all finite.
-  """
-  step = state.step
-  main = batch['main']
-  rows = example_rows.gather(state.rows, main.index, mesh)
-  weights = main.valid.astype(jnp.float32) / jnp.sum(main.valid)
-  average = lambda v: jnp.sum(weights * v) if jnp.ndim(v) else v
-  # Views are built per example and laid out example-major, so they stay on the example's device.
-  views = jax.lax.with_sharding_constraint(
-      method.views(main.images), NamedSharding(mesh, P(example_rows.AXIS))
-  )
-
-  def loss_fn(params):
-    logits, outputs, passes, batch_stats = networks.forward(
-        params, state.batch_stats, views, batch, method.forwards, ema=state.ema, teacher=teacher
-    )
-    inputs = terms_lib.TermInputs.from_forward(
-        logits,
-        outputs,
-        main.labels,
-        step // steps_per_epoch,
-        num_views=method.num_views,
-        valid=main.valid,
-        passes=passes,
-        key=sources.step_key(key, _TERMS, step),
-        classify=functools.partial(networks.classify, params),
-    )
-    out = method(inputs, rows, state.carry)
-    measured = {f'loss/{name}': average(v) for name, v in out.losses.items()}
-    measured.update({k: average(v) for k, v in out.metrics.items()})
-    measured['top1'] = 100.0 * average(jnp.argmax(inputs.logits, -1) == main.labels)
-    return average(out.loss), (batch_stats, out.rows, out.carry, measured)
-
-  (loss, (batch_stats, new_rows, carry, measured)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True
-  )(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats, carry=carry)
-  state = state.replace(
-      rows=example_rows.scatter(state.rows, main.index, new_rows, main.valid, mesh),
-      ema=networks.update_ema(state.ema, state.params, state.batch_stats, step),
-  )
-  finite = jax.tree.leaves(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.params))
-  finite += jax.tree.leaves(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.batch_stats))
-  return state, {
-      'loss': loss,
-      'lr': schedule(step),
-      'grad_norm': optax.global_norm(grads),
-      'finite': jnp.all(jnp.stack(finite)),
-      **measured,
-  }
-
-
-# ---------------------------------------------------------------------------------------------
 # Building a run
 # ---------------------------------------------------------------------------------------------
 
@@ -261,7 +75,7 @@ def train_step(
 class Job(NamedTuple):
   """Everything a run is built from its config: compiled functions, data and the initial state."""
 
-  state: TrainState
+  state: state_lib.TrainState
   step_fn: Any  # (state, source.step_args(step), teacher) -> (state, measurements); compiled
   eval_fn: Any  # (backbone variables, *a batch of test.batches()) -> per-example statistics
   source: Any  # skd_jax.data.sources.OnDeviceSource or skd_jax.data.streaming.HostSource
@@ -273,11 +87,11 @@ class Job(NamedTuple):
   def steps_per_epoch(self) -> int:
     return self.source.steps_per_epoch
 
-  def step(self, state: TrainState, step: int):
+  def step(self, state: state_lib.TrainState, step: int):
     return self.step_fn(state, self.source.step_args(step), self.teacher)
 
 
-def _evaluate(job: Job, state: TrainState) -> dict[str, float]:
+def _evaluate(job: Job, state: state_lib.TrainState) -> dict[str, float]:
   """Test metrics of the student, and of its EMA copy (``ema/<metric>``) when there is one."""
   models = {'': networks_lib.Networks.inference(state.params, state.batch_stats)}
   if state.ema:
@@ -409,11 +223,11 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
   # runs (most of its time is compiling its random draws): XLA releases the GIL, so on several
   # cores the compilations overlap.
   started = time.perf_counter()
-  shapes = abstract_init_state(networks, tx, method, source.labels, mesh=mesh)
+  shapes = state_lib.abstract_init_state(networks, tx, method, source.labels, mesh=mesh)
   teacher = networks.teacher_variables(mesh)
   replicated = NamedSharding(mesh, P())
   step = functools.partial(
-      train_step,
+      state_lib.train_step,
       networks=networks,
       method=method,
       mesh=mesh,
@@ -433,7 +247,7 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
   )
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     compiling = pool.submit(lambda: (lowered_step.compile(), lowered_eval.compile()))
-    state = init_state(networks, tx, method, source.labels, key=key, mesh=mesh)
+    state = state_lib.init_state(networks, tx, method, source.labels, key=key, mesh=mesh)
     compiled_step, eval_fn = compiling.result()
   step_fn = lambda state, args, teacher: compiled_step(state, args, teacher, key)
   heads = {k: _count(v) for k, v in state.params.items() if k != 'backbone'}
@@ -482,7 +296,7 @@ class Diverged(FloatingPointError):
     )
 
 
-def _save_before(step: int, state: TrainState, window, checkpoints) -> None:
+def _save_before(step: int, state: state_lib.TrainState, window, checkpoints) -> None:
   """Commits ``state``, the state before ``step``, unless a checkpoint of it exists (a stop before
   the first step after resuming)."""
   pending = window.check()

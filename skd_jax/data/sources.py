@@ -42,7 +42,7 @@ from skd_jax.data import samplers
 
 GROUPS = ('main', 'partner', 'previous')
 
-# Fold-in constants of the run's PRNG key (skd_jax.train uses 0 for initialisation, 3 for terms).
+# Fold-in constants of the run's PRNG key (skd_jax.state uses 0 for initialisation, 3 for terms).
 _AUGMENT, _ORDER, _PARTNER_AUGMENT, _PARTNERS, _PREVIOUS_AUGMENT = 1, 2, 4, 5, 6
 
 
