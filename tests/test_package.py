@@ -11,10 +11,8 @@ repository by path, as a user passes their own config file.
 
 import os
 import shutil
-import site
 import subprocess
 import sys
-import sysconfig
 import zipfile
 
 import pytest
@@ -99,9 +97,17 @@ def venv(dist, tmp_path_factory):
   """``(python, site_packages)`` of a virtualenv holding only the wheel."""
   root = tmp_path_factory.mktemp('venv')
   subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(root)], check=True)
-  purelib = sysconfig.get_path('purelib', vars={'base': str(root), 'platbase': str(root)})
+  python = os.path.join(root, 'bin', 'python')
+  purelib = subprocess.run(
+      [python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'],
+      check=True,
+      capture_output=True,
+      text=True,
+  ).stdout.strip()
+  assert purelib.startswith(str(root)), purelib
   with open(os.path.join(purelib, 'dependencies.pth'), 'w') as f:
-    f.write('\n'.join(site.getsitepackages()) + '\n')
+    # Every site directory this interpreter has (venv, system, user), but not the repository.
+    f.write('\n'.join(p for p in sys.path if p.endswith(('site-packages', 'dist-packages'))))
   subprocess.run(
       [
           *(sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-index'),
@@ -110,7 +116,7 @@ def venv(dist, tmp_path_factory):
       check=True,
       capture_output=True,
   )
-  return os.path.join(root, 'bin', 'python'), purelib
+  return python, purelib
 
 
 def _run(venv_, code_or_args, cwd, blocked=(), timeout=120):
