@@ -41,6 +41,27 @@ import os
 import re
 import sys
 
+# What the `train` extra brings (setup.cfg), by the name each is imported as.
+_TRAIN_EXTRA = (
+    'absl',
+    'etils',
+    'grain',
+    'ml_collections',
+    'orbax',
+    'PIL',
+    'tensorboardX',
+    'tensorflow_datasets',
+    'tqdm',
+)
+if __name__ == '__main__':
+  # A core install (jax, flax, optax, chex) has no trainer: say so in one line, not a traceback.
+  _missing = [name for name in _TRAIN_EXTRA if importlib.util.find_spec(name) is None]
+  if _missing:
+    sys.exit(
+        f"error: the trainer needs skd_jax's train extra ({', '.join(_missing)} missing): "
+        "pip install 'skd_jax[train]'"
+    )
+
 from absl import app
 from absl import flags
 from absl import logging

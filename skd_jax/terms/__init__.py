@@ -80,14 +80,17 @@ import abc
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, TYPE_CHECKING
 import zlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from skd_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+  # Only a type here: the core install (losses and terms) does not need ml_collections.
+  import ml_collections
 
 NETWORKS = ('student', 'ema', 'teacher')
 GROUPS = ('main', 'partner', 'previous')  # skd_jax.data.sources.GROUPS
@@ -416,7 +419,7 @@ class Combined:
     return CombinedOutput(total, per_term, new_rows, new_carry, metrics)
 
 
-def build(loss_config: ml_collections.ConfigDict, context: Context) -> Combined:
+def build(loss_config: 'ml_collections.ConfigDict', context: Context) -> Combined:
   """Builds the terms named in ``config.loss``, in a fixed (sorted) order.
 
   Raises:
