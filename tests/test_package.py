@@ -147,7 +147,7 @@ def test_the_wheel_and_sdist_hold_every_module_the_license_and_the_version(dist)
   assert modules <= names, sorted(modules - names)
   assert any(n.startswith(f'skd_jax-{version}.dist-info/') and 'LICENSE' in n for n in names)
   assert f'Version: {version}\n' in metadata
-  assert 'Requires-Dist: jax<0.12,>=0.10.2\n' in metadata
+  assert 'Requires-Dist: jax<0.11,>=0.10.2\n' in metadata
   assert 'Provides-Extra: train\n' in metadata
   # The core requirements are the four libraries and numpy; the rest is behind an extra.
   core = [
