@@ -139,7 +139,11 @@ def _help() -> str:
     default = '' if key.endswith('*') else f' = {defaults[key]!r}'
     lines.append(f'  {key}{default}')
     lines.append(f'      {doc}')
-  lines += ['', 'Loss terms (loss.TERM.SETTING, with their defaults; see skd_jax/terms/TERM.py):']
+  lines += [
+      '',
+      'Loss terms (loss.TERM.SETTING, with their defaults; see skd_jax/terms/TERM.py; your own:',
+      'loss.NAME.module=\'mylab.term\', README "Your own terms, models and optimizers"):',
+  ]
   for name, settings in terms.settings().items():
     lines.append(f'  {name}: ' + ', '.join(f'{k}={v!r}' for k, v in settings.items()))
   lines += [
