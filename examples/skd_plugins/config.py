@@ -16,8 +16,8 @@ def get_config(arg=None):
   config.loss.confidence_penalty = dict(module='skd_plugins.confidence_penalty', weight=0.1)
   config.model.module = 'skd_plugins.nets'
   config.model.name = 'small_cnn'  # a label in logs; the module builds the model
-  config.model.widths = (32, 64, 128)
-  config.model.strides = (1, 2, 2)
+  config.model.widths = (16, 32, 64)
+  config.model.strides = (2, 2, 2)
   config.optim.module = 'skd_plugins.adamw'
   config.optim.lr = 1e-3
   config.optim.weight_decay = 0.05
