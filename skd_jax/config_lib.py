@@ -423,7 +423,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
   )
   check(len(config.loss) > 0, 'loss', 'expected at least one loss term')
   # Plug-ins named by import path must import and provide make(), before any data is loaded.
-  fields = [f for f in ('model.module', 'optim.module') if config[f]]
+  fields = [f'{s}.module' for s in ('model', 'optim') if config[s].get('module')]
   fields += [
       f'loss.{n}.module' for n, v in config.loss.items() if hasattr(v, 'keys') and 'module' in v
   ]

@@ -171,7 +171,7 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       input_shape=tuple(image_shape),
       mean=tuple(map(float, mean)),
       std=tuple(map(float, std)),
-      import_path=config.model.module,  # '' or a plug-in's (skd_jax.plugins)
+      import_path=config.model.get('module', ''),  # or a plug-in's (skd_jax.plugins)
   )
   backbone = spec.module()
   context = terms_lib.Context(
