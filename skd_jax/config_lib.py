@@ -77,6 +77,7 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.data.subset_seed = 0
   c.data.label_noise = 0.0
   c.data.noise_seed = 0
+  c.data.module = ''
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'preact_resnet18'
@@ -201,6 +202,9 @@ KEYS = {
     'are replaced by one of the other classes, uniformly; the test split is untouched',
     'data.noise_seed': 'seed of the examples data.label_noise changes and of their new labels '
     '(independent of seed)',
+    'data.module': "import path of your own data's module, e.g. 'mylab.data': its "
+    'make(data, split) returns the whole split as a skd_jax.data.Dataset; data.source and '
+    'data.name are then labels (device pipeline only)',
     'model.name': 'cifar_resnet18, preact_resnet18, small_resnet, resnet50 or resnet152 (see '
     'skd_jax/models)',
     'model.dtype': "computation dtype, 'float32' or 'bfloat16' (parameters stay float32)",
@@ -327,6 +331,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
       check(not number(v) or math.isfinite(v), key, f'expected a finite number, got {v!r}')
 
   check(
+      not config.data.get('module') or config.data.pipeline == 'device',
+      'data.module',
+      f"needs data.pipeline='device', got {config.data.pipeline!r}",
+  )
+  check(
       config.data.source in ('tfds', 'idx'),
       'data.source',
       f"expected 'tfds' or 'idx', got {config.data.source!r}",
@@ -423,7 +432,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
   )
   check(len(config.loss) > 0, 'loss', 'expected at least one loss term')
   # Plug-ins named by import path must import and provide make(), before any data is loaded.
-  fields = [f'{s}.module' for s in ('model', 'optim') if config[s].get('module')]
+  fields = [f'{s}.module' for s in ('data', 'model', 'optim') if config[s].get('module')]
   fields += [
       f'loss.{n}.module' for n, v in config.loss.items() if hasattr(v, 'keys') and 'module' in v
   ]

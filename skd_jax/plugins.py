@@ -1,11 +1,12 @@
 """Code from outside skd_jax, named in a config by import path.
 
-A config may name its own loss term, model and optimizer by the import path of a module that
+A config may name its own loss term, model, optimizer and data by the import path of a module that
 provides a ``make`` function (README: "Your own terms, models and optimizers")::
 
   config.loss.penalty = dict(module='mylab.penalty', weight=0.1)  # make(settings, context)
   config.model.module = 'mylab.nets'  # make(*, num_classes, dtype, **model options)
   config.optim.module = 'mylab.opt'  # make(optim, schedule) -> optax.GradientTransformation
+  config.data.module = 'mylab.data'  # make(data, split) -> skd_jax.data.Dataset
 
 The module is imported as any installed code is (``pip install -e``, or ``PYTHONPATH``): the
 config names it, the run's ``config.json`` records the path (changing it on resume is refused),

@@ -1,5 +1,6 @@
 """Terms, models and optimizers from outside skd_jax, named by import path (examples/skd_plugins):
-one-line errors, the resume check, and a run that trains, resumes and exports with all three."""
+one-line errors, the resume check, and a run that trains, resumes and exports with a term, a
+model, an optimizer and data all from outside."""
 
 import importlib.util
 import json
@@ -16,6 +17,7 @@ import pytest
 
 import runs
 from skd_jax import config_lib
+from skd_jax import data as data_lib
 from skd_jax import export
 from skd_jax import models
 from skd_jax import optim as optim_lib
@@ -39,6 +41,15 @@ def _importable(monkeypatch, tmp_path_factory):
   wrong = tmp_path_factory.mktemp('wrong')
   (wrong / 'wrong.py').write_text('def make(settings, context):\n  return 42\n')
   monkeypatch.syspath_prepend(str(wrong))
+
+
+def _npz(directory, shape=(16, 16, 3)):
+  """train.npz (72 images) and test.npz (32) of random images for skd_plugins.npz_data."""
+  rng = np.random.default_rng(0)
+  for split, n in (('train', runs.NUM_EXAMPLES), ('test', 32)):
+    images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    np.savez(directory / f'{split}.npz', images=images, labels=np.arange(n) % 10, num_classes=10)
+  return str(directory)
 
 
 def _example_config():
@@ -139,7 +150,7 @@ def test_a_model_and_an_optimizer_from_outside_and_their_one_line_errors():
 def test_validation_imports_every_plug_in_before_any_data_is_loaded():
   config = _example_config()
   config_lib.validate(config, device_count=1)
-  for field in ('model.module', 'optim.module', 'loss.confidence_penalty.module'):
+  for field in ('model.module', 'optim.module', 'loss.confidence_penalty.module', 'data.module'):
     bad = _example_config()
     _set(bad, field, 'mylab.missing')
     with pytest.raises(ConfigError, match=rf"^{field}: cannot import 'mylab.missing'"):
@@ -147,7 +158,7 @@ def test_validation_imports_every_plug_in_before_any_data_is_loaded():
 
 
 @pytest.mark.parametrize(
-    'field', ['model.module', 'optim.module', 'loss.confidence_penalty.module']
+    'field', ['model.module', 'optim.module', 'loss.confidence_penalty.module', 'data.module']
 )
 def test_changing_a_plug_ins_import_path_on_resume_is_refused(tmp_path, field):
   workdir_lib.Workdir(str(tmp_path), _example_config(), is_main=True).begin(0)
@@ -190,16 +201,35 @@ def test_the_command_line_reports_a_missing_plug_in_in_one_line_with_status_2(tm
   assert 'Traceback' not in proc.stderr and not os.path.exists(tmp_path / 'run')
 
 
+def test_data_from_outside_is_checked_and_needs_the_device_pipeline(tmp_path):
+  config = _example_config()
+  config.data.module, config.data.dir = 'skd_plugins.npz_data', _npz(tmp_path)
+  found = data_lib.load_split(config.data, 'test')
+  assert found.images.shape == (32, 16, 16, 3) and found.num_classes == 10
+  assert data_lib.identity(config.data, found.labels)['module'] == 'skd_plugins.npz_data'
+  np.savez(tmp_path / 'bad.npz', images=np.zeros((4, 8, 8, 1), np.float32), labels=np.zeros(4))
+  with pytest.raises(ConfigError, match=r"^data\.module: make\(data, 'bad'\) returned images flo"):
+    data_lib.load_split(config.data, 'bad')
+  config.data.module = 'wrong'
+  with pytest.raises(ConfigError, match=r"^data\.module: make\(data, 'test'\) returned int; exp"):
+    data_lib.load_split(config.data, 'test')
+  config.data.module, config.data.pipeline = 'skd_plugins.npz_data', 'host'
+  with pytest.raises(ConfigError, match=r"^data\.module: needs data\.pipeline='device'"):
+    config_lib.validate(config, device_count=1)
+
+
 @pytest.mark.slow
-def test_a_run_with_a_term_model_and_optimizer_from_outside_resumes_and_exports(
+def test_a_run_with_a_term_model_optimizer_and_data_from_outside_resumes_and_exports(
     tmp_path, monkeypatch
 ):
-  runs.run(_example_config(), tmp_path / 'straight', devices=2)
+  config = _example_config()
+  config.data.module, config.data.dir = 'skd_plugins.npz_data', _npz(tmp_path)
+  runs.run(config, tmp_path / 'straight', devices=2)
   with monkeypatch.context() as patch:
     patch.setattr(preemption, 'reached', lambda step: step == 3)
     with pytest.raises(train.Preempted, match='at step 3'):
-      runs.run(_example_config(), tmp_path / 'resumed', devices=2)
-  runs.run(_example_config(), tmp_path / 'resumed', devices=2)
+      runs.run(config, tmp_path / 'resumed', devices=2)
+  runs.run(config, tmp_path / 'resumed', devices=2)
   records = runs.records(tmp_path / 'resumed')
   assert runs.without_time(records) == runs.without_time(runs.records(tmp_path / 'straight'))
   train_records = [r for r in records if r['kind'] == 'train']
@@ -214,6 +244,7 @@ def test_a_run_with_a_term_model_and_optimizer_from_outside_resumes_and_exports(
 
   model = export.load_model(tmp_path / 'resumed')
   assert model.spec.import_path == 'skd_plugins.nets' and type(model.module).__name__ == 'SmallCNN'
+  assert model.input_shape == (16, 16, 3)  # the npz files' images
   jax.tree.map(
       np.testing.assert_array_equal,
       jax.device_get(model.variables['params']),
