@@ -149,7 +149,8 @@ def _help() -> str:
   lines += [
       '',
       'Keys that may change when a run is resumed (recorded in config_changes.jsonl): '
-      + ', '.join(config_lib.RESUMABLE),
+      + ', '.join(config_lib.RESUMABLE)
+      + f' (but not {", ".join(config_lib.NOT_RESUMABLE)})',
       '',
       'Born-again networks: --generations=K trains K generations in DIR/generation1..K, each taught',
       'by the one before (a config with a teacher term, e.g. configs/teacher_kd.py); rerun to',
