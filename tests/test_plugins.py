@@ -78,7 +78,7 @@ def test_a_term_from_outside_is_built_by_import_path_with_its_config_name():
   out = method(inputs)
   np.testing.assert_allclose(out.losses['cp'], -np.log(4), rtol=1e-6)
   np.testing.assert_allclose(out.loss, -0.5 * np.log(4), rtol=1e-6)
-  # A confident prediction is penalised less than a uniform one... negatively: its loss is higher.
+  # Less entropy, a higher loss: the term pushes away from confident predictions.
   confident = terms.TermInputs(logits=jnp.array([[9.0, 0, 0, 0]] * 2), labels=jnp.array([0, 0]))
   assert (method(confident).losses['cp'] > out.losses['cp']).all()
 
