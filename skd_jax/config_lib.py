@@ -9,6 +9,7 @@ import math
 
 import ml_collections
 
+from skd_jax import plugins
 from skd_jax import terms
 from skd_jax.data.idx import FASHION_MNIST_DIR
 from skd_jax.errors import ConfigError
@@ -76,10 +77,12 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.data.subset_seed = 0
   c.data.label_noise = 0.0
   c.data.noise_seed = 0
+  c.data.module = ''
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'preact_resnet18'
   c.model.dtype = 'float32'
+  c.model.module = ''
 
   c.num_epochs = 300
   c.batch_size = 128
@@ -94,6 +97,7 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.optim.boundaries = (150, 225)
   c.optim.decay_factor = 0.1
   c.optim.warmup_epochs = 0
+  c.optim.module = ''
 
   # Loss terms: name -> settings (always with a `weight`); the terms are summed.
   c.loss = ml_collections.ConfigDict()
@@ -198,9 +202,15 @@ KEYS = {
     'are replaced by one of the other classes, uniformly; the test split is untouched',
     'data.noise_seed': 'seed of the examples data.label_noise changes and of their new labels '
     '(independent of seed)',
+    'data.module': "import path of your own data's module, e.g. 'mylab.data': its "
+    'make(data, split) returns the whole split as a skd_jax.data.Dataset; data.source and '
+    'data.name are then labels (device pipeline only)',
     'model.name': 'cifar_resnet18, preact_resnet18, small_resnet, resnet50 or resnet152 (see '
     'skd_jax/models)',
     'model.dtype': "computation dtype, 'float32' or 'bfloat16' (parameters stay float32)",
+    'model.module': "import path of your own model's module, e.g. 'mylab.nets': its "
+    'make(*, num_classes, dtype, **options) returns the Flax model; model.name is then only a label '
+    '(README: "Your own terms, models and optimizers")',
     'model.*': "the model's architecture options, e.g. model.widths and model.strides",
     'num_epochs': 'epochs to train',
     'batch_size': 'global batch size, divisible by the number of devices',
@@ -213,7 +223,11 @@ KEYS = {
     'optim.boundaries': "epochs at which 'step' decays the learning rate",
     'optim.decay_factor': "factor of each 'step' decay",
     'optim.warmup_epochs': 'epochs of linear warm-up from 0',
-    'loss.*': 'loss terms, summed: loss.TERM.weight and the settings of skd_jax/terms/TERM.py',
+    'optim.module': "import path of your own optimizer's module, e.g. 'mylab.opt': its "
+    'make(optim, schedule) returns an optax.GradientTransformation in place of SGD (the optim.* '
+    'keys above that it does not read are ignored); cannot change on resume',
+    'loss.*': 'loss terms, summed: loss.TERM.weight and the settings of skd_jax/terms/TERM.py; '
+    "your own term: loss.NAME.module='mylab.term', whose make(settings, context) returns it",
     'teacher.workdir': "an earlier run's workdir (or its model/ folder): the frozen teacher",
     'log_every_steps': 'steps per train record in metrics.jsonl (the mean over those steps)',
     'checkpoint_every_epochs': 'epochs between checkpoints (the last epoch is always saved)',
@@ -261,7 +275,13 @@ def documentation(key: str) -> str | None:
   return KEYS.get(key, KEYS.get(family))
 
 
+# Resumable by the pattern above, but what they name is not a hyperparameter: another optimizer.
+NOT_RESUMABLE = ('optim.module',)
+
+
 def resumable(key: str) -> bool:
+  if key in NOT_RESUMABLE:
+    return False
   return any(key == k or (k.endswith('.*') and key.startswith(k[:-1])) for k in RESUMABLE)
 
 
@@ -310,6 +330,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
     for v in values:
       check(not number(v) or math.isfinite(v), key, f'expected a finite number, got {v!r}')
 
+  check(
+      not config.data.get('module') or config.data.pipeline == 'device',
+      'data.module',
+      f"needs data.pipeline='device', got {config.data.pipeline!r}",
+  )
   check(
       config.data.source in ('tfds', 'idx'),
       'data.source',
@@ -406,6 +431,13 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
       f'expected a number of seconds > 0, got {config.data.timeout_seconds!r}',
   )
   check(len(config.loss) > 0, 'loss', 'expected at least one loss term')
+  # Plug-ins named by import path must import and provide make(), before any data is loaded.
+  fields = [f'{s}.module' for s in ('data', 'model', 'optim') if config[s].get('module')]
+  fields += [
+      f'loss.{n}.module' for n, v in config.loss.items() if hasattr(v, 'keys') and 'module' in v
+  ]
+  for field in fields:
+    plugins.load(config[field], field)
   integer('log_every_steps', 1)
   integer('checkpoint_every_epochs', 1)
   integer('keep_checkpoints', 1)

@@ -6,7 +6,8 @@ and renamed, so it is there whole or not at all) with two items:
 * ``variables``: ``{'params', 'batch_stats'}`` of the backbone alone: no training-only heads, no
   optimizer or loss state;
 * ``spec``: JSON with what the variables alone do not say (:class:`ModelSpec`): the model's name
-  and its options as given to ``skd_jax.models.get_model``, the number of classes, the input
+  (and, for a model from outside skd_jax, the import path of its module) and its options as given
+  to ``skd_jax.models.get_model``, the number of classes, the input
   shape and the input normalisation measured on the training split, the fingerprint of the
   variables (``skd_jax.checkpoints.fingerprint``: one checksum per array) and the SHA-256 of the
   spec's own fields (``spec_sha256``), so that a changed normalisation is caught too.
@@ -16,11 +17,17 @@ and renamed, so it is there whole or not at all) with two items:
   model = skd_jax.load_model('workdirs/pskd_quick')  # the workdir, or its model/ folder
   logits = model(images)  # uint8 [N, H, W, C] -> float32 [N, num_classes]
 
-:func:`load_model` runs no code from the directory and trusts nothing in it: the spec is checked
+:func:`load_model` runs no code from the directory (a plug-in model's module is installed code,
+below) and trusts nothing in it: the spec is checked
 field by field, the model it names is compared with the stored arrays' metadata (paths, shapes,
 dtypes) before any array is read or allocated, and the variables read are compared with their
 fingerprint. A model exported before fingerprints existed loads with a warning that it cannot be
 verified.
+
+A model from outside skd_jax (``config.model.module``, ``skd_jax.plugins``) is rebuilt by importing
+the module its spec names and calling its ``make``: installed code (``pip install``, or on
+``PYTHONPATH``), as when it trained, never a file of the exported directory. Load such a model
+only where that module is installed, and only from a directory you trust to name it.
 """
 
 import dataclasses
@@ -40,6 +47,7 @@ import orbax.checkpoint as ocp
 
 from skd_jax import checkpoints
 from skd_jax import models
+from skd_jax import plugins
 from skd_jax import workdir
 from skd_jax.data import pipeline
 from skd_jax.errors import ConfigError
@@ -79,13 +87,15 @@ class ModelSpec:
   """What inference needs besides the variables.
 
   Attributes:
-    name: the model's name in ``skd_jax.models.MODELS``.
+    name: the model's name in ``skd_jax.models.MODELS`` (with ``import_path``, only a label).
     options: keyword arguments of ``models.get_model`` besides ``num_classes``, ``dtype`` (a
       string, e.g. ``'float32'``) included.
     num_classes: number of logits.
     input_shape: ``(H, W, C)`` of one image.
     mean: per-channel mean of the training images scaled to [0, 1].
     std: per-channel standard deviation, likewise; the model sees ``(x / 255 - mean) / std``.
+    import_path: '' (a model of ``MODELS``) or the import path of the module whose ``make``
+      builds the model (``config.model.module``); the JSON holds it only when it is not ''.
   """
 
   name: str
@@ -94,9 +104,13 @@ class ModelSpec:
   input_shape: tuple[int, int, int]
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  import_path: str = ''
 
   def to_json(self) -> dict[str, Any]:
-    return {'format': FORMAT, **dataclasses.asdict(self)}
+    fields = dataclasses.asdict(self)
+    if not self.import_path:  # a built-in model's spec is as before plug-ins existed
+      del fields['import_path']
+    return {'format': FORMAT, **fields}
 
   @classmethod
   def from_json(cls, spec: Any, path: str | os.PathLike) -> 'ModelSpec':
@@ -116,7 +130,7 @@ class ModelSpec:
       raise ModelError(f'{path}: expected a JSON object, got {type(spec).__name__}')
     if spec.get('format') != FORMAT:
       raise ModelError(f'{path}: format {spec.get("format")!r:.80}; expected {FORMAT!r}')
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.name != 'import_path']
     missing = [name for name in names if name not in spec]
     if missing:
       raise ModelError(f'{path}: no field {missing[0]!r}; expected {", ".join(names)}')
@@ -147,8 +161,17 @@ class ModelSpec:
         fail(field, f'one finite number per channel ({input_shape[2]})', values)
     if min(std) <= 0:
       fail('std', 'positive numbers', std)
+    import_path = spec.get('import_path', '')
+    if not (import_path == '' or plugins.is_path(import_path)):
+      fail('import_path', "a module's import path", import_path)
     return cls(
-        name, options, num_classes, input_shape, tuple(map(float, mean)), tuple(map(float, std))
+        name,
+        options,
+        num_classes,
+        input_shape,
+        tuple(map(float, mean)),
+        tuple(map(float, std)),
+        import_path,
     )
 
   def normalize(self, images):
@@ -159,7 +182,9 @@ class ModelSpec:
   def module(self):
     options = dict(self.options)
     dtype = jnp.dtype(options.pop('dtype', 'float32'))
-    return models.get_model(self.name, num_classes=self.num_classes, dtype=dtype, **options)
+    return models.get_model(
+        self.name, num_classes=self.num_classes, dtype=dtype, module=self.import_path, **options
+    )
 
 
 def save_model(path: str | os.PathLike, *, params, batch_stats, spec: ModelSpec) -> None:
@@ -248,7 +273,11 @@ def _check_sizes(spec: ModelSpec, stored: dict[str, Any], spec_path, variables_p
   """
   largest = max((d for leaf in stored.values() for d in leaf.shape), default=0)
   sizes = {'num_classes': spec.num_classes, 'input_shape': spec.input_shape[2]}
-  sizes.update({f'options.{k}': v for k, v in spec.options.items() if k != 'dtype'})
+  # Counts and widths: a plug-in model's options may also be other numbers or strings.
+  is_size = lambda v: _is_positive_int(v) or (
+      isinstance(v, tuple) and v and all(map(_is_positive_int, v))
+  )
+  sizes.update({f'options.{k}': v for k, v in spec.options.items() if is_size(v)})
   for field, value in sizes.items():
     if max(value if isinstance(value, tuple) else (value,)) > max(largest, len(stored)):
       raise ModelError(

@@ -139,13 +139,18 @@ def _help() -> str:
     default = '' if key.endswith('*') else f' = {defaults[key]!r}'
     lines.append(f'  {key}{default}')
     lines.append(f'      {doc}')
-  lines += ['', 'Loss terms (loss.TERM.SETTING, with their defaults; see skd_jax/terms/TERM.py):']
+  lines += [
+      '',
+      'Loss terms (loss.TERM.SETTING, with their defaults; see skd_jax/terms/TERM.py; your own:',
+      'loss.NAME.module=\'mylab.term\', README "Your own terms, models and optimizers"):',
+  ]
   for name, settings in terms.settings().items():
     lines.append(f'  {name}: ' + ', '.join(f'{k}={v!r}' for k, v in settings.items()))
   lines += [
       '',
       'Keys that may change when a run is resumed (recorded in config_changes.jsonl): '
-      + ', '.join(config_lib.RESUMABLE),
+      + ', '.join(config_lib.RESUMABLE)
+      + f' (but not {", ".join(config_lib.NOT_RESUMABLE)})',
       '',
       'Born-again networks: --generations=K trains K generations in DIR/generation1..K, each taught',
       'by the one before (a config with a teacher term, e.g. configs/teacher_kd.py); rerun to',

@@ -3,6 +3,9 @@
 import ml_collections
 import optax
 
+from skd_jax import plugins
+from skd_jax.errors import ConfigError
+
 
 def make_schedule(
     optim: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int
@@ -32,6 +35,26 @@ def make_schedule(
 def make_optimizer(
     optim: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
+  """SGD as PyTorch's, or the optimizer of the plug-in ``optim.module`` (``skd_jax.plugins``).
+
+  A plug-in module's ``make(optim, schedule)`` receives the whole ``optim`` section (its own
+  keys included, e.g. ``optim.b2``) and the learning-rate schedule, and returns an
+  ``optax.GradientTransformation``; weight decay is then its own business.
+
+  Raises:
+    ConfigError: ``optim.module`` does not import, has no ``make``, or its ``make`` returns no
+      ``optax.GradientTransformation``.
+  """
+  if optim.get('module'):
+    make = plugins.load(optim.module, 'optim.module')
+    plugins.check_call(make, 'optim.module', optim, schedule)
+    tx = make(optim, schedule)
+    if not isinstance(tx, optax.GradientTransformation):
+      raise ConfigError(
+          f'optim.module: make() returned {type(tx).__name__}; expected an '
+          'optax.GradientTransformation'
+      )
+    return tx
   # Weight decay added to the gradient before momentum: PyTorch SGD's semantics, applied to every
   # parameter (BatchNorm and biases included) as in the reference implementations.
   return optax.chain(

@@ -163,7 +163,7 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       'x'.join(map(str, image_shape)),
       num_classes,
   )
-  options = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
+  options = {k: v for k, v in config.model.items() if k not in ('name', 'dtype', 'module')}
   spec = export.ModelSpec(
       name=config.model.name,
       options={'dtype': config.model.dtype, **options},
@@ -171,6 +171,7 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       input_shape=tuple(image_shape),
       mean=tuple(map(float, mean)),
       std=tuple(map(float, std)),
+      import_path=config.model.get('module', ''),  # or a plug-in's (skd_jax.plugins)
   )
   backbone = spec.module()
   context = terms_lib.Context(
@@ -253,7 +254,7 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
   heads = {k: _count(v) for k, v in state.params.items() if k != 'backbone'}
   log.info(
       'Model: %s %s (%s), %s parameters%s%s. Loss: %s.',
-      config.model.name,
+      spec.import_path or config.model.name,
       options or '',
       config.model.dtype,
       f'{_count(state.params["backbone"]):,}',

@@ -286,7 +286,8 @@ class Workdir:
         more = f' and {len(refused) - 4} more' if len(refused) > 4 else ''
         raise ConfigError(
             f'workdir: {self.path} holds a run with a different config: {shown}{more}; only '
-            f'{", ".join(config_lib.RESUMABLE)} may change on resume; use a new --workdir'
+            f'{", ".join(config_lib.RESUMABLE)} (but not {", ".join(config_lib.NOT_RESUMABLE)}) '
+            'may change on resume; use a new --workdir'
         )
       self.changes = {k: [saved.get(k), now.get(k)] for k in differ}
 

@@ -8,6 +8,11 @@ past predictions kept by self-distillation losses) can be keyed by it.
 
 Importing this package is cheap: TFDS is only imported by `load_split` when a
 'tfds' source is requested.
+
+Data from outside skd_jax is named by import path, `config.data.module =
+'mylab.data'` (`skd_jax.plugins`): the module's `make(data_config, split)`
+returns the whole split as a `Dataset` (device pipeline only; `data.source`
+and `data.name` are then labels).
 """
 
 import hashlib
@@ -20,6 +25,7 @@ from skd_jax.data.idx import FASHION_MNIST_NUM_CLASSES
 from skd_jax.data.idx import FashionMnistRecords
 from skd_jax.data.idx import load_fashion_mnist
 from skd_jax.data.idx import read_idx
+from skd_jax import plugins
 from skd_jax.errors import ConfigError
 
 __all__ = [
@@ -100,8 +106,12 @@ def load_split(data_config, split: str) -> Dataset:
     The split, with example index i at row i.
 
   Raises:
-    ConfigError: an invalid config or missing/corrupt data.
+    ConfigError: an invalid config or missing/corrupt data; a plug-in
+      (`data.module`) that does not import, has no `make`, or returns no valid
+      `Dataset`.
   """
+  if data_config.get('module'):
+    return _from_plugin(data_config, split)
   source, name = _source(data_config)
   if source == 'idx':
     images, labels = load_fashion_mnist(data_config.get('dir') or FASHION_MNIST_DIR, split)
@@ -116,6 +126,34 @@ def load_split(data_config, split: str) -> Dataset:
       download=bool(data_config.get('download', False)),
   )
   return Dataset(images, labels, num_classes)
+
+
+def _from_plugin(data_config, split: str) -> Dataset:
+  """The split that `data.module`'s `make(data_config, split)` returns, checked."""
+  make = plugins.load(data_config.module, 'data.module')
+  plugins.check_call(make, 'data.module', data_config, split)
+  found = make(data_config, split)
+
+  def fail(expected):
+    raise ConfigError(f'data.module: make(data, {split!r}) returned {expected}')
+
+  if not isinstance(found, Dataset):
+    fail(f'{type(found).__name__}; expected a skd_jax.data.Dataset')
+  images, labels, num_classes = found.images, found.labels, found.num_classes
+  if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4):
+    fail(
+        f'images {getattr(images, "dtype", "?")}{list(np.shape(images))}; expected uint8 [N, H, W, C]'
+    )
+  if not isinstance(num_classes, int) or num_classes < 1:
+    fail(f'num_classes {num_classes!r}; expected a positive integer')
+  labels = np.asarray(labels)
+  if not (
+      np.issubdtype(labels.dtype, np.integer)
+      and labels.shape == images.shape[:1]
+      and ((labels >= 0) & (labels < num_classes)).all()
+  ):
+    fail(f'labels {labels.dtype}{list(labels.shape)}; expected [N] integers in [0, {num_classes})')
+  return Dataset(images, labels.astype(np.int32), num_classes)
 
 
 def identity(data_config, labels: np.ndarray, selection=None) -> dict[str, Any]:
@@ -135,5 +173,6 @@ def identity(data_config, labels: np.ndarray, selection=None) -> dict[str, Any]:
       'split': data_config.train_split,
       'examples': len(labels),
       'labels_sha256': hashlib.sha256(np.asarray(labels, '<i4').tobytes()).hexdigest(),
+      **({'module': data_config.module} if data_config.get('module') else {}),
       **(selection.identity() if selection is not None else {}),
   }

@@ -9,6 +9,13 @@ intermediates `'stem'`, `'stage1'`, ..., `'features'` (see `resnet`).
 `WithHeads` (see `heads`) wraps a backbone with training-only auxiliary heads
 that add their logits to `outputs`; its variables hold the backbone's own under
 `'backbone'`.
+
+A model from outside skd_jax is named by import path, `config.model.module = 'mylab.nets'`
+(`skd_jax.plugins`): the module's `make(*, num_classes, dtype, **options)` plays the part of a
+`MODELS` constructor, and `config.model.name` is then only a label. Its model follows the same
+convention; its final Dense layer must be named `'head'` for the terms that apply it to other
+features (SD-Dropout), and numbered stages (`num_stages`) are needed only by terms that attach
+heads to them.
 """
 
 import inspect
@@ -17,6 +24,7 @@ from typing import Any, Callable, Dict
 import flax.linen as nn
 import jax.numpy as jnp
 
+from skd_jax import plugins
 from skd_jax.errors import ConfigError
 from skd_jax.models.heads import DRGHead
 from skd_jax.models.heads import Head
@@ -63,11 +71,14 @@ def _check_option(key: str, value: Any, default: Any) -> None:
     raise ConfigError(f'model.{key}: expected a sequence of positive integers, got {value!r:.80}')
 
 
-def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs: Any) -> nn.Module:
-  """Builds the model registered under `name`.
+def get_model(
+    name: str, *, num_classes: int, dtype: Any = jnp.float32, module: str = '', **kwargs: Any
+) -> nn.Module:
+  """Builds the model registered under `name`, or the one of the plug-in `module`.
 
   Args:
-    name: A key of `MODELS`.
+    name: A key of `MODELS` (with `module`, only a label).
+    module: '' or the import path of a module whose `make` builds the model.
     num_classes: Number of logits.
     dtype: Computation dtype; parameters stay float32.
     **kwargs: Architecture options of that constructor (e.g. `widths` and
@@ -78,13 +89,19 @@ def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs
 
   Raises:
     ConfigError: If the name is unknown, an option is not accepted by that
-      model, or an option value is invalid.
+      model, or an option value is invalid; `module` does not import, has no
+      `make`, or its `make` returns no Flax module.
   """
-  if name not in MODELS:
+  if module:
+    constructor = plugins.load(module, 'model.module')
+    name = module
+  elif name not in MODELS:
     raise ConfigError(
-        f'model.name: unknown model {name!r}; expected one of ' f'{", ".join(sorted(MODELS))}'
+        f'model.name: unknown model {name!r}; expected one of {", ".join(sorted(MODELS))}, or '
+        "model.module='mylab.nets' (an import path)"
     )
-  constructor = MODELS[name]
+  else:
+    constructor = MODELS[name]
   parameters = inspect.signature(constructor).parameters
   for key, value in kwargs.items():
     if key not in parameters:
@@ -96,11 +113,18 @@ def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs
     _check_option(key, value, parameters[key].default)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ConfigError(f'model.num_classes: expected a positive integer, got {num_classes!r}')
+  if module:
+    plugins.check_call(constructor, 'model.module', num_classes=num_classes, dtype=dtype, **kwargs)
   try:
-    return constructor(num_classes=num_classes, dtype=dtype, **kwargs)
+    model = constructor(num_classes=num_classes, dtype=dtype, **kwargs)
   except ValueError as e:
     # Constructors phrase their errors as "<option>: <expectation>".
     raise ConfigError(f'model.{e}') from e
+  if not isinstance(model, nn.Module):
+    raise ConfigError(
+        f'model.module: make() returned {type(model).__name__}; expected a flax.linen.Module'
+    )
+  return model
 
 
 __all__ = [

@@ -1,0 +1,210 @@
+"""The term protocol: what a loss term is given, declares and returns (see ``skd_jax.terms``)."""
+
+import abc
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NETWORKS = ('student', 'ema', 'teacher')
+GROUPS = ('main', 'partner', 'previous')  # skd_jax.data.sources.GROUPS
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """A forward pass a term asks for; its result is ``inputs.passes[name]``, a :class:`Pass`.
+
+  Attributes:
+    name: key in ``inputs.passes``; terms asking for the same name must ask for the same pass.
+    group: the examples: ``'main'``, ``'partner'`` or ``'previous'``.
+    network: ``'student'``, ``'ema'`` (the student's EMA copy) or ``'teacher'`` (frozen).
+    grad: student only: whether gradients flow through the pass.
+    batchnorm: student only: ``'separate'`` (its own call and batch statistics) or ``'joint'``
+      (part of the main pass's call: batch statistics over both).
+  """
+
+  name: str
+  group: str = 'main'
+  network: str = 'student'
+  grad: bool = False
+  batchnorm: str = 'separate'
+
+  def __post_init__(self):
+    if self.group not in GROUPS or self.network not in NETWORKS:
+      raise ValueError(f'forward {self.name}: unknown group {self.group!r} or network')
+    if self.batchnorm not in ('separate', 'joint'):
+      raise ValueError(f'forward {self.name}: batchnorm must be separate or joint')
+    if self.network != 'student' and (self.grad or self.batchnorm != 'separate'):
+      raise ValueError(f'forward {self.name}: only student passes take grad or joint batchnorm')
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Pass:
+  """The result of a :class:`Forward` over a group of ``B`` examples.
+
+  Attributes:
+    logits: ``[B, C]`` float32.
+    labels: ``[B]`` the group's labels.
+    valid: ``[B]`` False on padding slots (and, for ``'previous'``, at a run's first step).
+    outputs: the network's named intermediates, ``[B, ...]`` each.
+  """
+
+  logits: jax.Array
+  labels: jax.Array
+  valid: jax.Array
+  outputs: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadRequest:
+  """A training-only head a term asks ``skd_jax.networks`` to build.
+
+  Attributes:
+    name: key of the head's logits in ``inputs.outputs`` and of its variables.
+    stage: the backbone stage (1-based) whose output the head reads.
+    kind: ``'drg'`` (LightSKD's attention head) or ``'later_stages'`` (the backbone's later
+      stages again, HSAKD/LSSKD).
+    num_outputs: number of logits.
+  """
+
+  name: str
+  stage: int
+  kind: str
+  num_outputs: int
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TermInputs:
+  """What a term sees of one training step (a pytree, so it passes through ``jax.jit``).
+
+  Attributes:
+    logits: ``[B, C]`` final-head logits of the original view.
+    labels: ``[B]`` integer labels.
+    outputs: the model's named intermediates (stage features, auxiliary-head logits) of the
+      original view, ``[B, ...]`` each.
+    epoch: 0-based epoch (an int32 scalar in the trainer).
+    views: ``'logits'`` and every output for every view of the batch, ``[B, V, ...]`` each (view 0
+      is the original). Defaults to the single view ``logits`` / ``outputs``.
+    valid: ``[B]`` False on padding slots; defaults to all True.
+    passes: the extra forward passes the terms asked for (:class:`Forward`), by name.
+    key: a PRNG key of this term and step (None outside the trainer unless given).
+    classify: the student's final Dense layer, ``[B, D] features -> [B, C]`` float32 logits
+      (None outside the trainer unless given).
+  """
+
+  logits: jax.Array
+  labels: jax.Array
+  outputs: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
+  epoch: Any = 0
+  views: Mapping[str, jax.Array] | None = None
+  valid: jax.Array | None = None
+  passes: Mapping[str, Pass] = dataclasses.field(default_factory=dict)
+  key: jax.Array | None = None
+  classify: Callable[[jax.Array], jax.Array] | None = dataclasses.field(
+      default=None, metadata=dict(static=True)
+  )
+
+  def __post_init__(self):
+    if self.views is None:
+      single = {'logits': self.logits, **self.outputs}
+      object.__setattr__(self, 'views', {k: v[:, None] for k, v in single.items()})
+    if self.valid is None:
+      object.__setattr__(self, 'valid', jnp.ones(self.labels.shape, jnp.bool_))
+
+  @property
+  def one_hot(self) -> jax.Array:
+    """``[B, C]`` float32 one-hot labels."""
+    return jax.nn.one_hot(self.labels, self.logits.shape[-1], dtype=jnp.float32)
+
+  @classmethod
+  def from_forward(
+      cls,
+      logits: jax.Array,
+      outputs: Mapping[str, jax.Array],
+      labels: jax.Array,
+      epoch: Any,
+      num_views: int,
+      **fields,
+  ) -> 'TermInputs':
+    """Inputs from a forward pass over ``B * num_views`` images laid out example-major.
+
+    ``fields`` are the other attributes (``valid``, ``passes``, ``key``, ``classify``).
+    """
+    batch = labels.shape[0]
+    views = {
+        k: v.reshape(batch, num_views, *v.shape[1:])
+        for k, v in {'logits': logits.astype(jnp.float32), **outputs}.items()
+    }
+    return cls(
+        logits=views['logits'][:, 0],
+        labels=labels,
+        outputs={k: views[k][:, 0] for k in outputs},
+        epoch=epoch,
+        views=views,
+        **fields,
+    )
+
+
+class TermOutput(NamedTuple):
+  """A term's result: per-example ``loss`` ``[B]``, next ``rows`` and ``carry``, and metrics.
+
+  A metric is a scalar, or a ``[B]`` per-example value that the trainer averages over the real
+  examples of the batch.
+  """
+
+  loss: jax.Array
+  rows: Any = None
+  carry: Any = None
+  metrics: Mapping[str, jax.Array] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """Facts about the run that terms may need when they are built."""
+
+  num_classes: int
+  num_epochs: int
+  batch_size: int
+  image_shape: tuple[int, ...] | None = None  # (H, W, channels) of one example
+  num_stages: int | None = None  # the backbone's numbered stages (outputs 'stage1'...)
+
+
+class LossTerm(abc.ABC):
+  """Base class of loss terms. Subclasses are frozen dataclasses with a ``weight`` field.
+
+  Override ``__call__`` always; ``init_rows`` / ``init_carry`` (and ``carry_sharding``) for
+  stateful terms; ``heads`` for terms that need auxiliary heads; ``num_views`` and ``make_views``
+  for terms that need extra views of each example; ``forwards`` for extra forward passes;
+  ``ema_max_decay`` for an EMA copy of the student.
+  """
+
+  name: str
+  weight: float
+  num_views: int = 1
+  forwards: tuple[Forward, ...] = ()
+  carry_sharding: str = 'replicated'  # or 'batch': every carry leaf is [B, ...]
+  ema_max_decay: float | None = None
+
+  def init_rows(self, labels: jax.Array) -> Any:
+    """Initial per-example state from the ``[N]`` labels: a pytree of ``[N, ...]`` arrays, or None."""
+    del labels
+    return None
+
+  def init_carry(self) -> Any:
+    """Initial step-to-step state (arrays of static shape), or None."""
+    return None
+
+  def heads(self) -> tuple[HeadRequest, ...]:
+    """Training-only heads this term needs (built by ``skd_jax.networks``)."""
+    return ()
+
+  def make_views(self, images: jax.Array) -> jax.Array:
+    """``[B, num_views, ...]`` views of ``[B, ...]`` images; view 0 must be the images."""
+    return images[:, None]
+
+  @abc.abstractmethod
+  def __call__(self, inputs: TermInputs, rows: Any = None, carry: Any = None) -> TermOutput:
+    """Per-example losses for the batch, with the batch's new rows and the next carry."""
