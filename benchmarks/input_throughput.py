@@ -14,7 +14,9 @@ For each image size, each path is timed on
   centre crop);
 
 in this process's main thread (one core: images/s per core), and, with ``--workers``, ``train``
-through ``HostSource`` with that many ``data.workers`` processes (images/s of them together).
+of the first size through ``HostSource`` with that many ``data.workers`` processes (images/s of
+them together; each block starts the workers afresh, so no idle worker refills its buffer while
+another job is timed, and is timed from its first batch on, after the start-up).
 
 The JPEGs are synthesised: per channel a random field with a 1/f amplitude spectrum (the
 spectrum of natural images), channels correlated, plus a smooth colour gradient and pixel noise,
@@ -47,7 +49,9 @@ _IMAGES = flags.DEFINE_integer('images', 16, 'Distinct JPEGs per size.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per batch.')
 _STEPS = flags.DEFINE_integer('steps', 4, 'Batches per timed block.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; medians are shown.')
-_WORKERS = flags.DEFINE_integer('workers', 2, 'data.workers of the HostSource jobs (0: none).')
+_WORKERS = flags.DEFINE_integer(
+    'workers', 2, 'data.workers of the HostSource jobs, first size only (0: none).'
+)
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Side of the crops.')
 _EVAL_RESIZE = flags.DEFINE_integer('eval_resize', 256, 'Shorter side before the eval crop.')
 
@@ -145,6 +149,7 @@ def _source_blocks(records, batch_size, image_size, workers, steps, mesh):
         augment='imagenet',
         image_size=image_size,
         workers=workers,
+        timeout_seconds=60,
     )
     try:
       jax.block_until_ready(source.step_args(0))
@@ -162,11 +167,11 @@ def make_jobs(files_by_size, *, batch_size, steps, image_size, eval_resize, work
   """``{(case, size, path): job}``: a job returns the seconds of ``steps`` batches.
 
   Cases: ``'train'`` and ``'eval'`` in this thread, ``'train, N workers'`` through
-  ``HostSource`` when ``workers`` (and a ``mesh``) are given.
+  ``HostSource`` for the first size when ``workers`` (and a ``mesh``) are given.
   """
   transform = streaming.eval_transform('imagenet', image_size, eval_resize)
   jobs = {}
-  for size, files in files_by_size.items():
+  for number, (size, files) in enumerate(files_by_size.items()):
     for path in PATHS:
       records = Records(files, decode=path == 'before')
       reader = _step_reader(records, batch_size, image_size)
@@ -175,7 +180,7 @@ def make_jobs(files_by_size, *, batch_size, steps, image_size, eval_resize, work
           records, batch_size=batch_size, transform=transform, share=slice(0, batch_size)
       )
       jobs['eval', size, path] = _blocks(lambda b, e=evaluate, n=len(files): e(b % n), steps)
-      if workers:
+      if workers and number == 0:
         jobs[f'train, {workers} workers', size, path] = _source_blocks(
             records, batch_size, image_size, workers, steps, mesh
         )
