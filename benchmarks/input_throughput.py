@@ -16,7 +16,7 @@ For each image size, each path is timed on
 in this process's main thread (one core: images/s per core), and, with ``--workers``, ``train``
 of the first size through ``HostSource`` with that many ``data.workers`` processes (images/s of
 them together; each block starts the workers afresh, so no idle worker refills its buffer while
-another job is timed, and is timed from its first batch on, after the start-up).
+another job is timed, and is timed after the batches its workers buffered during the start-up).
 
 The JPEGs are synthesised: per channel a random field with a 1/f amplitude spectrum (the
 spectrum of natural images), channels correlated, plus a smooth colour gradient and pixel noise,
@@ -137,7 +137,8 @@ def _blocks(function, steps: int):
 
 
 def _source_blocks(records, batch_size, image_size, workers, steps, mesh):
-  """A job timing ``steps`` batches of a fresh ``HostSource`` after its first (the start-up)."""
+  """A job timing ``steps`` batches of a fresh ``HostSource`` after those its workers made during
+  their start-up."""
 
   def block() -> float:
     source = streaming.HostSource(
@@ -151,10 +152,14 @@ def _source_blocks(records, batch_size, image_size, workers, steps, mesh):
         workers=workers,
         timeout_seconds=60,
     )
+    # The first batches were made during the start-up: a worker buffers up to data.prefetch (2)
+    # steps, and grain's queue one more, before the timed ones come at the rate they are made.
+    untimed = 1 + 3 * workers
     try:
-      jax.block_until_ready(source.step_args(0))
+      for step in range(untimed):
+        jax.block_until_ready(source.step_args(step))
       start = time.perf_counter()
-      for step in range(1, steps + 1):
+      for step in range(untimed, untimed + steps):
         jax.block_until_ready(source.step_args(step))
       return time.perf_counter() - start
     finally:
