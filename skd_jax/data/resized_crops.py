@@ -65,8 +65,8 @@ def dimensions(image: np.ndarray | Encoded) -> tuple[int, int]:
 
 
 def _draft(pil: Image.Image, channels: int, reduction: float) -> float:
-  """Asks a JPEG to decode at 1/2, 1/4 or 1/8 of its size, the smallest that keeps at least
-  ``1 / reduction`` of it (no downscale for other formats), and in ``channels``.
+  """Asks a JPEG to decode in ``channels``, downscaled by the largest of 8, 4 and 2 that is at
+  most ``reduction`` (no downscale below 2, nor for other formats).
 
   Returns:
     By how much each side of the decoded image is smaller: 1, 2, 4 or 8.
