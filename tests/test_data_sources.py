@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from skd_jax import data
 from skd_jax.data import idx
+from skd_jax.data import resized_crops
 from skd_jax.data import tfds_source
 from skd_jax.errors import ConfigError
 
@@ -365,8 +366,11 @@ def test_tfds_records_labels_read_real_array_records_without_decoding_images(tmp
   labels = records.labels
   assert not decoded
   images, expected = records.read(np.arange(len(records)))
-  assert len(decoded) == 6  # the count does see decodes
-  assert sorted(image.shape[0] for image in images) == list(range(6, 12))
+  assert not decoded  # variable-size images come as their files; the crops decode them
+  assert all(isinstance(image, resized_crops.Encoded) for image in images)
+  assert sorted(resized_crops.decode(image).shape[0] for image in images) == list(range(6, 12))
+  tfds.data_source(builder.name, split='train', data_dir=str(tmp_path))[0]
+  assert len(decoded) == 1  # the count does see decodes
   assert labels.dtype == np.int32 and sorted(labels) == sorted(builder.LABELS)
   np.testing.assert_array_equal(labels, expected)
   part = tfds_source.TfdsRecords(

@@ -2,11 +2,13 @@
 ImageNet configs on mocked TFDS imagenet2012."""
 
 import importlib
+import io
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -16,6 +18,7 @@ from skd_jax import train
 from skd_jax.data import resized_crops
 from skd_jax.data import sources
 from skd_jax.data import streaming
+from skd_jax.data import tfds_source
 from skd_jax.errors import ConfigError
 
 B = 8
@@ -112,6 +115,105 @@ def test_evaluation_resizes_the_shorter_side_and_takes_the_centre_crop():
   # 512 x 600 -> 256 x 300; the crop starts at column 38, the colours meet at column 150 - 38.
   assert np.all(crop[:, : 150 - 38 - 1] == [255, 0, 0])
   assert np.all(crop[:, 150 - 38 + 1 :] == [0, 0, 255])
+
+
+def test_the_boxes_of_a_fixed_seed_are_those_drawn_before_encoded_images_came():
+  area, log_ratio, position = _draws(np.random.default_rng(0), 4)
+  boxes = [resized_crops.random_resized_box(375, 500, *d) for d in zip(area, log_ratio, position)]
+  assert boxes == [(22, 69, 346, 361), (6, 16, 363, 429), (79, 156, 145, 137), (13, 71, 352, 380)]
+
+
+def _file(height, width, channels=3, fmt='JPEG', seed=0):
+  """A photo-like image file: smooth colour blobs, stripes and noise; JPEG at quality 90, 4:2:0."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, (height // 24 + 2, width // 24 + 2, channels), np.uint8)
+  blobs = _pil(coarse).resize((width, height), Image.Resampling.BICUBIC)
+  x = np.asarray(blobs, np.float64).reshape(height, width, channels)
+  x += 20 * np.sin(np.arange(width) / 3.0)[None, :, None] + rng.normal(0, 6, x.shape)
+  out = io.BytesIO()
+  options = {'quality': 90, 'subsampling': '4:2:0'} if fmt == 'JPEG' else {}
+  _pil(np.clip(x, 0, 255).astype(np.uint8)).save(out, fmt, **options)
+  return resized_crops.Encoded(out.getvalue(), channels)
+
+
+def _pil(x):
+  return Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x)
+
+
+# A crop of an encoded JPEG decoded downscaled in the DCT domain: its mean absolute difference
+# from the same box of the whole decode, resized, is at most this many levels of 255.
+TOLERANCE = 3.0
+
+
+def test_encoded_crops_are_the_decoded_images_crops_exactly_or_within_the_tolerance():
+  size = 48  # boxes from ~1.4 to 5 times the output: some decoded whole, some at 1/2 and 1/4
+  encoded = [_file(240, 320, seed=0), _file(300, 200, seed=1)] * 6
+  decoded = [resized_crops.decode(e) for e in encoded]
+  assert decoded[0].shape == (240, 320, 3) and decoded[1].shape == (300, 200, 3)
+  share = slice(3, 15)
+  fast, full = (
+      resized_crops.random_resized_crops(np.random.default_rng(5), x, share, 16, size, True)
+      for x in (encoded, decoded)
+  )
+  area, log_ratio, position = (d[share] for d in _draws(np.random.default_rng(5), 16))
+  shrunk = 0
+  for i, image in enumerate(decoded):
+    box = resized_crops.random_resized_box(*image.shape[:2], area[i], log_ratio[i], position[i])
+    h, w = box[2:]
+    difference = np.abs(fast[i].astype(np.int64) - full[i])
+    if min(h, w) < 2 * size:  # decoded whole: the same pixels resampled alike
+      np.testing.assert_array_equal(fast[i], full[i])
+    else:
+      shrunk += 1
+      assert difference.mean() <= TOLERANCE, (i, (h, w), difference.mean())
+  assert 0 < shrunk < len(encoded)
+
+
+def test_encoded_evaluation_crops_are_the_decoded_images_within_the_tolerance():
+  for encoded in (_file(240, 320), _file(320, 240, seed=1)):
+    decoded = resized_crops.decode(encoded)
+    # Shorter side 240 -> 200: decoded whole, only the crop's pixels resampled (the box's
+    # coordinates are floats: a level of rounding).
+    fast, full = (resized_crops.resize_centre_crop(x, 200, 180) for x in (encoded, decoded))
+    assert fast.shape == full.shape == (180, 180, 3)
+    assert np.abs(fast.astype(np.int64) - full).max() <= 1
+    # 240 -> 64: decoded at 1/2.
+    fast, full = (resized_crops.resize_centre_crop(x, 64, 56) for x in (encoded, decoded))
+    assert np.abs(fast.astype(np.int64) - full).mean() <= TOLERANCE
+
+
+def test_encoded_grayscale_and_png_files_give_the_asked_channels():
+  gray = _file(120, 160, channels=1)
+  assert resized_crops.decode(gray).shape == (120, 160, 1)
+  as_rgb = resized_crops.Encoded(gray.data, 3)
+  crop = resized_crops.resized_crop(as_rgb, (10, 20, 100, 100), 32)
+  assert crop.shape == (32, 32, 3)  # grey repeated to RGB, as TFDS decodes it
+  np.testing.assert_array_equal(crop[..., 0], crop[..., 2])
+  np.testing.assert_array_equal(
+      resized_crops.resized_crop(gray, (10, 20, 100, 100), 32), crop[..., :1]
+  )
+  png = _file(120, 160, fmt='PNG')  # no DCT downscale: always the whole decode's crop
+  np.testing.assert_array_equal(
+      resized_crops.resized_crop(png, (0, 0, 120, 160), 24),
+      resized_crops.resized_crop(resized_crops.decode(png), (0, 0, 120, 160), 24),
+  )
+
+
+def test_tfds_records_of_variable_size_read_the_files_encoded():
+  jpeg = _file(30, 40)
+  stored = tfds_source._stored_image(jpeg.data, 3)  # pylint: disable=protected-access
+  assert stored == jpeg and resized_crops.decode(stored).shape == (30, 40, 3)
+  mocked = np.zeros((5, 6, 3), np.uint8)  # what tfds.testing.mock_data hands over
+  assert tfds_source._stored_image(mocked, 3) is mocked  # pylint: disable=protected-access
+  with tfds.testing.mock_data(num_examples=3):
+    records = tfds_source.TfdsRecords(
+        'imagenet2012', 'train', data_dir=None, download=False, variable_size=True
+    )
+    images, labels = records.read(np.array([2, 0]))
+    source = tfds.data_source('imagenet2012', split='train', download=False)
+    for image, i in zip(images, (2, 0)):
+      np.testing.assert_array_equal(image, source[i]['image'])
+    np.testing.assert_array_equal(labels, [source[2]['label'], source[0]['label']])
 
 
 class _VariableRecords:

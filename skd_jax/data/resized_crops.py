@@ -1,4 +1,5 @@
-"""ImageNet-style crops on the host, for images of any size: numpy in, PIL resampling, uint8 out.
+"""ImageNet-style crops on the host, for images of any size: encoded files or numpy in, PIL
+resampling, uint8 out.
 
 * Training: :func:`random_resized_crops`, torchvision's ``RandomResizedCrop(size)`` with its
   defaults (area fraction in ``SCALE``, aspect ratio log-uniform in ``RATIO``, ``ATTEMPTS`` tries,
@@ -11,10 +12,19 @@ PIL's bilinear filter widens its support when it shrinks (antialiasing), as torc
 path does. A crop's randomness comes from one numpy generator per batch: every draw is made for
 all ``size`` slots of the global batch and the ``share`` of this process is sliced out, so an
 example's crop depends on ``(generator seed, slot, image)`` only, not on the process count.
+
+Images come decoded (numpy) or still encoded (:class:`Encoded`, what
+``skd_jax.data.tfds_source.TfdsRecords`` reads for ImageNet). An encoded image is decoded only as
+far as its crop needs: the box is drawn from the size in the file's header, a JPEG is decoded
+downscaled in the DCT domain (by 1/2, 1/4 or 1/8, PIL's ``Image.draft``) when the box, so
+shrunk, is still at least the output size, and only the box is resampled, in one ``resize``. The
+pixels stay within a few levels of a full decode's crop of the same box (tests/test_imagenet.py
+states the bound); the boxes are the same.
 """
 
+import io
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -22,6 +32,62 @@ from PIL import Image
 SCALE = (0.08, 1.0)  # range of the crop's area as a fraction of the image's
 RATIO = (3 / 4, 4 / 3)  # range of the crop's width / height
 ATTEMPTS = 10  # boxes drawn before falling back to the centre crop
+
+
+class Encoded(NamedTuple):
+  """An image as its file's bytes (JPEG, PNG, ...), decoded to ``channels`` channels when used."""
+
+  data: bytes
+  channels: int
+
+
+def _open(image: Encoded) -> Image.Image:
+  """The image, its header read and nothing decoded yet."""
+  return Image.open(io.BytesIO(image.data))
+
+
+def _mode(channels: int) -> str:
+  return 'L' if channels == 1 else 'RGB'
+
+
+def decode(image: Encoded) -> np.ndarray:
+  """The whole image, uint8 ``[H, W, channels]`` (grayscale files repeated to RGB, as TFDS does)."""
+  with _open(image) as pil:
+    return _array(pil.convert(_mode(image.channels)), image.channels)
+
+
+def dimensions(image: np.ndarray | Encoded) -> tuple[int, int]:
+  """``(height, width)`` of a decoded image, or of an encoded one from its header alone."""
+  if isinstance(image, Encoded):
+    with _open(image) as pil:
+      return pil.height, pil.width
+  return image.shape[0], image.shape[1]
+
+
+def _draft(pil: Image.Image, channels: int, reduction: float) -> float:
+  """Asks a JPEG to decode in ``channels``, downscaled by the largest of 8, 4 and 2 that is at
+  most ``reduction`` (no downscale below 2, nor for other formats).
+
+  Returns:
+    By how much each side of the decoded image is smaller: 1, 2, 4 or 8.
+  """
+  width, height = pil.size
+  scale = next((s for s in (8, 4, 2) if s <= reduction), 1)
+  # PIL takes the largest of 8, 4, 2, 1 that keeps the decoded image at least the size asked.
+  drafted = pil.draft(_mode(channels), (width // scale, height // scale) if scale > 1 else None)
+  return 1.0 if drafted is None else width / drafted[1][2]
+
+
+def _resized_box(
+    image: Encoded, box: tuple[float, float, float, float], size: int, reduction: float
+) -> np.ndarray:
+  """The ``(left, upper, right, lower)`` box of the encoded ``image`` (full-size coordinates)
+  resized to ``[size, size, channels]``, from a decode downscaled by at most ``reduction``."""
+  with _open(image) as pil:
+    scale = _draft(pil, image.channels, reduction)
+    box = tuple(b / scale for b in box)
+    resized = pil.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return _array(resized.convert(_mode(image.channels)), image.channels)
 
 
 def random_resized_box(
@@ -66,9 +132,13 @@ def _array(image: Image.Image, channels: int) -> np.ndarray:
   return out[..., None] if channels == 1 else out
 
 
-def resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+def resized_crop(
+    image: np.ndarray | Encoded, box: tuple[int, int, int, int], size: int
+) -> np.ndarray:
   """The ``(top, left, height, width)`` box of ``image`` [H, W, C] resized to [size, size, C]."""
   top, left, h, w = box
+  if isinstance(image, Encoded):
+    return _resized_box(image, (left, top, left + w, top + h), size, min(h, w) / size)
   resized = _pil(image).resize(
       (size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
   )
@@ -77,7 +147,7 @@ def resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int) -
 
 def random_resized_crops(
     rng: np.random.Generator,
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray | Encoded],
     share: slice,
     size: int,
     image_size: int,
@@ -87,7 +157,7 @@ def random_resized_crops(
 
   Args:
     rng: the batch's generator; every draw is made for all ``size`` slots.
-    images: the share's uint8 images [H_i, W_i, C], any sizes.
+    images: the share's uint8 images [H_i, W_i, C], any sizes, or :class:`Encoded` ones.
     share: this process's slots of the batch.
     size: the global batch size.
     image_size: side of the square output.
@@ -102,21 +172,30 @@ def random_resized_crops(
   flips = (rng.random(size) < 0.5)[share] & flip
   out = []
   for i, image in enumerate(images):
-    box = random_resized_box(*image.shape[:2], area[i], log_ratio[i], position[i])
+    box = random_resized_box(*dimensions(image), area[i], log_ratio[i], position[i])
     crop = resized_crop(image, box, image_size)
     out.append(crop[:, ::-1] if flips[i] else crop)
   return np.stack(out)
 
 
-def resize_centre_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
+def resize_centre_crop(image: np.ndarray | Encoded, resize: int, size: int) -> np.ndarray:
   """``image`` [H, W, C] with its shorter side resized to ``resize``, then the centre
-  ``size`` x ``size`` crop (torchvision's ``Resize(resize)`` + ``CenterCrop(size)``)."""
-  height, width = image.shape[:2]
+  ``size`` x ``size`` crop (torchvision's ``Resize(resize)`` + ``CenterCrop(size)``).
+
+  An :class:`Encoded` image is resampled at the crop's pixels only (the same sampling positions
+  and filter as the whole resize), from a JPEG decode downscaled while its shorter side stays at
+  least ``resize``.
+  """
+  height, width = dimensions(image)
   if height <= width:
     new_h, new_w = resize, int(resize * width / height)
   else:
     new_h, new_w = int(resize * height / width), resize
-  resized = _array(_pil(image).resize((new_w, new_h), Image.Resampling.BILINEAR), image.shape[-1])
   top = int(round((new_h - size) / 2.0))
   left = int(round((new_w - size) / 2.0))
+  if isinstance(image, Encoded):
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return _resized_box(image, box, size, min(sx, sy))
+  resized = _array(_pil(image).resize((new_w, new_h), Image.Resampling.BILINEAR), image.shape[-1])
   return resized[top : top + size, left : left + size]

@@ -21,6 +21,7 @@ from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from skd_jax.data import resized_crops
 from skd_jax.errors import ConfigError
 
 # Examples fetched per random-access batch read.
@@ -268,13 +269,23 @@ def load_tfds(
   return images, labels, num_classes
 
 
+def _stored_image(value, channels: int):
+  """An image feature read with ``SkipDecoding``: its file, ``Encoded``; a uint8 array as it is
+  (``tfds.testing.mock_data`` hands images over decoded whatever the decoders say)."""
+  if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
+    return value
+  return resized_crops.Encoded(bytes(value), channels)
+
+
 class TfdsRecords:
   """Random access to a prepared TFDS split (ArrayRecord) for the host-streaming source.
 
   Reading an example reads and decodes that record only. ``labels`` (every label, for the
   partner sampler) reads the whole split once, on first use, in batches and without decoding
   images. With ``variable_size``, images may have any height and width: ``image_shape`` is
-  ``(None, None, C)`` and ``read`` returns a list.
+  ``(None, None, C)`` and ``read`` returns a list of the files still encoded
+  (``skd_jax.data.resized_crops.Encoded``), which the ImageNet crops decode only as far as they
+  need.
   """
 
   def __init__(
@@ -292,6 +303,19 @@ class TfdsRecords:
     if not len(self._source):
       raise ConfigError(f'data.name: split {split!r} of TFDS dataset {name!r} is empty')
     self._labels = None
+    self._encoded = self._skip_decoding() if variable_size else None
+
+  def _skip_decoding(self):
+    """A copy of the source that shares its open files but leaves every Image feature as the
+    stored bytes (``SkipDecoding`` works without TensorFlow)."""
+    features = self._source.dataset_info.features
+    encoded = copy.copy(self._source)
+    encoded.decoders = {
+        key: tfds.decode.SkipDecoding()
+        for key, feature in features.items()
+        if isinstance(feature, tfds.features.Image)
+    }
+    return encoded
 
   def __len__(self) -> int:
     return len(self._source)
@@ -300,24 +324,21 @@ class TfdsRecords:
   def labels(self) -> np.ndarray:
     """int32 labels of the whole split in index order, read once without decoding any image."""
     if self._labels is None:
-      # A copy of the source that shares its open files but leaves every Image feature as the
-      # stored bytes (`SkipDecoding` works without TensorFlow); decoding ImageNet's 1.28M
-      # training JPEGs here would take over an hour before training starts.
-      features = self._source.dataset_info.features
-      labels_only = copy.copy(self._source)
-      labels_only.decoders = {
-          key: tfds.decode.SkipDecoding()
-          for key, feature in features.items()
-          if isinstance(feature, tfds.features.Image)
-      }
+      # Decoding ImageNet's 1.28M training JPEGs here would take over an hour before training
+      # starts.
+      labels_only = self._skip_decoding()
       self._labels = np.array([e['label'] for e in _examples(labels_only)], np.int32)
     return self._labels
 
   def read(self, index: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
-    """uint8 images ``[n, H, W, C]`` (a list of ``[H_i, W_i, C]`` when sizes vary) and int32
+    """uint8 images ``[n, H, W, C]`` (a list of ``Encoded`` files when sizes vary; of arrays
+    under ``tfds.testing.mock_data``) and int32
     labels ``[n]`` of the examples ``index``."""
-    examples = [self._source[int(i)] for i in index]
-    images = [np.asarray(e['image'], np.uint8) for e in examples]
-    if None not in self.image_shape:
-      images = np.stack(images)
+    if self._encoded is not None:
+      examples = [self._encoded[int(i)] for i in index]
+      channels = self.image_shape[-1]
+      images = [_stored_image(e['image'], channels) for e in examples]
+    else:
+      examples = [self._source[int(i)] for i in index]
+      images = np.stack([np.asarray(e['image'], np.uint8) for e in examples])
     return images, np.array([e['label'] for e in examples], np.int32)

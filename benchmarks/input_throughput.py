@@ -1,0 +1,254 @@
+r"""Images/s of the ImageNet host input path: decoding a whole JPEG, or only what its crop needs.
+
+Two paths, timed in interleaved rounds in one process (ratios are meaningful on a busy machine):
+
+* ``before``: the records decode every JPEG whole, as ``TfdsRecords`` did through TFDS (PIL, to
+  numpy), and the crops resample the numpy image (``resized_crops`` on arrays);
+* ``after``: the records hand over the encoded files (``resized_crops.Encoded``) and the crops
+  decode each one only as far as its box needs (DCT-domain downscale, one ``resize`` of the box).
+
+For each image size, each path is timed on
+
+* ``train``: ``StepReader``, a batch's reading, decoding, random-resized crops, flips and stacking;
+* ``eval``: ``EvalBatchReader`` with the evaluation transform (shorter side to ``--eval_resize``,
+  centre crop);
+
+in this process's main thread (one core: images/s per core), and, with ``--workers``, ``train``
+of the first size through ``HostSource`` with that many ``data.workers`` processes (images/s of
+them together; each block starts the workers afresh, so no idle worker refills its buffer while
+another job is timed, and is timed after the batches its workers buffered during the start-up).
+
+The JPEGs are synthesised: per channel a random field with a 1/f amplitude spectrum (the
+spectrum of natural images), channels correlated, plus a smooth colour gradient and pixel noise,
+saved at quality 90 with 4:2:0 chroma subsampling (as most ImageNet files are). A libjpeg decode
+costs about what its entropy-coded data costs, so what makes the timing representative is the
+compressed size per pixel: these files take about 0.55-0.65 bytes per pixel (printed), ImageNet's
+training JPEGs about 0.59 (110 KB for a typical 500 x 375 image).
+
+  python benchmarks/input_throughput.py
+  python benchmarks/input_throughput.py --sizes=500x375,1024x768 --rounds=7 --workers=2
+"""
+
+import io
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from PIL import Image
+
+from skd_jax.data import resized_crops
+from skd_jax.data import streaming
+
+_SIZES = flags.DEFINE_list(
+    'sizes', ['500x375', '375x500', '1024x768'], 'Image sizes WIDTHxHEIGHT, each timed apart.'
+)
+_IMAGES = flags.DEFINE_integer('images', 16, 'Distinct JPEGs per size.')
+_BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per batch.')
+_STEPS = flags.DEFINE_integer('steps', 4, 'Batches per timed block.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; medians are shown.')
+_WORKERS = flags.DEFINE_integer(
+    'workers', 2, 'data.workers of the HostSource jobs, first size only (0: none).'
+)
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Side of the crops.')
+_EVAL_RESIZE = flags.DEFINE_integer('eval_resize', 256, 'Shorter side before the eval crop.')
+
+PATHS = ('before', 'after')
+
+
+def synthetic_jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
+  """A natural-looking RGB JPEG (quality 90, 4:2:0): a 1/f^1.1 random field, a gradient, noise."""
+  fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+  frequency = np.hypot(fx, fy)
+  frequency[0, 0] = 1.0
+  fields = []
+  for _ in range(3):
+    spectrum = rng.normal(size=frequency.shape) + 1j * rng.normal(size=frequency.shape)
+    spectrum /= frequency**1.1
+    spectrum[0, 0] = 0.0
+    fields.append(np.fft.irfft2(spectrum, (height, width)))
+  mixing = np.array([[1.0, 0.8, 0.6], [0.0, 0.6, 0.3], [0.0, 0.0, 0.5]])  # correlated channels
+  x = np.stack(fields, -1) @ mixing
+  x = (x - x.mean()) / x.std() * 45.0 + 128.0
+  y, z = np.mgrid[0:height, 0:width] / max(height, width) - 0.5
+  x += 40.0 * np.stack([y, z, (y + z) / 2], -1) + rng.normal(0.0, 4.0, x.shape)
+  out = io.BytesIO()
+  Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(
+      out, 'JPEG', quality=90, subsampling='4:2:0'
+  )
+  return out.getvalue()
+
+
+class Records:
+  """Random access to JPEGs as ``TfdsRecords(variable_size=True)``: ``read`` returns them
+  ``Encoded`` (``decode=False``, the path after), or decoded whole as TFDS's PIL decoder does
+  (``decode=True``, the path before). Picklable, for worker processes."""
+
+  num_classes = 10
+  image_shape = (None, None, 3)
+
+  def __init__(self, files: list[bytes], decode: bool):
+    self.files, self.decode = files, decode
+    self.labels = np.arange(len(files), dtype=np.int32) % self.num_classes
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def read(self, index: np.ndarray):
+    encoded = [resized_crops.Encoded(self.files[int(i)], 3) for i in index]
+    if self.decode:
+      return [_tfds_decode(e.data) for e in encoded], self.labels[index]
+    return encoded, self.labels[index]
+
+
+def _tfds_decode(data: bytes) -> np.ndarray:
+  with Image.open(io.BytesIO(data)) as image:  # TFDS's decode_example_np_with_pil
+    return np.asarray(image, np.uint8)
+
+
+def _step_reader(records, batch_size: int, image_size: int):
+  return streaming.StepReader(
+      records,
+      seed=0,
+      batch_size=batch_size,
+      groups=('main',),
+      crop_padding=0,
+      flip=True,
+      share=slice(0, batch_size),
+      augment='imagenet',
+      image_size=image_size,
+  )
+
+
+def _blocks(function, steps: int):
+  """A job timing ``steps`` calls ``function(0), function(1), ...`` (step numbers go on)."""
+  counter = [0]
+
+  def block() -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      function(counter[0])
+      counter[0] += 1
+    return time.perf_counter() - start
+
+  return block
+
+
+def _source_blocks(records, batch_size, image_size, workers, steps, mesh):
+  """A job timing ``steps`` batches of a fresh ``HostSource`` after those its workers made during
+  their start-up."""
+
+  def block() -> float:
+    source = streaming.HostSource(
+        records,
+        mesh,
+        seed=0,
+        batch_size=batch_size,
+        flip=True,
+        augment='imagenet',
+        image_size=image_size,
+        workers=workers,
+        timeout_seconds=60,
+    )
+    # The first batches were made during the start-up: a worker buffers up to data.prefetch (2)
+    # steps, and grain's queue one more, before the timed ones come at the rate they are made.
+    untimed = 1 + 3 * workers
+    try:
+      for step in range(untimed):
+        jax.block_until_ready(source.step_args(step))
+      start = time.perf_counter()
+      for step in range(untimed, untimed + steps):
+        jax.block_until_ready(source.step_args(step))
+      return time.perf_counter() - start
+    finally:
+      source.close()
+
+  return block
+
+
+def make_jobs(files_by_size, *, batch_size, steps, image_size, eval_resize, workers, mesh=None):
+  """``{(case, size, path): job}``: a job returns the seconds of ``steps`` batches.
+
+  Cases: ``'train'`` and ``'eval'`` in this thread, ``'train, N workers'`` through
+  ``HostSource`` for the first size when ``workers`` (and a ``mesh``) are given.
+  """
+  transform = streaming.eval_transform('imagenet', image_size, eval_resize)
+  jobs = {}
+  for number, (size, files) in enumerate(files_by_size.items()):
+    for path in PATHS:
+      records = Records(files, decode=path == 'before')
+      reader = _step_reader(records, batch_size, image_size)
+      jobs['train', size, path] = _blocks(reader, steps)
+      evaluate = streaming.EvalBatchReader(
+          records, batch_size=batch_size, transform=transform, share=slice(0, batch_size)
+      )
+      jobs['eval', size, path] = _blocks(lambda b, e=evaluate, n=len(files): e(b % n), steps)
+      if workers and number == 0:
+        jobs[f'train, {workers} workers', size, path] = _source_blocks(
+            records, batch_size, image_size, workers, steps, mesh
+        )
+  return jobs
+
+
+def interleaved(jobs, rounds: int) -> dict:
+  """``{name: [seconds in round 1, ...]}``: each round runs every job once, in turn."""
+  for job in jobs.values():  # warm: caches, lazy imports
+    job()
+  times = {name: [] for name in jobs}
+  for _ in range(rounds):
+    for name, job in jobs.items():
+      times[name].append(job())
+  return times
+
+
+def summary(times, images_per_block: int) -> list[tuple]:
+  """Rows ``(case, size, before img/s, after img/s, after / before)``: median images/s over the
+  rounds, and the median of the rounds' ratios (each from one round's adjacent blocks)."""
+  rows = []
+  for case, size, path in times:
+    if path != 'before':
+      continue
+    before, after = times[case, size, 'before'], times[case, size, 'after']
+    rate = lambda t: images_per_block / statistics.median(t)
+    ratio = statistics.median(b / a for b, a in zip(before, after))
+    rows.append((case, size, rate(before), rate(after), ratio))
+  return rows
+
+
+def main(argv):
+  del argv
+  rng = np.random.default_rng(0)
+  files_by_size = {}
+  for size in _SIZES.value:
+    width, height = (int(n) for n in size.split('x'))
+    files_by_size[size] = [synthetic_jpeg(rng, height, width) for _ in range(_IMAGES.value)]
+    per_pixel = np.mean([len(f) for f in files_by_size[size]]) / (width * height)
+    print(f'{size}: {_IMAGES.value} JPEGs, {per_pixel:.3f} bytes per pixel (ImageNet ~0.59)')
+  mesh = None
+  if _WORKERS.value:
+    from skd_jax import train  # pylint: disable=g-import-not-at-top  # only for the mesh
+
+    mesh = train.make_mesh(jax.devices()[:1])
+  jobs = make_jobs(
+      files_by_size,
+      batch_size=_BATCH.value,
+      steps=_STEPS.value,
+      image_size=_IMAGE_SIZE.value,
+      eval_resize=_EVAL_RESIZE.value,
+      workers=_WORKERS.value,
+      mesh=mesh,
+  )
+  times = interleaved(jobs, _ROUNDS.value)
+  print(
+      f'{_ROUNDS.value} rounds x {_STEPS.value} batches of {_BATCH.value}, crops of'
+      f' {_IMAGE_SIZE.value} (eval: resize {_EVAL_RESIZE.value}); images/s, medians'
+  )
+  print(f'{"case":<18} {"size":>9} {"before":>8} {"after":>8} {"after/before":>13}')
+  for case, size, before, after, ratio in summary(times, _STEPS.value * _BATCH.value):
+    print(f'{case:<18} {size:>9} {before:8.1f} {after:8.1f} {ratio:13.2f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
