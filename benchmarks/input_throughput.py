@@ -42,19 +42,7 @@ from PIL import Image
 from skd_jax.data import resized_crops
 from skd_jax.data import streaming
 
-_SIZES = flags.DEFINE_list(
-    'sizes', ['500x375', '375x500', '1024x768'], 'Image sizes WIDTHxHEIGHT, each timed apart.'
-)
-_IMAGES = flags.DEFINE_integer('images', 16, 'Distinct JPEGs per size.')
-_BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per batch.')
-_STEPS = flags.DEFINE_integer('steps', 4, 'Batches per timed block.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; medians are shown.')
-_WORKERS = flags.DEFINE_integer(
-    'workers', 2, 'data.workers of the HostSource jobs, first size only (0: none).'
-)
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Side of the crops.')
-_EVAL_RESIZE = flags.DEFINE_integer('eval_resize', 256, 'Shorter side before the eval crop.')
-
+FLAGS = flags.FLAGS
 PATHS = ('before', 'after')
 
 
@@ -217,38 +205,56 @@ def summary(times, images_per_block: int) -> list[tuple]:
   return rows
 
 
+def _define_flags():
+  """The command line's flags: defined only when run, so that tests may import this module
+  beside other benchmarks whose flags share names."""
+  flags.DEFINE_list(
+      'sizes', ['500x375', '375x500', '1024x768'], 'Image sizes WIDTHxHEIGHT, each timed apart.'
+  )
+  flags.DEFINE_integer('images', 16, 'Distinct JPEGs per size.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per batch.')
+  flags.DEFINE_integer('steps', 4, 'Batches per timed block.')
+  flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; medians are shown.')
+  flags.DEFINE_integer(
+      'workers', 2, 'data.workers of the HostSource jobs, first size only (0: none).'
+  )
+  flags.DEFINE_integer('image_size', 224, 'Side of the crops.')
+  flags.DEFINE_integer('eval_resize', 256, 'Shorter side before the eval crop.')
+
+
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
   files_by_size = {}
-  for size in _SIZES.value:
+  for size in FLAGS.sizes:
     width, height = (int(n) for n in size.split('x'))
-    files_by_size[size] = [synthetic_jpeg(rng, height, width) for _ in range(_IMAGES.value)]
+    files_by_size[size] = [synthetic_jpeg(rng, height, width) for _ in range(FLAGS.images)]
     per_pixel = np.mean([len(f) for f in files_by_size[size]]) / (width * height)
-    print(f'{size}: {_IMAGES.value} JPEGs, {per_pixel:.3f} bytes per pixel (ImageNet ~0.59)')
+    print(f'{size}: {FLAGS.images} JPEGs, {per_pixel:.3f} bytes per pixel (ImageNet ~0.59)')
   mesh = None
-  if _WORKERS.value:
+  if FLAGS.workers:
     from skd_jax import train  # pylint: disable=g-import-not-at-top  # only for the mesh
 
     mesh = train.make_mesh(jax.devices()[:1])
   jobs = make_jobs(
       files_by_size,
-      batch_size=_BATCH.value,
-      steps=_STEPS.value,
-      image_size=_IMAGE_SIZE.value,
-      eval_resize=_EVAL_RESIZE.value,
-      workers=_WORKERS.value,
+      batch_size=FLAGS.batch_size,
+      steps=FLAGS.steps,
+      image_size=FLAGS.image_size,
+      eval_resize=FLAGS.eval_resize,
+      workers=FLAGS.workers,
       mesh=mesh,
   )
-  times = interleaved(jobs, _ROUNDS.value)
+  times = interleaved(jobs, FLAGS.rounds)
   print(
-      f'{_ROUNDS.value} rounds x {_STEPS.value} batches of {_BATCH.value}, crops of'
-      f' {_IMAGE_SIZE.value} (eval: resize {_EVAL_RESIZE.value}); images/s, medians'
+      f'{FLAGS.rounds} rounds x {FLAGS.steps} batches of {FLAGS.batch_size}, crops of'
+      f' {FLAGS.image_size} (eval: resize {FLAGS.eval_resize}); images/s, medians'
   )
   print(f'{"case":<18} {"size":>9} {"before":>8} {"after":>8} {"after/before":>13}')
-  for case, size, before, after, ratio in summary(times, _STEPS.value * _BATCH.value):
+  for case, size, before, after, ratio in summary(times, FLAGS.steps * FLAGS.batch_size):
     print(f'{case:<18} {size:>9} {before:8.1f} {after:8.1f} {ratio:13.2f}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
