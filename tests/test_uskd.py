@@ -234,6 +234,19 @@ def test_the_term_asks_for_a_linear_head_on_the_second_to_last_stage():
   assert set(out.metrics) == {'uskd/top1'}
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_linear_head_pools_then_applies_one_dense_layer(dtype):
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  head = models.LinearHead(5, dtype=dtype)
+  (logits, pooled), variables = head.init_with_output(jax.random.key(1), x, train=True)
+  dense = variables['params']['head']
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 5) and pooled.dtype == dtype
+  tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pooled.astype(jnp.float32), x.mean(axis=(1, 2)), **tol)
+  expected = x.mean(axis=(1, 2)) @ dense['kernel'] + dense['bias']
+  np.testing.assert_allclose(logits, expected, **tol)
+
+
 @pytest.mark.parametrize(
     'settings, message',
     [
