@@ -22,7 +22,10 @@ Offline Fashion-MNIST (`quick`, the baseline's setup, the head on stage 2 of 3):
 
   python -m skd_jax.main --config=configs/uskd.py:quick --workdir=/tmp/uskd_quick
 
-Measured: see the README's Methods table.
+Measured (2-core CPU, 2,018 s wall on 2026-12-06 with the machine shared by four other jobs, load
+average ~13: ~245 img/s, so the wall time says nothing of the method's cost; the head is 330
+parameters): top-1 91.37%, NLL 0.247, ECE 0.27, AURC 11.7 (baseline 91.35%, ECE 0.50); the weak
+head's training top-1 ~84%.
 """
 
 from skd_jax import config_lib

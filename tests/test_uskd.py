@@ -267,16 +267,18 @@ def test_invalid_settings_are_config_errors(settings, message):
 
 @pytest.mark.slow
 def test_uskd_trains_on_1_and_8_devices_with_the_same_losses(tmp_path):
-  """Groups of 4 span devices (2 examples each on 8): the grouping is the batch's, not the
-  mesh's. The head's top-1 is measured; the exported model has no head."""
+  """Groups of 4 span devices (2 examples each on 8) and train as on one device. The head's
+  top-1 is measured; the exported model has no head."""
   config = runs.config('uskd', num_epochs=1)
   config.loss.uskd.group_size = 4
   got = {}
   for devices in (1, 8):
     runs.run(config, tmp_path / str(devices), devices=devices)
     records = runs.records(tmp_path / str(devices), 'train')
-    assert all('uskd/top1' in r for r in records)
+    assert all(np.isfinite(r['loss/uskd']) and 'uskd/top1' in r for r in records)
     got[devices] = [r['loss'] for r in records]
-  np.testing.assert_allclose(got[8], got[1], rtol=2e-5)
+  # As tests/test_methods.py: the first step to reduction order, later ones to a drift of BN.
+  np.testing.assert_allclose(got[8][0], got[1][0], rtol=2e-4)
+  np.testing.assert_allclose(got[8], got[1], rtol=1e-2)
   model = export.load_model(tmp_path / '8')
   assert 'uskd' not in model.variables['params']
