@@ -40,6 +40,8 @@ def _head_module(backbone, term: str, request):
     )
   if request.kind == 'drg':
     return models.DRGHead(request.num_outputs, dtype=backbone.dtype)
+  if request.kind == 'linear':
+    return models.LinearHead(request.num_outputs, dtype=backbone.dtype)
   if request.kind == 'later_stages':
     if not hasattr(backbone, 'later_stages_head'):
       raise ConfigError(

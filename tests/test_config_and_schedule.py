@@ -32,6 +32,7 @@ CONFIGS = [
     'sd_dropout',
     'teacher_kd',
     'tfkd_self',
+    'uskd',
 ]
 
 

@@ -7,6 +7,7 @@ repositories, commits and lines it executes). These tests read the arrays only: 
 import importlib
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,3 +136,55 @@ def test_the_ema_updates_are_the_official_ones(golden):
     )
   # The cap is reached within the recorded updates (decays 1/2, 2/3, then the maximum).
   assert 1 - 1 / (len(golden['ema_kernel']) + 1) > golden['ema_max_decay']
+
+
+# USKD against the official loss: golden/uskd.npz was written by golden/make_uskd.py (its
+# docstring names the repository, commit and file it executes).
+
+USKD_GOLDEN = pathlib.Path(__file__).parent / 'golden' / 'uskd.npz'
+
+
+@pytest.fixture(scope='module')
+def uskd_golden():
+  with np.load(USKD_GOLDEN) as data:
+    return dict(data)
+
+
+def _our_uskd(golden, group_size):
+  """The batch loss of ``configs/uskd.py``'s term and its gradients, as the official run's."""
+  settings = importlib.import_module('configs.uskd').get_config().loss.uskd
+  for key in ('alpha', 'beta', 'mu'):
+    assert settings[key] == golden[key]
+  settings.group_size = group_size
+  batch, classes = golden['logits'].shape
+  term = importlib.import_module('skd_jax.terms.uskd').make(
+      settings, terms_lib.Context(classes, 200, batch, num_stages=4)
+  )
+  labels = jnp.asarray(golden['labels'], jnp.int32)
+
+  def batch_loss(logits, features, kernel, bias):
+    weak = features @ kernel.T + bias  # the official fc, PyTorch's [out, in] kernel
+    inputs = terms_lib.TermInputs(logits, labels, outputs={'uskd': weak})
+    return jnp.mean(term(inputs).loss)
+
+  args = [jnp.asarray(golden[k], jnp.float32) for k in ('logits', 'features', 'kernel', 'bias')]
+  loss, grads = jax.value_and_grad(batch_loss, argnums=(0, 1, 2, 3))(*args)
+  return [loss, *grads]
+
+
+@pytest.mark.parametrize('run, group_size', [('whole', 0), ('grouped', 4)])
+def test_uskd_loss_and_gradients_are_the_official_ones(uskd_golden, run, group_size):
+  """One call on 8 examples, and (``grouped``) the mean of the official loss over two halves:
+  what DistributedDataParallel trains on two GPUs, and ``group_size=4`` here on one batch."""
+  names = ('loss', 'grad_logits', 'grad_features', 'grad_kernel', 'grad_bias')
+  for name, ours in zip(names, _our_uskd(uskd_golden, group_size)):
+    official = uskd_golden[f'{run}_{name}']  # float64
+    # rtol 1e-5; the atol covers float32 cancellation in entries ~1e3 times smaller than the
+    # largest (worst seen: relative 1.1e-5 on a kernel gradient of 1e-5 beside ones of 2e-2).
+    atol = 1e-6 * np.abs(official).max()
+    np.testing.assert_allclose(ours, official, rtol=1e-5, atol=atol, err_msg=name)
+
+
+def test_uskd_golden_groups_matter(uskd_golden):
+  # The halves' batch means differ from the whole batch's, so the grouped run tests grouping.
+  assert not np.allclose(uskd_golden['whole_grad_logits'], uskd_golden['grouped_grad_logits'])

@@ -24,6 +24,7 @@ from skd_jax.losses._soft_targets import pskd_alpha
 from skd_jax.losses._soft_targets import pskd_cross_entropy
 from skd_jax.losses._soft_targets import pskd_targets
 from skd_jax.losses._soft_targets import soft_target_cross_entropy
+from skd_jax.losses._uskd import uskd_loss
 
 __all__ = [
     'aggregate_joint_logits',
@@ -43,4 +44,5 @@ __all__ = [
     'rotation_joint_labels',
     'sd_dropout_loss',
     'soft_target_cross_entropy',
+    'uskd_loss',
 ]

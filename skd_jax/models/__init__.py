@@ -28,6 +28,7 @@ from skd_jax import plugins
 from skd_jax.errors import ConfigError
 from skd_jax.models.heads import DRGHead
 from skd_jax.models.heads import Head
+from skd_jax.models.heads import LinearHead
 from skd_jax.models.heads import SepConv
 from skd_jax.models.heads import WithHeads
 from skd_jax.models.resnet import BasicBlock
@@ -133,6 +134,7 @@ __all__ = [
     'DRGHead',
     'Head',
     'ImageNetResNet',
+    'LinearHead',
     'MODELS',
     'PreActBlock',
     'PreActResNet',

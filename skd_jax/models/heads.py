@@ -18,6 +18,8 @@ Heads:
   * `ResNet.later_stages_head` / `PreActResNet.later_stages_head` (in
     `resnet`): HSAKD/LSSKD heads that re-instantiate the backbone's later
     stages.
+  * `LinearHead`: global average pooling and one Dense layer (USKD's weak
+    classifier).
 """
 
 from typing import Any, Dict, NamedTuple, Sequence, Tuple
@@ -133,6 +135,29 @@ class DRGHead(nn.Module):
     x = SepConv(2 * channels, strides=2, dtype=self.dtype, name='sepconv1')(x, train=train)
     x = SepConv(4 * channels, strides=2, dtype=self.dtype, name='sepconv2')(x, train=train)
     pooled = jnp.mean(x, axis=(1, 2))
+    return classifier(self.num_outputs, self.dtype, pooled), pooled
+
+
+class LinearHead(nn.Module):
+  """Global average pooling, then a Dense layer: USKD's weak classifier.
+
+  With x the [B, H, W, C] input: `f = mean_HW(x)`, `z = Dense(f)` (USKD's
+  `nn.Linear(channel, num_classes)` on the pooled stage output; Flax's default
+  init, as the backbone's classifier).
+
+  Attributes:
+    num_outputs: Number of logits.
+    dtype: Computation dtype; parameters stay float32.
+  """
+
+  num_outputs: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Tuple[Array, Array]:
+    """Returns float32 logits [B, num_outputs] and pooled features [B, C]."""
+    del train
+    pooled = jnp.mean(x.astype(self.dtype), axis=(1, 2))
     return classifier(self.num_outputs, self.dtype, pooled), pooled
 
 

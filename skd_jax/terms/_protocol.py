@@ -64,8 +64,9 @@ class HeadRequest:
   Attributes:
     name: key of the head's logits in ``inputs.outputs`` and of its variables.
     stage: the backbone stage (1-based) whose output the head reads.
-    kind: ``'drg'`` (LightSKD's attention head) or ``'later_stages'`` (the backbone's later
-      stages again, HSAKD/LSSKD).
+    kind: ``'drg'`` (LightSKD's attention head), ``'later_stages'`` (the backbone's later
+      stages again, HSAKD/LSSKD) or ``'linear'`` (global average pooling and a Dense layer,
+      USKD's weak classifier).
     num_outputs: number of logits.
   """
 
