@@ -50,7 +50,7 @@ from skd_jax.data import pipeline
 from skd_jax.data import samplers
 from skd_jax.data import selection
 from skd_jax.data import sources
-from skd_jax.errors import ConfigError, InputError
+from skd_jax.errors import ConfigError, Diverged, InputError, Interrupted, Preempted, SaveError
 
 log = logging.getLogger(__name__)
 
@@ -274,29 +274,6 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
 # ---------------------------------------------------------------------------------------------
 
 
-class Preempted(Exception):
-  """A signal stopped the run: after saving a checkpoint, or before anything was written."""
-
-
-class Diverged(FloatingPointError):
-  """A non-finite loss, gradient norm or state stopped the run.
-
-  Attributes:
-    kept_step: the step of the last committed checkpoint, or None when there is none.
-  """
-
-  def __init__(self, cause: str, kept_step: int | None, checkpoints: str):
-    self.kept_step = kept_step
-    if kept_step is None:
-      kept = 'no checkpoint was saved; rerunning starts again from scratch'
-    else:
-      kept = f'the checkpoint at step {kept_step} is kept ({checkpoints}/{kept_step})'
-    super().__init__(
-        f'{cause}; stopped, {kept}. To take another path, rerun with changed optim settings, '
-        'e.g. a lower --config.optim.lr (README: "Changing hyperparameters on resume")'
-    )
-
-
 def _save_before(step: int, state: state_lib.TrainState, window, checkpoints) -> None:
   """Commits ``state``, the state before ``step``, unless a checkpoint of it exists (a stop before
   the first step after resuming)."""
@@ -371,7 +348,7 @@ def train_and_evaluate(
       start-up, before writing anything.
     InputError: the input failed (a worker died or stalled, a data file changed); in a single
       process, after saving a checkpoint at the step that could not start.
-    checkpoints.SaveError: a checkpoint could not be written; the previous one is intact.
+    SaveError: a checkpoint could not be written; the previous one is intact.
   """
   installed = preemption.install()
   try:
@@ -397,7 +374,7 @@ def _train_and_evaluate(config, workdir, devices):
     except BaseException:
       try:  # the first error is the one to report
         checkpoints.close()
-      except checkpoints_lib.SaveError:
+      except SaveError:
         pass
       raise
     checkpoints.close()
@@ -430,9 +407,9 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
     for step in range(start, total):
       try:
         if preemption.reached(step):
-          raise sources.Interrupted(step)
+          raise Interrupted(step)
         args = job.source.step_args(step)
-      except sources.Interrupted:  # before the step, or while it waited for its batch
+      except Interrupted:  # before the step, or while it waited for its batch
         _save_before(step, state, window, checkpoints)
         signal_name = preemption.received() or 'a signal to another process'
         raise Preempted(

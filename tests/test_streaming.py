@@ -21,9 +21,8 @@ from skd_jax import data as data_lib
 from skd_jax import preemption
 from skd_jax import train
 from skd_jax.data import idx
-from skd_jax.data import sources
 from skd_jax.data import streaming
-from skd_jax.errors import ConfigError, InputError
+from skd_jax.errors import ConfigError, InputError, Interrupted
 
 N, B = 72, 16
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +174,7 @@ def test_a_host_streaming_run_resumes_bit_identically_and_workers_change_nothing
   def step_args(self, step):  # a signal arrives while step 7 waits for its batch
     if step == 7:
       os.kill(os.getpid(), signal.SIGTERM)
-      raise sources.Interrupted(step)
+      raise Interrupted(step)
     return real_step_args(self, step)
 
   with monkeypatch.context() as patch:
@@ -247,7 +246,7 @@ def test_a_signal_ends_a_wait_for_a_stopped_worker_at_once_and_a_dead_one_is_nam
   installed = preemption.install()
   try:
     timer.start()
-    with pytest.raises(sources.Interrupted):
+    with pytest.raises(Interrupted):
       for step in range(2, 100):
         source.step_args(step)
     assert time.perf_counter() - sent[0] < 0.5

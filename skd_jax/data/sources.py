@@ -46,13 +46,6 @@ GROUPS = ('main', 'partner', 'previous')
 _AUGMENT, _ORDER, _PARTNER_AUGMENT, _PARTNERS, _PREVIOUS_AUGMENT = 1, 2, 4, 5, 6
 
 
-class Interrupted(Exception):
-  """``step_args`` stopped waiting for the batch because a signal arrived (single process only).
-
-  The trainer stops as it would at a step boundary: the step did not run.
-  """
-
-
 class Examples(struct.PyTreeNode):
   """One group of a step's global batch, ``B`` slots sharded along ``data``.
 

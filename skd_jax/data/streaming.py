@@ -64,7 +64,7 @@ from skd_jax.data import resized_crops
 from skd_jax.data import samplers
 from skd_jax.data import selection
 from skd_jax.data import sources
-from skd_jax.errors import ConfigError, InputError
+from skd_jax.errors import ConfigError, InputError, Interrupted
 
 # Random streams of (seed, stream, step), as the on-device source's fold-in constants.
 _STREAMS = {'main': 1, 'order': 2, 'partner': 4, 'partners': 5, 'previous': 6}
@@ -453,7 +453,7 @@ class HostSource:
     """The pipeline's next batch (step ``step``), waited for in slices of ``_POLL_SECONDS``.
 
     Raises:
-      sources.Interrupted: a signal arrived (single process); a later call waits on.
+      Interrupted: a signal arrived (single process); a later call waits on.
       InputError: the worker of ``step`` delivered nothing within the timeout, or died.
     """
     started = time.perf_counter()
@@ -470,7 +470,7 @@ class HostSource:
           break
         except queue.Empty:
           if _signalled():
-            raise sources.Interrupted(step) from None
+            raise Interrupted(step) from None
           if time.perf_counter() - started > limit:
             raise InputError(
                 f'{self._worker(step)} delivered nothing for {limit:g} s (data.timeout_seconds='
@@ -487,7 +487,7 @@ class HostSource:
     """Step ``step``'s global batch on the devices (the pipeline restarts for an unexpected step).
 
     Raises:
-      sources.Interrupted: a signal arrived while waiting (single process).
+      Interrupted: a signal arrived while waiting (single process).
       InputError: a worker died or delivered nothing for ``timeout_seconds``.
     """
     if self._iterator is None or step != self._next:
