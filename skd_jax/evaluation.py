@@ -51,16 +51,21 @@ class DeviceEvalSet:
     self.num_examples = data.labels.shape[0]
     self.num_batches = samplers.steps_per_epoch(self.num_examples, batch_size)
 
-  def eval_step(self, networks, mesh):
-    """The function to compile: (variables, *a batch's arguments) -> per-example statistics."""
-    return functools.partial(eval_step, networks=networks, mesh=mesh, batch_size=self.batch_size)
-
   def example_args(self):
     return self.data, np.int32(0)
 
   def batches(self):
     for b in range(self.num_batches):
       yield self.data, np.int32(b)
+
+
+def eval_function(test, networks, mesh):
+  """The function to compile for ``test``'s batches: (variables, *a batch's arguments) ->
+  per-example statistics; :func:`eval_step` for a :class:`DeviceEvalSet`, :func:`eval_batch`
+  for a ``HostEvalSet`` (its batches come sharded)."""
+  if isinstance(test, DeviceEvalSet):
+    return functools.partial(eval_step, networks=networks, mesh=mesh, batch_size=test.batch_size)
+  return functools.partial(eval_batch, networks=networks)
 
 
 def evaluate(eval_fn, test, models: dict[str, object]) -> dict[str, float]:

@@ -243,9 +243,9 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       out_shardings=(jax.tree.map(lambda x: x.sharding, shapes), replicated),
       donate_argnums=(0,),
   ).lower(shapes, source.example_args(), teacher, key)
-  lowered_eval = jax.jit(test.eval_step(networks, mesh), out_shardings=replicated).lower(
-      networks.inference(shapes.params, shapes.batch_stats), *test.example_args()
-  )
+  lowered_eval = jax.jit(
+      evaluation.eval_function(test, networks, mesh), out_shardings=replicated
+  ).lower(networks.inference(shapes.params, shapes.batch_stats), *test.example_args())
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     compiling = pool.submit(lambda: (lowered_step.compile(), lowered_eval.compile()))
     state = state_lib.init_state(networks, tx, method, source.labels, key=key, mesh=mesh)

@@ -142,6 +142,14 @@ def test_a_truncated_plain_idx_file_is_one_config_error(tmp_path):
     records.read(np.array([0]))
 
 
+def test_the_data_package_does_not_import_the_evaluation():
+  # Data flows one way (data -> model -> evaluation): the host pipeline reads batches and leaves
+  # what is computed on them to skd_jax.evaluation.
+  code = 'import sys, skd_jax.data.streaming; print("skd_jax.evaluation" in sys.modules)'
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert proc.stdout.strip() == 'False'
+
+
 def test_tfds_records_read_single_examples_of_a_prepared_split():
   config = runs.config('baseline')
   with tfds.testing.mock_data(num_examples=runs.NUM_EXAMPLES):

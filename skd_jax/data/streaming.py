@@ -56,7 +56,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from skd_jax import data as data_lib
-from skd_jax import evaluation
 from skd_jax import example_rows
 from skd_jax import preemption
 from skd_jax.data import pipeline
@@ -564,12 +563,6 @@ class HostEvalSet:
         self._sharding, x, (self.batch_size, *x.shape[1:])
     )
     return (sources.Examples(**{k: put(v) for k, v in local.items()}),)
-
-  @staticmethod
-  def eval_step(networks, mesh):
-    """The function to compile: (variables, a batch's ``Examples``) -> per-example statistics."""
-    del mesh  # the batch comes sharded
-    return functools.partial(evaluation.eval_batch, networks=networks)
 
   def example_args(self) -> tuple[sources.Examples]:
     """The arguments' shapes, shardings and dtypes, for compiling ahead of time."""
