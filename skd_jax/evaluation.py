@@ -12,10 +12,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from skd_jax import example_rows
+from skd_jax import mesh as mesh_lib
 from skd_jax import metrics as metrics_lib
 from skd_jax.data import samplers
 from skd_jax.data import sources
@@ -31,7 +30,7 @@ def eval_step(variables, test, batch: jax.Array, *, networks, mesh, batch_size: 
   position = batch * batch_size + jnp.arange(batch_size)
   valid = position < num_examples
   index = jax.lax.with_sharding_constraint(
-      jnp.minimum(position, num_examples - 1), NamedSharding(mesh, P(example_rows.AXIS))
+      jnp.minimum(position, num_examples - 1), mesh_lib.sharded(mesh)
   )
   logits, _ = networks.apply_inference(variables, test.images[index])
   return {**metrics_lib.per_example_stats(logits, test.labels[index]), 'valid': valid}

@@ -20,10 +20,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from skd_jax import export
+from skd_jax import mesh as mesh_lib
 from skd_jax import models
 from skd_jax import terms
 from skd_jax import workdir as workdir_lib
@@ -147,7 +147,7 @@ class Networks:
     """The teacher's variables replicated on ``mesh`` (None without a teacher)."""
     if self.teacher is None:
       return None
-    replicated = NamedSharding(mesh, P())
+    replicated = mesh_lib.replicated(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)),
         self.teacher.variables,

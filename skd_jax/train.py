@@ -29,7 +29,6 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -37,8 +36,8 @@ from skd_jax import checkpoints as checkpoints_lib
 from skd_jax import config_lib
 from skd_jax import data as data_lib
 from skd_jax import evaluation
-from skd_jax import example_rows
 from skd_jax import export
+from skd_jax import mesh as mesh_lib
 from skd_jax import networks as networks_lib
 from skd_jax import optim as optim_lib
 from skd_jax import preemption
@@ -51,20 +50,9 @@ from skd_jax.data import samplers
 from skd_jax.data import selection
 from skd_jax.data import sources
 from skd_jax.errors import ConfigError, Diverged, InputError, Interrupted, Preempted, SaveError
+from skd_jax.mesh import make_mesh
 
 log = logging.getLogger(__name__)
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D ``data`` mesh over ``devices`` (default: every device of every process)."""
-  devices = jax.devices() if devices is None else list(devices)
-  # Auto axes: Explicit ones (the default) break Linen modules that do not annotate shardings.
-  return jax.make_mesh(
-      (len(devices),),
-      (example_rows.AXIS,),
-      axis_types=(jax.sharding.AxisType.Auto,),
-      devices=devices,
-  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +214,7 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
   started = time.perf_counter()
   shapes = state_lib.abstract_init_state(networks, tx, method, source.labels, mesh=mesh)
   teacher = networks.teacher_variables(mesh)
-  replicated = NamedSharding(mesh, P())
+  replicated = mesh_lib.replicated(mesh)
   step = functools.partial(
       state_lib.train_step,
       networks=networks,

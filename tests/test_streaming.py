@@ -286,10 +286,10 @@ def test_workers_and_the_resource_tracker_exit_when_their_trainer_is_killed(tmp_
   script = f"""if True:
     import time
     import jax
-    from skd_jax import example_rows
+    from skd_jax import mesh as mesh_lib
     from skd_jax.data import idx, streaming
     if __name__ == '__main__':
-      mesh = jax.make_mesh((1,), (example_rows.AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+      mesh = mesh_lib.make_mesh(jax.devices()[:1])
       records = idx.FashionMnistRecords({fashion!r}, 'train')
       source = streaming.HostSource(records, mesh, seed=0, batch_size=8, workers=2)
       source.step_args(0)

@@ -52,11 +52,10 @@ import time
 from absl import flags
 import grain
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from skd_jax import data as data_lib
-from skd_jax import example_rows
+from skd_jax import mesh as mesh_lib
 from skd_jax import preemption
 from skd_jax.data import pipeline
 from skd_jax.data import resized_crops
@@ -361,7 +360,7 @@ class HostSource:
     self.batch_size, self.steps_per_epoch = batch_size, self.reader.steps_per_epoch
     self._workers, self._prefetch = workers, prefetch
     self._timeout = timeout_seconds
-    self._sharding = NamedSharding(mesh, P(example_rows.AXIS))
+    self._sharding = mesh_lib.sharded(mesh)
     self._iterator, self._first, self._next, self._in_flight = None, None, None, False
     self.wait_seconds = 0.0  # time step_args spent waiting for the pipeline
 
@@ -556,7 +555,7 @@ class HostEvalSet:
     self._reader = EvalBatchReader(
         records, batch_size=batch_size, transform=transform, share=_share(batch_size)
     )
-    self._sharding = NamedSharding(mesh, P(example_rows.AXIS))
+    self._sharding = mesh_lib.sharded(mesh)
 
   def _put(self, local: dict) -> tuple[sources.Examples]:
     put = lambda x: jax.make_array_from_process_local_data(
