@@ -24,10 +24,11 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh
 import numpy as np
 
 from skd_jax import example_rows
+from skd_jax import mesh as mesh_lib
 from skd_jax.terms import pskd
 
 # name -> (training examples, classes). ImageNet-1k: TFDS imagenet2012's train split.
@@ -59,11 +60,11 @@ def history_bytes(
     num_examples: int, num_classes: int, storage: str, top_k: int, devices: int
 ) -> tuple[int, int]:
   """``(per_device, per_checkpoint)`` bytes of the PS-KD history on a ``devices``-device mesh."""
-  mesh = AbstractMesh((devices,), (example_rows.AXIS,))
+  mesh = AbstractMesh((devices,), (mesh_lib.AXIS,))
   rows = example_rows.padded_rows(num_examples, mesh)
   term = pskd.PSKD(num_classes=num_classes, num_epochs=1, storage=storage, top_k=top_k)
   tables = jax.eval_shape(term.init_rows, jax.ShapeDtypeStruct((rows,), jnp.int32))
-  sharding = NamedSharding(mesh, P(example_rows.AXIS))
+  sharding = mesh_lib.sharded(mesh)
   leaves = jax.tree.leaves(tables)
   per_device = sum(int(np.prod(sharding.shard_shape(t.shape))) * t.dtype.itemsize for t in leaves)
   return per_device, sum(t.size * t.dtype.itemsize for t in leaves)

@@ -36,13 +36,9 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from skd_jax.errors import ConfigError
+from skd_jax.errors import ConfigError, SaveError, first_line
 
 log = logging.getLogger(__name__)
-
-
-class SaveError(OSError):
-  """A checkpoint could not be written; the message is one line with the path and the cause."""
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -98,11 +94,6 @@ def verify(tree, saved) -> str | None:
   return None
 
 
-def _first_line(error: BaseException) -> str:
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[0] if lines else type(error).__name__
-
-
 def _cause(error: BaseException) -> str:
   """The root cause of an orbax/tensorstore error, e.g. ``No space left on device (errno 28)``.
 
@@ -110,7 +101,7 @@ def _cause(error: BaseException) -> str:
   the text depends on the write that failed (a chunk, a manifest, a JSON spec), so the words are
   taken from the code.
   """
-  text = _first_line(error)
+  text = first_line(error) or type(error).__name__
   os_error = re.search(r"\[os_error_code='?(\d+)'?\]", text)
   if os_error:
     code = int(os_error.group(1))

@@ -12,10 +12,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from skd_jax import example_rows
+from skd_jax import mesh as mesh_lib
 from skd_jax import metrics as metrics_lib
 from skd_jax.data import samplers
 from skd_jax.data import sources
@@ -31,7 +30,7 @@ def eval_step(variables, test, batch: jax.Array, *, networks, mesh, batch_size: 
   position = batch * batch_size + jnp.arange(batch_size)
   valid = position < num_examples
   index = jax.lax.with_sharding_constraint(
-      jnp.minimum(position, num_examples - 1), NamedSharding(mesh, P(example_rows.AXIS))
+      jnp.minimum(position, num_examples - 1), mesh_lib.sharded(mesh)
   )
   logits, _ = networks.apply_inference(variables, test.images[index])
   return {**metrics_lib.per_example_stats(logits, test.labels[index]), 'valid': valid}
@@ -51,16 +50,21 @@ class DeviceEvalSet:
     self.num_examples = data.labels.shape[0]
     self.num_batches = samplers.steps_per_epoch(self.num_examples, batch_size)
 
-  def eval_step(self, networks, mesh):
-    """The function to compile: (variables, *a batch's arguments) -> per-example statistics."""
-    return functools.partial(eval_step, networks=networks, mesh=mesh, batch_size=self.batch_size)
-
   def example_args(self):
     return self.data, np.int32(0)
 
   def batches(self):
     for b in range(self.num_batches):
       yield self.data, np.int32(b)
+
+
+def eval_function(test, networks, mesh):
+  """The function to compile for ``test``'s batches: (variables, *a batch's arguments) ->
+  per-example statistics; :func:`eval_step` for a :class:`DeviceEvalSet`, :func:`eval_batch`
+  for a ``HostEvalSet`` (its batches come sharded)."""
+  if isinstance(test, DeviceEvalSet):
+    return functools.partial(eval_step, networks=networks, mesh=mesh, batch_size=test.batch_size)
+  return functools.partial(eval_batch, networks=networks)
 
 
 def evaluate(eval_fn, test, models: dict[str, object]) -> dict[str, float]:

@@ -21,19 +21,15 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-AXIS = 'data'
+from skd_jax.mesh import AXIS
 
 
 def padded_rows(num_examples: int, mesh: Mesh) -> int:
   """Number of table rows: ``num_examples`` rounded up to a multiple of the device count."""
   devices = mesh.shape[AXIS]
   return math.ceil(num_examples / devices) * devices
-
-
-def sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(AXIS))
 
 
 def last_occurrence(index: jax.Array) -> jax.Array:

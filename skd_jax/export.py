@@ -50,21 +50,12 @@ from skd_jax import models
 from skd_jax import plugins
 from skd_jax import workdir
 from skd_jax.data import pipeline
-from skd_jax.errors import ConfigError
+from skd_jax.errors import ConfigError, ModelError
 
 FORMAT = 'skd_jax.model/1'
 _MAX_SIDE = 1 << 16  # the largest image height or width a spec may give
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-  """An exported model that cannot be used: its spec is invalid or disagrees with the stored
-  arrays, or its files do not read or do not match their fingerprint.
-
-  The message is one line naming the file (``.../model/spec`` or ``.../model/variables``) and the
-  field or array at fault.
-  """
 
 
 def _is_number(value) -> bool:

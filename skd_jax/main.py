@@ -74,8 +74,7 @@ from skd_jax import generations
 from skd_jax import peers
 from skd_jax import terms
 from skd_jax import train
-from skd_jax.checkpoints import SaveError
-from skd_jax.errors import ConfigError, InputError
+from skd_jax.errors import ConfigError, Diverged, InputError, Preempted, SaveError
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -330,13 +329,13 @@ def main(argv):
       summary = summaries[-1]
   except ConfigError as e:
     _fail(str(e), 2)
-  except (train.Diverged, InputError) as e:
+  except (Diverged, InputError) as e:
     _fail(str(e), 1)
   except SaveError as e:
     _fail(f'{e}; stopped, the previous checkpoint is intact', 1)
   except OSError as e:  # a workdir file could not be written (a full disk, say)
     _fail(f'{e.filename or "workdir"}: cannot write ({e.strerror or e}); stopped', 1)
-  except train.Preempted as e:
+  except Preempted as e:
     peers.finished()
     logging.warning('%s', e)
     return

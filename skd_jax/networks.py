@@ -20,14 +20,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from skd_jax import export
+from skd_jax import mesh as mesh_lib
 from skd_jax import models
 from skd_jax import terms
 from skd_jax import workdir as workdir_lib
-from skd_jax.errors import ConfigError
+from skd_jax.errors import ConfigError, ModelError
 
 
 def _head_module(backbone, term: str, request):
@@ -149,7 +149,7 @@ class Networks:
     """The teacher's variables replicated on ``mesh`` (None without a teacher)."""
     if self.teacher is None:
       return None
-    replicated = NamedSharding(mesh, P())
+    replicated = mesh_lib.replicated(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)),
         self.teacher.variables,
@@ -213,7 +213,7 @@ def load_teacher(workdir: str, *, wanted: bool) -> export.Model | None:
   Raises:
     ConfigError: a term needs a teacher and ``workdir`` is '', a teacher is given that no term
       uses (``wanted`` is False), ``workdir`` holds no exported model or one that cannot be used
-      (``skd_jax.export.ModelError``: an invalid spec, unreadable or damaged files), or is in a
+      (``skd_jax.errors.ModelError``: an invalid spec, unreadable or damaged files), or is in a
       bucket that cannot be reached.
   """
   if not workdir:
@@ -229,5 +229,5 @@ def load_teacher(workdir: str, *, wanted: bool) -> export.Model | None:
   workdir_lib.check_remote(workdir, 'teacher.workdir')
   try:
     return export.load_model(workdir)
-  except (FileNotFoundError, export.ModelError) as e:
+  except (FileNotFoundError, ModelError) as e:
     raise ConfigError(f'teacher.workdir: {e}') from None

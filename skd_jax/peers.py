@@ -32,6 +32,8 @@ import time
 import jax
 from jax._src import distributed  # the client; and the service's factory, to move it to a child
 
+from skd_jax.errors import first_line
+
 _MARGIN = 15  # seconds the service waits beyond `timeout` (see the module docstring)
 _PERIOD = 1.0  # seconds between beats
 _KEY = 'skd_jax/alive/'
@@ -160,7 +162,7 @@ def _watch() -> None:
       client.key_value_set(f'{_KEY}{me}', str(beat), allow_overwrite=True)
       values = dict(client.key_value_dir_get(_KEY))
     except Exception as e:  # pylint: disable=broad-except
-      _stop(f'lost the coordination service ({str(e).strip().splitlines()[0]})')
+      _stop(f'lost the coordination service ({first_line(e)})')
     now = time.monotonic()
     for process, (last, since) in list(heard.items()):
       value = values.get(f'{_KEY}{process}')

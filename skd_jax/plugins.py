@@ -17,7 +17,7 @@ import importlib
 import inspect
 from typing import Any, Callable
 
-from skd_jax.errors import ConfigError
+from skd_jax.errors import ConfigError, first_line
 
 
 def is_path(value: Any) -> bool:
@@ -48,10 +48,9 @@ def load(path: Any, field: str, attribute: str = 'make') -> Callable[..., Any]:
   try:
     module = importlib.import_module(path)
   except Exception as e:  # a plug-in may fail to import in any way  # pylint: disable=broad-except
-    cause = str(e).splitlines()[0] if str(e) else ''
     raise ConfigError(
-        f'{field}: cannot import {path!r} ({type(e).__name__}: {cause}); is it installed or on '
-        'PYTHONPATH?'
+        f'{field}: cannot import {path!r} ({type(e).__name__}: {first_line(e)}); is it installed '
+        'or on PYTHONPATH?'
     ) from None
   function = getattr(module, attribute, None)
   if not callable(function):

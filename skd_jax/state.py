@@ -15,10 +15,10 @@ from typing import Any
 import flax.training.train_state
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import optax
 
 from skd_jax import example_rows
+from skd_jax import mesh as mesh_lib
 from skd_jax import networks as networks_lib
 from skd_jax import terms as terms_lib
 from skd_jax.data import sources
@@ -47,8 +47,8 @@ def _initializers(networks: networks_lib.Networks, tx, method: terms_lib.Combine
   carry, ``rows(labels)`` the per-example rows of the padded labels, ``carry()`` the terms' carry,
   and ``shardings(state)`` the sharding of every leaf of a state.
   """
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(example_rows.AXIS))
+  replicated = mesh_lib.replicated(mesh)
+  sharded = mesh_lib.sharded(mesh)
 
   @functools.partial(jax.jit, out_shardings=replicated)
   def model(key):
@@ -66,13 +66,13 @@ def _initializers(networks: networks_lib.Networks, tx, method: terms_lib.Combine
       name: sharded if kind == 'batch' else replicated
       for name, kind in method.carry_sharding().items()
   }
-  rows = jax.jit(method.init_rows, out_shardings=example_rows.sharding(mesh))
+  rows = jax.jit(method.init_rows, out_shardings=mesh_lib.sharded(mesh))
   carry = jax.jit(method.init_carry, out_shardings=carry_shardings)
 
   def shardings(state):
     on = lambda sharding, tree: jax.tree.map(lambda _: sharding, tree)
     return jax.tree.map(lambda _: replicated, state).replace(
-        rows=on(example_rows.sharding(mesh), state.rows),
+        rows=on(mesh_lib.sharded(mesh), state.rows),
         carry={name: on(carry_shardings[name], tree) for name, tree in state.carry.items()},
     )
 
@@ -155,9 +155,7 @@ def train_step(
   weights = main.valid.astype(jnp.float32) / jnp.sum(main.valid)
   average = lambda v: jnp.sum(weights * v) if jnp.ndim(v) else v
   # Views are built per example and laid out example-major, so they stay on the example's device.
-  views = jax.lax.with_sharding_constraint(
-      method.views(main.images), NamedSharding(mesh, P(example_rows.AXIS))
-  )
+  views = jax.lax.with_sharding_constraint(method.views(main.images), mesh_lib.sharded(mesh))
 
   def loss_fn(params):
     logits, outputs, passes, batch_stats = networks.forward(

@@ -29,7 +29,6 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -37,8 +36,8 @@ from skd_jax import checkpoints as checkpoints_lib
 from skd_jax import config_lib
 from skd_jax import data as data_lib
 from skd_jax import evaluation
-from skd_jax import example_rows
 from skd_jax import export
+from skd_jax import mesh as mesh_lib
 from skd_jax import networks as networks_lib
 from skd_jax import optim as optim_lib
 from skd_jax import preemption
@@ -50,21 +49,10 @@ from skd_jax.data import pipeline
 from skd_jax.data import samplers
 from skd_jax.data import selection
 from skd_jax.data import sources
-from skd_jax.errors import ConfigError, InputError
+from skd_jax.errors import ConfigError, Diverged, InputError, Interrupted, Preempted, SaveError
+from skd_jax.mesh import make_mesh
 
 log = logging.getLogger(__name__)
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D ``data`` mesh over ``devices`` (default: every device of every process)."""
-  devices = jax.devices() if devices is None else list(devices)
-  # Auto axes: Explicit ones (the default) break Linen modules that do not annotate shardings.
-  return jax.make_mesh(
-      (len(devices),),
-      (example_rows.AXIS,),
-      axis_types=(jax.sharding.AxisType.Auto,),
-      devices=devices,
-  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +214,7 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
   started = time.perf_counter()
   shapes = state_lib.abstract_init_state(networks, tx, method, source.labels, mesh=mesh)
   teacher = networks.teacher_variables(mesh)
-  replicated = NamedSharding(mesh, P())
+  replicated = mesh_lib.replicated(mesh)
   step = functools.partial(
       state_lib.train_step,
       networks=networks,
@@ -243,9 +231,9 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       out_shardings=(jax.tree.map(lambda x: x.sharding, shapes), replicated),
       donate_argnums=(0,),
   ).lower(shapes, source.example_args(), teacher, key)
-  lowered_eval = jax.jit(test.eval_step(networks, mesh), out_shardings=replicated).lower(
-      networks.inference(shapes.params, shapes.batch_stats), *test.example_args()
-  )
+  lowered_eval = jax.jit(
+      evaluation.eval_function(test, networks, mesh), out_shardings=replicated
+  ).lower(networks.inference(shapes.params, shapes.batch_stats), *test.example_args())
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     compiling = pool.submit(lambda: (lowered_step.compile(), lowered_eval.compile()))
     state = state_lib.init_state(networks, tx, method, source.labels, key=key, mesh=mesh)
@@ -272,29 +260,6 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
 # ---------------------------------------------------------------------------------------------
 # Train loop
 # ---------------------------------------------------------------------------------------------
-
-
-class Preempted(Exception):
-  """A signal stopped the run: after saving a checkpoint, or before anything was written."""
-
-
-class Diverged(FloatingPointError):
-  """A non-finite loss, gradient norm or state stopped the run.
-
-  Attributes:
-    kept_step: the step of the last committed checkpoint, or None when there is none.
-  """
-
-  def __init__(self, cause: str, kept_step: int | None, checkpoints: str):
-    self.kept_step = kept_step
-    if kept_step is None:
-      kept = 'no checkpoint was saved; rerunning starts again from scratch'
-    else:
-      kept = f'the checkpoint at step {kept_step} is kept ({checkpoints}/{kept_step})'
-    super().__init__(
-        f'{cause}; stopped, {kept}. To take another path, rerun with changed optim settings, '
-        'e.g. a lower --config.optim.lr (README: "Changing hyperparameters on resume")'
-    )
 
 
 def _save_before(step: int, state: state_lib.TrainState, window, checkpoints) -> None:
@@ -371,7 +336,7 @@ def train_and_evaluate(
       start-up, before writing anything.
     InputError: the input failed (a worker died or stalled, a data file changed); in a single
       process, after saving a checkpoint at the step that could not start.
-    checkpoints.SaveError: a checkpoint could not be written; the previous one is intact.
+    SaveError: a checkpoint could not be written; the previous one is intact.
   """
   installed = preemption.install()
   try:
@@ -397,7 +362,7 @@ def _train_and_evaluate(config, workdir, devices):
     except BaseException:
       try:  # the first error is the one to report
         checkpoints.close()
-      except checkpoints_lib.SaveError:
+      except SaveError:
         pass
       raise
     checkpoints.close()
@@ -430,9 +395,9 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
     for step in range(start, total):
       try:
         if preemption.reached(step):
-          raise sources.Interrupted(step)
+          raise Interrupted(step)
         args = job.source.step_args(step)
-      except sources.Interrupted:  # before the step, or while it waited for its batch
+      except Interrupted:  # before the step, or while it waited for its batch
         _save_before(step, state, window, checkpoints)
         signal_name = preemption.received() or 'a signal to another process'
         raise Preempted(

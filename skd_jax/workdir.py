@@ -55,7 +55,7 @@ import ml_collections
 
 from skd_jax import config_lib
 from skd_jax import events
-from skd_jax.errors import ConfigError
+from skd_jax.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ def _atomic_write(target: epath.Path, text: str | bytes) -> None:
 
 def _cause(error: BaseException) -> str:
   """The error's first line, or the OS error deep inside it (``[Errno 111] Connection refused``)."""
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  text = lines[0] if lines else type(error).__name__
+  text = first_line(error) or type(error).__name__
   os_error = re.search(r'\[Errno -?\d+\] [^\'")\]]+', text)
   if os_error:
     return os_error.group(0).strip()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from skd_jax import example_rows
+from skd_jax import mesh as mesh_lib
 from skd_jax import train
 
 
@@ -20,7 +21,7 @@ def mesh(request):
 def _table(mesh, n=37, c=5):
   rows = example_rows.padded_rows(n, mesh)
   host = np.arange(rows * c, dtype=np.float32).reshape(rows, c)
-  return host, jax.device_put(host, example_rows.sharding(mesh))
+  return host, jax.device_put(host, mesh_lib.sharded(mesh))
 
 
 def test_padded_rows_is_a_multiple_of_the_devices(mesh):
@@ -60,7 +61,7 @@ def test_last_occurrence():
 def test_communication_is_batch_sized_not_table_sized():
   mesh = train.make_mesh(jax.devices()[:8])
   n, c, b = 4096, 10, 16
-  table = jax.device_put(jnp.zeros((n, c)), example_rows.sharding(mesh))
+  table = jax.device_put(jnp.zeros((n, c)), mesh_lib.sharded(mesh))
   index = jnp.arange(b, dtype=jnp.int32)
   values = jax.device_put(jnp.ones((b, c)), NamedSharding(mesh, P('data')))
 
@@ -85,7 +86,7 @@ def test_pytrees_of_tables_of_any_dtype_gather_and_scatter_leaf_by_leaf(mesh):
       'indices': np.arange(rows * 3, dtype=np.int16).reshape(rows, 3),
       'values': (np.arange(rows * 3).reshape(rows, 3) / 4).astype(jnp.bfloat16),
   }
-  tables = jax.device_put(host, example_rows.sharding(mesh))
+  tables = jax.device_put(host, mesh_lib.sharded(mesh))
   index = jnp.array([36, 0, 5, 5, 17, 9, 36, 1], jnp.int32)
   got = jax.jit(lambda t, i: example_rows.gather(t, i, mesh))(tables, index)
   jax.tree.map(lambda g, h: np.testing.assert_array_equal(g, h[np.asarray(index)]), got, host)

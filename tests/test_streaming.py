@@ -21,9 +21,8 @@ from skd_jax import data as data_lib
 from skd_jax import preemption
 from skd_jax import train
 from skd_jax.data import idx
-from skd_jax.data import sources
 from skd_jax.data import streaming
-from skd_jax.errors import ConfigError, InputError
+from skd_jax.errors import ConfigError, InputError, Interrupted
 
 N, B = 72, 16
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,6 +142,14 @@ def test_a_truncated_plain_idx_file_is_one_config_error(tmp_path):
     records.read(np.array([0]))
 
 
+def test_the_data_package_does_not_import_the_evaluation():
+  # Data flows one way (data -> model -> evaluation): the host pipeline reads batches and leaves
+  # what is computed on them to skd_jax.evaluation.
+  code = 'import sys, skd_jax.data.streaming; print("skd_jax.evaluation" in sys.modules)'
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert proc.stdout.strip() == 'False'
+
+
 def test_tfds_records_read_single_examples_of_a_prepared_split():
   config = runs.config('baseline')
   with tfds.testing.mock_data(num_examples=runs.NUM_EXAMPLES):
@@ -175,7 +182,7 @@ def test_a_host_streaming_run_resumes_bit_identically_and_workers_change_nothing
   def step_args(self, step):  # a signal arrives while step 7 waits for its batch
     if step == 7:
       os.kill(os.getpid(), signal.SIGTERM)
-      raise sources.Interrupted(step)
+      raise Interrupted(step)
     return real_step_args(self, step)
 
   with monkeypatch.context() as patch:
@@ -247,7 +254,7 @@ def test_a_signal_ends_a_wait_for_a_stopped_worker_at_once_and_a_dead_one_is_nam
   installed = preemption.install()
   try:
     timer.start()
-    with pytest.raises(sources.Interrupted):
+    with pytest.raises(Interrupted):
       for step in range(2, 100):
         source.step_args(step)
     assert time.perf_counter() - sent[0] < 0.5
@@ -279,10 +286,10 @@ def test_workers_and_the_resource_tracker_exit_when_their_trainer_is_killed(tmp_
   script = f"""if True:
     import time
     import jax
-    from skd_jax import example_rows
+    from skd_jax import mesh as mesh_lib
     from skd_jax.data import idx, streaming
     if __name__ == '__main__':
-      mesh = jax.make_mesh((1,), (example_rows.AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+      mesh = mesh_lib.make_mesh(jax.devices()[:1])
       records = idx.FashionMnistRecords({fashion!r}, 'train')
       source = streaming.HostSource(records, mesh, seed=0, batch_size=8, workers=2)
       source.step_args(0)

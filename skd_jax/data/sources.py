@@ -33,10 +33,9 @@ from typing import Any
 from flax import struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from skd_jax import example_rows
+from skd_jax import mesh as mesh_lib
 from skd_jax.data import pipeline
 from skd_jax.data import samplers
 
@@ -44,13 +43,6 @@ GROUPS = ('main', 'partner', 'previous')
 
 # Fold-in constants of the run's PRNG key (skd_jax.state uses 0 for initialisation, 3 for terms).
 _AUGMENT, _ORDER, _PARTNER_AUGMENT, _PARTNERS, _PREVIOUS_AUGMENT = 1, 2, 4, 5, 6
-
-
-class Interrupted(Exception):
-  """``step_args`` stopped waiting for the batch because a signal arrived (single process only).
-
-  The trainer stops as it would at a step boundary: the step did not run.
-  """
 
 
 class Examples(struct.PyTreeNode):
@@ -81,7 +73,7 @@ class DeviceData(struct.PyTreeNode):
 
 def to_devices(images: np.ndarray, labels: np.ndarray, mesh) -> DeviceData:
   # Every process loaded the whole split; the global array is the same data on every device.
-  replicated = NamedSharding(mesh, P())
+  replicated = mesh_lib.replicated(mesh)
   put = lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x))
   return DeviceData(images=put(images), labels=put(labels.astype(np.int32)))
 
@@ -94,7 +86,7 @@ def run_key(seed: int, mesh) -> jax.Array:
   compilation cache). The key's data are those of ``jax.random.key(seed)`` inside a program.
   """
   data = np.asarray(jax.random.key_data(jax.random.key(seed)))
-  replicated = NamedSharding(mesh, P())
+  replicated = mesh_lib.replicated(mesh)
   data = jax.make_array_from_process_local_data(replicated, data)
   return jax.jit(jax.random.wrap_key_data, out_shardings=replicated)(data)
 
@@ -145,7 +137,7 @@ class OnDeviceSource:
     self.key = run_key(seed, mesh)
     self._augment = functools.partial(pipeline.augment, crop_padding=crop_padding, flip=flip)
     self.data = to_devices(images, labels, mesh)
-    replicated = NamedSharding(mesh, P())
+    replicated = mesh_lib.replicated(mesh)
     self._classes = None
     if 'partner' in self.groups:
       classes = samplers.class_index(labels, num_classes)
@@ -206,7 +198,7 @@ class OnDeviceSource:
     return batch
 
   def _examples(self, data: DeviceData, index, valid, key) -> Examples:
-    sharded = NamedSharding(self._mesh, P(example_rows.AXIS))
+    sharded = mesh_lib.sharded(self._mesh)
     images = jax.lax.with_sharding_constraint(data.images[index], sharded)
     labels = jax.lax.with_sharding_constraint(data.labels[index], sharded)
     return Examples(index, valid, labels, self._augment(key, images))

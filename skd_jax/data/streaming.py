@@ -52,19 +52,17 @@ import time
 from absl import flags
 import grain
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from skd_jax import data as data_lib
-from skd_jax import evaluation
-from skd_jax import example_rows
+from skd_jax import mesh as mesh_lib
 from skd_jax import preemption
 from skd_jax.data import pipeline
 from skd_jax.data import resized_crops
 from skd_jax.data import samplers
 from skd_jax.data import selection
 from skd_jax.data import sources
-from skd_jax.errors import ConfigError, InputError
+from skd_jax.errors import ConfigError, InputError, Interrupted
 
 # Random streams of (seed, stream, step), as the on-device source's fold-in constants.
 _STREAMS = {'main': 1, 'order': 2, 'partner': 4, 'partners': 5, 'previous': 6}
@@ -362,7 +360,7 @@ class HostSource:
     self.batch_size, self.steps_per_epoch = batch_size, self.reader.steps_per_epoch
     self._workers, self._prefetch = workers, prefetch
     self._timeout = timeout_seconds
-    self._sharding = NamedSharding(mesh, P(example_rows.AXIS))
+    self._sharding = mesh_lib.sharded(mesh)
     self._iterator, self._first, self._next, self._in_flight = None, None, None, False
     self.wait_seconds = 0.0  # time step_args spent waiting for the pipeline
 
@@ -453,7 +451,7 @@ class HostSource:
     """The pipeline's next batch (step ``step``), waited for in slices of ``_POLL_SECONDS``.
 
     Raises:
-      sources.Interrupted: a signal arrived (single process); a later call waits on.
+      Interrupted: a signal arrived (single process); a later call waits on.
       InputError: the worker of ``step`` delivered nothing within the timeout, or died.
     """
     started = time.perf_counter()
@@ -470,7 +468,7 @@ class HostSource:
           break
         except queue.Empty:
           if _signalled():
-            raise sources.Interrupted(step) from None
+            raise Interrupted(step) from None
           if time.perf_counter() - started > limit:
             raise InputError(
                 f'{self._worker(step)} delivered nothing for {limit:g} s (data.timeout_seconds='
@@ -487,7 +485,7 @@ class HostSource:
     """Step ``step``'s global batch on the devices (the pipeline restarts for an unexpected step).
 
     Raises:
-      sources.Interrupted: a signal arrived while waiting (single process).
+      Interrupted: a signal arrived while waiting (single process).
       InputError: a worker died or delivered nothing for ``timeout_seconds``.
     """
     if self._iterator is None or step != self._next:
@@ -557,19 +555,13 @@ class HostEvalSet:
     self._reader = EvalBatchReader(
         records, batch_size=batch_size, transform=transform, share=_share(batch_size)
     )
-    self._sharding = NamedSharding(mesh, P(example_rows.AXIS))
+    self._sharding = mesh_lib.sharded(mesh)
 
   def _put(self, local: dict) -> tuple[sources.Examples]:
     put = lambda x: jax.make_array_from_process_local_data(
         self._sharding, x, (self.batch_size, *x.shape[1:])
     )
     return (sources.Examples(**{k: put(v) for k, v in local.items()}),)
-
-  @staticmethod
-  def eval_step(networks, mesh):
-    """The function to compile: (variables, a batch's ``Examples``) -> per-example statistics."""
-    del mesh  # the batch comes sharded
-    return functools.partial(evaluation.eval_batch, networks=networks)
 
   def example_args(self) -> tuple[sources.Examples]:
     """The arguments' shapes, shardings and dtypes, for compiling ahead of time."""

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from skd_jax.data import resized_crops
-from skd_jax.errors import ConfigError
+from skd_jax.errors import ConfigError, first_line
 
 # Examples fetched per random-access batch read.
 _CHUNK = 1024
@@ -36,8 +36,7 @@ _PROBE_SECONDS = 5
 
 def _short_reason(e: BaseException) -> str:
   """Returns `e` as one short line: its type and the first line of its text."""
-  lines = str(e).strip().splitlines()
-  first = lines[0].strip().rstrip(':') if lines else ''
+  first = first_line(e).rstrip(':')
   reason = f'{type(e).__name__}: {first}' if first else type(e).__name__
   if len(reason) > _MAX_REASON:
     reason = reason[: _MAX_REASON - 3] + '...'
