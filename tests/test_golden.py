@@ -1,13 +1,16 @@
-"""DLB's loss and the EMA update against values from running the official PyTorch code.
+"""DLB's loss, the EMA update, TF-KD (reg) and Zipf's LS against the official PyTorch code.
 
-``golden/dlb_ema.npz`` was written by ``golden/make_dlb_ema.py`` (its docstring names the
-repositories, commits and lines it executes). These tests read the arrays only: no PyTorch.
+``golden/dlb_ema.npz`` was written by ``golden/make_dlb_ema.py``, ``golden/tfkd_reg.npz`` by
+``golden/make_tfkd_reg.py`` (their docstrings name the repositories, commits and lines they
+execute). These tests read the arrays only: no PyTorch.
 """
 
 import importlib
 import pathlib
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -135,3 +138,44 @@ def test_the_ema_updates_are_the_official_ones(golden):
     )
   # The cap is reached within the recorded updates (decays 1/2, 2/3, then the maximum).
   assert 1 - 1 / (len(golden['ema_kernel']) + 1) > golden['ema_max_decay']
+
+
+# --- TF-KD (reg) ---------------------------------------------------------------------------------
+
+TFKD_REG = pathlib.Path(__file__).parent / 'golden' / 'tfkd_reg.npz'
+
+
+def _batch_loss_and_grad(loss_config, logits, labels):
+  """The trainer's batch loss (mean over the batch of the weighted terms) and its gradient."""
+  batch, classes = logits.shape
+  method = terms_lib.build(loss_config, terms_lib.Context(classes, 200, batch))
+  loss = lambda z: jnp.mean(method(terms_lib.TermInputs(z, labels)).loss)
+  return jax.value_and_grad(loss)(jnp.asarray(logits))
+
+
+@pytest.mark.parametrize('case', ['r18', 'mnv2'])
+def test_tfkd_reg_is_the_official_loss_with_weights_one_minus_alpha_and_alpha_m_over_c(case):
+  """golden/make_tfkd_reg.py ran the official ``loss_kd_regularization``; its ``KLDivLoss()``
+  mean over B x C is our per-example KL with weight alpha m / C, averaged over the batch."""
+  with np.load(TFKD_REG) as data:
+    g = {k.removeprefix(f'{case}_'): data[k] for k in data if k.startswith(f'{case}_')}
+    correct_prob = float(data['correct_prob'])
+  alpha, classes = float(g['alpha']), g['logits'].shape[1]
+  if case == 'r18':  # the shipped config is the official ResNet-18 CIFAR-100 setting
+    loss_config = importlib.import_module('configs.tfkd_reg').get_config().loss
+  else:
+    loss_config = ml_collections.ConfigDict(
+        {
+            'cross_entropy': {'weight': 1.0 - alpha},
+            'tfkd_reg': {
+                'weight': alpha * float(g['multiplier']) / classes,
+                'temperature': float(g['temperature']),
+                'correct_prob': correct_prob,
+            },
+        }
+    )
+  assert loss_config.tfkd_reg.temperature == g['temperature']
+  assert loss_config.tfkd_reg.correct_prob == correct_prob
+  loss, grad = _batch_loss_and_grad(loss_config, g['logits'], jnp.asarray(g['labels']))
+  np.testing.assert_allclose(float(loss), g['loss'], rtol=1e-5)
+  np.testing.assert_allclose(grad, g['grad'], rtol=1e-5, atol=1e-5 * np.abs(g['grad']).max())

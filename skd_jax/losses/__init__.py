@@ -24,6 +24,8 @@ from skd_jax.losses._soft_targets import pskd_alpha
 from skd_jax.losses._soft_targets import pskd_cross_entropy
 from skd_jax.losses._soft_targets import pskd_targets
 from skd_jax.losses._soft_targets import soft_target_cross_entropy
+from skd_jax.losses._teacher_free import tfkd_reg_loss
+from skd_jax.losses._teacher_free import tfkd_reg_targets
 
 __all__ = [
     'aggregate_joint_logits',
@@ -43,4 +45,6 @@ __all__ = [
     'rotation_joint_labels',
     'sd_dropout_loss',
     'soft_target_cross_entropy',
+    'tfkd_reg_loss',
+    'tfkd_reg_targets',
 ]
