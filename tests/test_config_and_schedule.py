@@ -31,7 +31,9 @@ CONFIGS = [
     'pskd_dsr_drg',
     'sd_dropout',
     'teacher_kd',
+    'tfkd_reg',
     'tfkd_self',
+    'zipf_ls',
 ]
 
 

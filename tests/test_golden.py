@@ -1,8 +1,9 @@
 """DLB's loss, the EMA update, TF-KD (reg) and Zipf's LS against the official PyTorch code.
 
 ``golden/dlb_ema.npz`` was written by ``golden/make_dlb_ema.py``, ``golden/tfkd_reg.npz`` by
-``golden/make_tfkd_reg.py``, ``golden/zipf_ls.npz`` by ``golden/make_zipf_ls.py`` (their docstrings name the repositories, commits and lines they
-execute). These tests read the arrays only: no PyTorch.
+``golden/make_tfkd_reg.py``, ``golden/zipf_ls.npz`` by ``golden/make_zipf_ls.py`` (their
+docstrings name the repositories, commits and lines they execute). These tests read the arrays
+only: no PyTorch.
 """
 
 import importlib
@@ -189,8 +190,9 @@ ZIPF_LS = pathlib.Path(__file__).parent / 'golden' / 'zipf_ls.npz'
 
 @pytest.mark.parametrize('case', ['cifar', 'plain'])
 def test_zipf_ls_votes_loss_and_gradient_are_the_official_ones(case):
-  """golden/make_zipf_ls.py ran the official dense predictions (``get_dense_info``), ``zipf_loss``
-  and the training loss ``CE + lambda zipf_loss``; ours: cross_entropy + zipf_ls terms, batch mean."""
+  """golden/make_zipf_ls.py ran the official dense predictions (``get_dense_info``),
+  ``zipf_loss`` and the training loss ``CE + lambda zipf_loss``; ours: the cross_entropy and
+  zipf_ls terms, averaged over the batch."""
   with np.load(ZIPF_LS) as data:
     g = {k.removeprefix(f'{case}_'): data[k] for k in data if k.startswith(f'{case}_')}
   if case == 'cifar':  # the shipped config is the official CIFAR-100 setting

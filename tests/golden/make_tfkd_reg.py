@@ -37,10 +37,12 @@ import torch
 COMMIT = 'd000ab378a409535a5f5f645b473e05e27529a02'
 FILE, BLOB = 'my_loss_function.py', '88b793c85c1fabb69ad53e2d9775b6d6e0bd0518'
 CASES = {
-    'r18': dict(batch=16, classes=100, scale=3.0, reg_alpha=0.1, reg_temperature=20.0,
-                multiplier=100.0),
-    'mnv2': dict(batch=8, classes=10, scale=5.0, reg_alpha=0.95, reg_temperature=40.0,
-                 multiplier=1.0),
+    'r18': dict(
+        batch=16, classes=100, scale=3.0, reg_alpha=0.1, reg_temperature=20.0, multiplier=100.0
+    ),
+    'mnv2': dict(
+        batch=8, classes=10, scale=5.0, reg_alpha=0.95, reg_temperature=40.0, multiplier=1.0
+    ),
 }
 
 
@@ -73,15 +75,17 @@ def main(git_dir: str, out: str) -> None:
     )
     loss = official.loss_kd_regularization(z, torch.tensor(labels), params)
     loss.backward()
-    arrays.update({
-        f'{name}_logits': logits,
-        f'{name}_labels': labels.astype(np.int32),
-        f'{name}_loss': np.float64(loss.item()),
-        f'{name}_grad': z.grad.numpy(),
-        f'{name}_alpha': np.float64(case['reg_alpha']),
-        f'{name}_temperature': np.float64(case['reg_temperature']),
-        f'{name}_multiplier': np.float64(case['multiplier']),
-    })
+    arrays.update(
+        {
+            f'{name}_logits': logits,
+            f'{name}_labels': labels.astype(np.int32),
+            f'{name}_loss': np.float64(loss.item()),
+            f'{name}_grad': z.grad.numpy(),
+            f'{name}_alpha': np.float64(case['reg_alpha']),
+            f'{name}_temperature': np.float64(case['reg_temperature']),
+            f'{name}_multiplier': np.float64(case['multiplier']),
+        }
+    )
   np.savez(out, **arrays)
 
 

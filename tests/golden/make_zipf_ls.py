@@ -75,9 +75,10 @@ def _checked_files(git_dir: str, into: pathlib.Path) -> None:
 
 def _official_get_dense_info(source: str, upsample):
   """``get_dense_info`` nested in ``CIFAR_ResNet.forward``, with ``self.upsample = upsample``."""
-  (cls,) = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == 'CIFAR_ResNet']
-  (forward,) = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == 'forward']
-  (function,) = [n for n in forward.body if isinstance(n, ast.FunctionDef) and n.name == 'get_dense_info']
+  named = lambda nodes, kind, name: [n for n in nodes if isinstance(n, kind) and n.name == name]
+  (cls,) = named(ast.parse(source).body, ast.ClassDef, 'CIFAR_ResNet')
+  (forward,) = named(cls.body, ast.FunctionDef, 'forward')
+  (function,) = named(forward.body, ast.FunctionDef, 'get_dense_info')
   namespace = {'F': F, 'self': types.SimpleNamespace(upsample=upsample)}
   exec(compile(ast.Module([function], []), 'cifar_models/resnet.py', 'exec'), namespace)
   return namespace['get_dense_info']
@@ -118,20 +119,22 @@ def main(git_dir: str, out: str) -> None:
     )
     total = case['lam'] * kd + torch.nn.CrossEntropyLoss()(logits, y)
     total.backward()
-    arrays.update({
-        f'{name}_feature_map': maps,
-        f'{name}_weight': weight,
-        f'{name}_bias': bias,
-        f'{name}_logits': naive_logit.numpy(),
-        f'{name}_labels': labels.astype(np.int32),
-        f'{name}_dense_argmax': dense_argmax.numpy().astype(np.int32),
-        f'{name}_zipf_loss': np.float64(kd.item()),
-        f'{name}_loss': np.float64(total.item()),
-        f'{name}_grad': logits.grad.numpy(),
-        f'{name}_lambda': np.float64(case['lam']),
-        f'{name}_power': np.float64(case['power']),
-        f'{name}_upsample': np.str_(case['upsample'] or 'none'),
-    })
+    arrays.update(
+        {
+            f'{name}_feature_map': maps,
+            f'{name}_weight': weight,
+            f'{name}_bias': bias,
+            f'{name}_logits': naive_logit.numpy(),
+            f'{name}_labels': labels.astype(np.int32),
+            f'{name}_dense_argmax': dense_argmax.numpy().astype(np.int32),
+            f'{name}_zipf_loss': np.float64(kd.item()),
+            f'{name}_loss': np.float64(total.item()),
+            f'{name}_grad': logits.grad.numpy(),
+            f'{name}_lambda': np.float64(case['lam']),
+            f'{name}_power': np.float64(case['power']),
+            f'{name}_upsample': np.str_(case['upsample'] or 'none'),
+        }
+    )
   np.savez(out, **arrays)
 
 
