@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import runs
 from skd_jax import losses
 from skd_jax import terms as terms_lib
 from skd_jax.errors import ConfigError
@@ -237,3 +238,18 @@ def test_zero_weight_terms_leave_the_cross_entropy_baseline_exactly():
 def test_invalid_settings_are_config_errors(loss, message):
   with pytest.raises(ConfigError, match=message):
     _build(**loss)
+
+
+@pytest.mark.slow
+def test_both_train_in_the_trainer_on_1_and_8_devices_with_the_same_losses(tmp_path):
+  """Zipf's votes use the student's own classifier on its sharded feature map."""
+  config = runs.config('zipf_ls', num_epochs=1)
+  config.loss.tfkd_reg = dict(weight=0.1)
+  runs.run(config, tmp_path / 'one', devices=1)
+  runs.run(config, tmp_path / 'eight', devices=8)
+  one, eight = runs.records(tmp_path / 'one', 'train'), runs.records(tmp_path / 'eight', 'train')
+  for record in one + eight:
+    assert all(np.isfinite(record[f'loss/{t}']) for t in ('cross_entropy', 'tfkd_reg', 'zipf_ls'))
+    assert 0.0 <= record['zipf_ls/label_votes_first'] <= 1.0
+  np.testing.assert_allclose(one[0]['loss'], eight[0]['loss'], rtol=2e-4)
+  np.testing.assert_allclose([r['loss'] for r in one], [r['loss'] for r in eight], rtol=1e-2)
