@@ -23,7 +23,10 @@ Offline Fashion-MNIST (`quick`, the baseline's setup):
 
   python -m skd_jax.main --config=configs/tfkd_reg.py:quick --workdir=/tmp/tfkd_reg_quick
 
-Measured (2-core CPU, MEASURED s wall
+Measured (2-core CPU, 2,367 s wall while two to three other runs shared the CPU, ~190 img/s, so
+the time says little; baseline 233 s idle): top-1 91.63%, NLL 0.312, ECE 8.79, AURC 12.2
+(baseline 91.35%, ECE 0.50). With T = 20 the teacher is nearly uniform, so this behaves like
+label smoothing (91.57%, ECE 8.71): underconfident on this easy dataset.
 """
 
 from skd_jax import config_lib
