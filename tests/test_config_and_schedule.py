@@ -31,8 +31,10 @@ CONFIGS = [
     'pskd_dsr_drg',
     'sd_dropout',
     'teacher_kd',
+    'tfkd_reg',
     'tfkd_self',
     'uskd',
+    'zipf_ls',
 ]
 
 

@@ -1,7 +1,9 @@
-"""DLB's loss and the EMA update against values from running the official PyTorch code.
+"""DLB's loss, the EMA update, TF-KD (reg) and Zipf's LS against the official PyTorch code.
 
-``golden/dlb_ema.npz`` was written by ``golden/make_dlb_ema.py`` (its docstring names the
-repositories, commits and lines it executes). These tests read the arrays only: no PyTorch.
+``golden/dlb_ema.npz`` was written by ``golden/make_dlb_ema.py``, ``golden/tfkd_reg.npz`` by
+``golden/make_tfkd_reg.py``, ``golden/zipf_ls.npz`` by ``golden/make_zipf_ls.py`` (their
+docstrings name the repositories, commits and lines they execute). These tests read the arrays
+only: no PyTorch.
 """
 
 import importlib
@@ -9,12 +11,14 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from skd_jax import export
 from skd_jax import networks as networks_lib
 from skd_jax import terms as terms_lib
+from skd_jax.terms import zipf_ls
 
 GOLDEN = pathlib.Path(__file__).parent / 'golden' / 'dlb_ema.npz'
 
@@ -188,3 +192,98 @@ def test_uskd_loss_and_gradients_are_the_official_ones(uskd_golden, run, group_s
 def test_uskd_golden_groups_matter(uskd_golden):
   # The halves' batch means differ from the whole batch's, so the grouped run tests grouping.
   assert not np.allclose(uskd_golden['whole_grad_logits'], uskd_golden['grouped_grad_logits'])
+
+
+# --- TF-KD (reg) ---------------------------------------------------------------------------------
+
+TFKD_REG = pathlib.Path(__file__).parent / 'golden' / 'tfkd_reg.npz'
+
+
+def _batch_loss_and_grad(loss_config, logits, labels):
+  """The trainer's batch loss (mean over the batch of the weighted terms) and its gradient."""
+  batch, classes = logits.shape
+  method = terms_lib.build(loss_config, terms_lib.Context(classes, 200, batch))
+  loss = lambda z: jnp.mean(method(terms_lib.TermInputs(z, labels)).loss)
+  return jax.value_and_grad(loss)(jnp.asarray(logits))
+
+
+@pytest.mark.parametrize('case', ['r18', 'mnv2'])
+def test_tfkd_reg_is_the_official_loss_with_weights_one_minus_alpha_and_alpha_m_over_c(case):
+  """golden/make_tfkd_reg.py ran the official ``loss_kd_regularization``; its ``KLDivLoss()``
+  mean over B x C is our per-example KL with weight alpha m / C, averaged over the batch."""
+  with np.load(TFKD_REG) as data:
+    g = {k.removeprefix(f'{case}_'): data[k] for k in data if k.startswith(f'{case}_')}
+    correct_prob = float(data['correct_prob'])
+  alpha, classes = float(g['alpha']), g['logits'].shape[1]
+  if case == 'r18':  # the shipped config is the official ResNet-18 CIFAR-100 setting
+    loss_config = importlib.import_module('configs.tfkd_reg').get_config().loss
+  else:
+    loss_config = ml_collections.ConfigDict(
+        {
+            'cross_entropy': {'weight': 1.0 - alpha},
+            'tfkd_reg': {
+                'weight': alpha * float(g['multiplier']) / classes,
+                'temperature': float(g['temperature']),
+                'correct_prob': correct_prob,
+            },
+        }
+    )
+  assert loss_config.tfkd_reg.temperature == g['temperature']
+  assert loss_config.tfkd_reg.correct_prob == correct_prob
+  loss, grad = _batch_loss_and_grad(loss_config, g['logits'], jnp.asarray(g['labels']))
+  np.testing.assert_allclose(float(loss), g['loss'], rtol=1e-5)
+  np.testing.assert_allclose(grad, g['grad'], rtol=1e-5, atol=1e-5 * np.abs(g['grad']).max())
+
+
+# --- Zipf's label smoothing ----------------------------------------------------------------------
+
+ZIPF_LS = pathlib.Path(__file__).parent / 'golden' / 'zipf_ls.npz'
+
+
+@pytest.mark.parametrize('case', ['cifar', 'plain'])
+def test_zipf_ls_votes_loss_and_gradient_are_the_official_ones(case):
+  """golden/make_zipf_ls.py ran the official dense predictions (``get_dense_info``),
+  ``zipf_loss`` and the training loss ``CE + lambda zipf_loss``; ours: the cross_entropy and
+  zipf_ls terms, averaged over the batch."""
+  with np.load(ZIPF_LS) as data:
+    g = {k.removeprefix(f'{case}_'): data[k] for k in data if k.startswith(f'{case}_')}
+  if case == 'cifar':  # the shipped config is the official CIFAR-100 setting
+    loss_config = importlib.import_module('configs.zipf_ls').get_config().loss
+  else:
+    loss_config = ml_collections.ConfigDict(
+        {
+            'cross_entropy': {'weight': 1.0},
+            'zipf_ls': {
+                'weight': float(g['lambda']),
+                'upsample': str(g['upsample']),
+                'power': float(g['power']),
+            },
+        }
+    )
+  assert loss_config.zipf_ls.weight == g['lambda']
+  assert loss_config.zipf_ls.upsample == str(g['upsample'])
+  assert loss_config.zipf_ls.power == g['power']
+  weight, bias = jnp.asarray(g['weight']), jnp.asarray(g['bias'])
+  classify = lambda h: h @ weight.T + bias
+  feature_map = jnp.asarray(g['feature_map'])
+  classes = weight.shape[0]
+
+  # The votes: every location's argmax of the classifier, after the same upsampling.
+  dense = zipf_ls.dense_logits(feature_map, classify, str(g['upsample']))
+  np.testing.assert_array_equal(jnp.argmax(dense, -1), g['dense_argmax'])
+  np.testing.assert_allclose(classify(feature_map.mean((1, 2))), g['logits'], rtol=1e-5, atol=1e-5)
+
+  labels = jnp.asarray(g['labels'])
+  method = terms_lib.build(loss_config, terms_lib.Context(classes, 200, len(labels)))
+
+  def batch_loss(z):
+    inputs = terms_lib.TermInputs(
+        z, labels, outputs={'feature_map': feature_map}, classify=classify
+    )
+    out = method(inputs)
+    return jnp.mean(out.loss), jnp.mean(out.losses['zipf_ls'])
+
+  (loss, zipf), grad = jax.value_and_grad(batch_loss, has_aux=True)(jnp.asarray(g['logits']))
+  np.testing.assert_allclose(float(zipf), g['zipf_loss'], rtol=1e-5)
+  np.testing.assert_allclose(float(loss), g['loss'], rtol=1e-5)
+  np.testing.assert_allclose(grad, g['grad'], rtol=1e-5, atol=1e-5 * np.abs(g['grad']).max())

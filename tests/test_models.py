@@ -167,12 +167,14 @@ def test_output_shapes(name, num_classes, shape, stem, stages, features):
   batch = shape[0]
   assert logits.shape == (batch, num_classes)
   assert logits.dtype == jnp.float32
-  expected_keys = {'stem', 'features'} | {f'stage{i}' for i in range(1, len(stages) + 1)}
+  expected_keys = {'stem', 'feature_map', 'features'}
+  expected_keys |= {f'stage{i}' for i in range(1, len(stages) + 1)}
   assert set(outputs) == expected_keys
   assert outputs['stem'].shape == (batch,) + stem
   for i, stage_shape in enumerate(stages, start=1):
     assert outputs[f'stage{i}'].shape == (batch,) + stage_shape
   assert outputs['features'].shape == (batch, features)
+  assert outputs['feature_map'].shape == (batch,) + stages[-1]
 
 
 def test_small_resnet_options():
@@ -533,6 +535,7 @@ def test_with_heads_keeps_the_backbone_variables_apart(heads_variables):
       'stage1',
       'stage2',
       'stage3',
+      'feature_map',
       'features',
       'drg',
       'drg/features',

@@ -24,12 +24,18 @@ from skd_jax.losses._soft_targets import pskd_alpha
 from skd_jax.losses._soft_targets import pskd_cross_entropy
 from skd_jax.losses._soft_targets import pskd_targets
 from skd_jax.losses._soft_targets import soft_target_cross_entropy
+from skd_jax.losses._teacher_free import tfkd_reg_loss
+from skd_jax.losses._teacher_free import tfkd_reg_targets
 from skd_jax.losses._uskd import uskd_loss
+from skd_jax.losses._zipf import dense_class_votes
+from skd_jax.losses._zipf import zipf_ls_loss
+from skd_jax.losses._zipf import zipf_targets
 
 __all__ = [
     'aggregate_joint_logits',
     'beta_smoothing_targets',
     'compress_top_k',
+    'dense_class_votes',
     'distillation_kl',
     'drg_loss',
     'dsr_loss',
@@ -44,5 +50,9 @@ __all__ = [
     'rotation_joint_labels',
     'sd_dropout_loss',
     'soft_target_cross_entropy',
+    'tfkd_reg_loss',
+    'tfkd_reg_targets',
     'uskd_loss',
+    'zipf_ls_loss',
+    'zipf_targets',
 ]

@@ -5,7 +5,8 @@ All models share one calling convention:
     logits, outputs = model.apply(variables, x, train=train, mutable=...)
 
 where `logits` is float32 [batch, num_classes] and `outputs` holds the named
-intermediates `'stem'`, `'stage1'`, ..., `'features'` (see `resnet`).
+intermediates `'stem'`, `'stage1'`, ..., `'feature_map'`, `'features'` (see
+`resnet`).
 `WithHeads` (see `heads`) wraps a backbone with training-only auxiliary heads
 that add their logits to `outputs`; its variables hold the backbone's own under
 `'backbone'`.

@@ -7,8 +7,9 @@ Every model is called as
 with `x` a float NHWC batch of normalized images. `logits` is float32 of shape
 [batch, num_classes] whatever the computation dtype. `outputs` maps names to
 intermediates: `'stem'` (after the stem), `'stage1'`, `'stage2'`, ... (each
-stage's output feature map) and `'features'` (the globally pooled vector fed to
-the classifier). Auxiliary heads are attached to these names, so they are part
+stage's output feature map), `'feature_map'` (the map that is pooled: the last
+stage's output, after the final BN + ReLU of the pre-activation ResNet) and
+`'features'` (the globally pooled vector fed to the classifier). Auxiliary heads are attached to these names, so they are part
 of the interface.
 
 Architectures:
@@ -225,8 +226,8 @@ class _StagedNet:
       self, x: Array, outputs: Dict[str, Array], *, train: bool
   ) -> Tuple[Array, Dict[str, Array]]:
     """From the stem's output: the stages, the final BN + ReLU (pre-activation
-    only), pooling and the classifier; adds `'stage<i>'` and `'features'` to
-    `outputs`. Called inside the subclass's compact `__call__`."""
+    only), pooling and the classifier; adds `'stage<i>'`, `'feature_map'` and
+    `'features'` to `outputs`. Called inside the subclass's compact `__call__`."""
     stage_outputs = apply_stages(
         self._BLOCK,
         x,
@@ -240,6 +241,8 @@ class _StagedNet:
     x = stage_outputs[-1]
     if self._FINAL_BN:
       x = nn.relu(batch_norm(train, self.dtype, 'final_bn')(x))
+    # The classifier applied at every location of this map gives dense predictions (Zipf's LS).
+    outputs['feature_map'] = x
     pooled = jnp.mean(x, axis=(1, 2))
     outputs['features'] = pooled
     return classifier(self.num_classes, self.dtype, pooled), outputs
