@@ -13,8 +13,8 @@ Batches: the official samplers draw each anchor with ``M`` other examples of its
 ``M = 3``, ImageNet ``M = 1``), all of which get the loss. This term ensembles over the source's
 ordinary batch (no class-balanced sampling); see docs/methods.md.
 
-Official code: github.com/yxgeee/BAKE @ 07c4f66, ``small_scale/train.py`` L103-126 and L144-150,
-``imagenet/pycls/core/trainer.py`` L85-121.
+Official code: github.com/yxgeee/BAKE @ 07c4f66, ``small_scale/train.py`` L103-127 and L143-150,
+``imagenet/pycls/core/trainer.py`` L84-122.
 """
 
 import dataclasses
