@@ -1,7 +1,8 @@
-"""DLB's loss, the EMA update, TF-KD (reg) and Zipf's LS against the official PyTorch code.
+"""DLB's loss, the EMA update, TF-KD (reg), Zipf's LS and BAKE against the official PyTorch code.
 
 ``golden/dlb_ema.npz`` was written by ``golden/make_dlb_ema.py``, ``golden/tfkd_reg.npz`` by
-``golden/make_tfkd_reg.py``, ``golden/zipf_ls.npz`` by ``golden/make_zipf_ls.py`` (their
+``golden/make_tfkd_reg.py``, ``golden/zipf_ls.npz`` by ``golden/make_zipf_ls.py``,
+``golden/bake.npz`` by ``golden/make_bake.py`` (their
 docstrings name the repositories, commits and lines they execute). These tests read the arrays
 only: no PyTorch.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from skd_jax import export
+from skd_jax import losses
 from skd_jax import networks as networks_lib
 from skd_jax import terms as terms_lib
 from skd_jax.terms import zipf_ls
@@ -285,5 +287,50 @@ def test_zipf_ls_votes_loss_and_gradient_are_the_official_ones(case):
 
   (loss, zipf), grad = jax.value_and_grad(batch_loss, has_aux=True)(jnp.asarray(g['logits']))
   np.testing.assert_allclose(float(zipf), g['zipf_loss'], rtol=1e-5)
+  np.testing.assert_allclose(float(loss), g['loss'], rtol=1e-5)
+  np.testing.assert_allclose(grad, g['grad'], rtol=1e-5, atol=1e-5 * np.abs(g['grad']).max())
+
+
+# --- BAKE -----------------------------------------------------------------------------------------
+
+BAKE = pathlib.Path(__file__).parent / 'golden' / 'bake.npz'
+
+
+@pytest.mark.parametrize('case', ['cifar', 'tiny'])
+def test_bake_targets_loss_and_gradient_are_the_official_ones(case):
+  """golden/make_bake.py ran the official ``knowledge_ensemble`` and ``KDLoss`` (small-scale and
+  ImageNet versions, which agree) and the training loss ``CE + lamda KD``; ours: the
+  cross_entropy and bake terms, averaged over the batch."""
+  with np.load(BAKE) as data:
+    g = {k.removeprefix(f'{case}_'): data[k] for k in data if k.startswith(f'{case}_')}
+  if case == 'cifar':  # the shipped config is the official CIFAR-100 setting
+    loss_config = importlib.import_module('configs.bake').get_config().loss
+  else:
+    loss_config = ml_collections.ConfigDict(
+        {
+            'cross_entropy': {'weight': 1.0},
+            'bake': {
+                'weight': float(g['lamda']),
+                'temperature': float(g['temperature']),
+                'omega': float(g['omega']),
+            },
+        }
+    )
+  assert loss_config.bake.weight == g['lamda']
+  assert loss_config.bake.temperature == g['temperature']
+  assert loss_config.bake.omega == g['omega']
+  logits, features = jnp.asarray(g['logits']), jnp.asarray(g['features'])
+  labels = jnp.asarray(g['labels'])
+  bake = dict(temperature=float(g['temperature']), omega=float(g['omega']))
+  targets = losses.bake_targets(logits, features, **bake)
+  np.testing.assert_allclose(targets, g['targets'], rtol=1e-5, atol=1e-7)
+  method = terms_lib.build(loss_config, terms_lib.Context(logits.shape[1], 200, len(labels)))
+
+  def batch_loss(z):
+    out = method(terms_lib.TermInputs(z, labels, outputs={'features': features}))
+    return jnp.mean(out.loss), jnp.mean(out.losses['bake'])
+
+  (loss, kd), grad = jax.value_and_grad(batch_loss, has_aux=True)(logits)
+  np.testing.assert_allclose(float(kd), g['kd_loss'], rtol=1e-5)
   np.testing.assert_allclose(float(loss), g['loss'], rtol=1e-5)
   np.testing.assert_allclose(grad, g['grad'], rtol=1e-5, atol=1e-5 * np.abs(g['grad']).max())

@@ -7,6 +7,8 @@ Flax modules, TFDS, TensorFlow or orbax, so the functions drop into any JAX code
   per_example = losses.pskd_cross_entropy(logits, one_hot, history_rows, alpha=0.4)
 """
 
+from skd_jax.losses._bake import bake_loss
+from skd_jax.losses._bake import bake_targets
 from skd_jax.losses._compact import compress_top_k
 from skd_jax.losses._compact import expand_top_k
 from skd_jax.losses._compact import index_dtype
@@ -33,6 +35,8 @@ from skd_jax.losses._zipf import zipf_targets
 
 __all__ = [
     'aggregate_joint_logits',
+    'bake_loss',
+    'bake_targets',
     'beta_smoothing_targets',
     'compress_top_k',
     'dense_class_votes',
