@@ -44,7 +44,7 @@ def _numpy_byot(z, zs, y, f, fs, alpha, t, t2, lam, reduction):
   for zi, fi in zip(zs, fs):
     zi, fi = np.asarray(zi, np.float64), np.asarray(fi, np.float64)
     ce = -(y * _log_softmax(zi)).sum(-1)
-    kd = -(soft * _log_softmax(zi / t)).sum(-1)
+    kd = (soft * (_log_softmax(z / t) - _log_softmax(zi / t))).sum(-1)
     sq = (fi - f) ** 2
     feat = sq.sum(-1) if reduction == 'sum' else sq.mean(-1)
     out = out + (1 - alpha) * ce + alpha * (t * t if t2 else 1.0) * kd + lam * feat
@@ -55,7 +55,7 @@ def _numpy_byot(z, zs, y, f, fs, alpha, t, t2, lam, reduction):
 
 
 def test_two_classes_one_example():
-  """Head logits (0, 0), teacher (log 3, 0) at T = 1: CE = log 2, soft CE = log 2 as well."""
+  """Head logits (0, 0), teacher (log 3, 0) at T = 1: CE = log 2, KL(3/4, 1/4 || 1/2, 1/2)."""
   z = jnp.array([[np.log(3.0), 0.0]])
   head = jnp.zeros((1, 2))
   y = jnp.array([[0.0, 1.0]])
@@ -64,17 +64,20 @@ def test_two_classes_one_example():
       z, [head], y, alpha=0.25, temperature=1.0, features=f, head_features=[fh],
       feature_weight=0.5, feature_reduction='sum',
   )
-  np.testing.assert_allclose(loss, [0.75 * np.log(2) + 0.25 * np.log(2) + 0.5 * 5.0], rtol=1e-6)
+  kl = 0.75 * np.log(1.5) + 0.25 * np.log(0.5)
+  np.testing.assert_allclose(loss, [0.75 * np.log(2) + 0.25 * kl + 0.5 * 5.0], rtol=1e-6)
   mean = losses.byot_loss(
       z, [head], y, alpha=0.25, temperature=1.0, features=f, head_features=[fh],
       feature_weight=0.5, feature_reduction='mean',
   )
-  np.testing.assert_allclose(mean, [np.log(2) + 0.5 * 2.5], rtol=1e-6)
-  # A head that is the teacher at T = 2: soft CE = entropy of softmax((log 3, 0) / 2).
+  np.testing.assert_allclose(mean, [0.75 * np.log(2) + 0.25 * kl + 0.5 * 2.5], rtol=1e-6)
+  # A head that is the teacher: KL 0 at any T. Head (0, 0) at T = 2: teacher softmax((log 3)/2, 0).
+  np.testing.assert_allclose(losses.byot_loss(z, [z], y, alpha=1.0, temperature=2.0), [0.0],
+                             atol=1e-6)
   p = np.array([np.sqrt(3), 1.0]) / (np.sqrt(3) + 1)
-  kd = losses.byot_loss(z, [z], y, alpha=1.0, temperature=2.0)
-  np.testing.assert_allclose(kd, [4.0 * -(p * np.log(p)).sum()], rtol=1e-6)
-  no_t2 = losses.byot_loss(z, [z], y, alpha=1.0, temperature=2.0, t2_scaling=False)
+  kd = losses.byot_loss(z, [head], y, alpha=1.0, temperature=2.0)
+  np.testing.assert_allclose(kd, [4.0 * (p * np.log(2 * p)).sum()], rtol=1e-5)
+  no_t2 = losses.byot_loss(z, [head], y, alpha=1.0, temperature=2.0, t2_scaling=False)
   np.testing.assert_allclose(no_t2, kd / 4.0, rtol=1e-6)
 
 

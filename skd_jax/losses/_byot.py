@@ -31,15 +31,18 @@ def byot_loss(
 
   .. math::
     L = (1-\alpha) \sum_i H(y, z_i)
-      + \alpha\, s \sum_i H\big(\mathrm{softmax}(\mathrm{sg}(z)/T),\ z_i/T\big)
+      + \alpha\, s \sum_i \mathrm{KL}\big(\mathrm{softmax}(\mathrm{sg}(z)/T)\ \|\
+        \mathrm{softmax}(z_i/T)\big)
       + \lambda \sum_i r\big(f_i - \mathrm{sg}(f)\big)^2
 
   with :math:`s = T^2` (``t2_scaling``) or 1, and :math:`r(d)^2 = \sum_d d^2` (``'sum'``, the
   paper's squared L2) or :math:`\frac1D \sum_d d^2` (``'mean'``, Self-KD-Lib's ``.mean()``).
   The deepest classifier's own cross-entropy :math:`(1-\alpha) H(y, z)` is not included: it is
-  the ``cross_entropy`` term (weight :math:`1-\alpha`). The soft cross-entropy differs from the
-  KL divergence only by the teacher's entropy, a constant; gradients are the same. The soft term
-  uses ``log_softmax`` on both sides, so logits of magnitude 50 stay finite.
+  the ``cross_entropy`` term (weight :math:`1-\alpha`). The paper writes the soft cross-entropy
+  :math:`H(\cdot, z_i/T)`; the KL divergence used here (as Self-KD-Lib's ``DistillKL``) differs
+  from it only by the teacher's entropy, a constant: the gradients are the same and the loss
+  values match Self-KD-Lib's. Both sides use ``log_softmax``, so logits of magnitude 50 stay
+  finite.
 
   >>> import jax.numpy as jnp
   >>> from skd_jax import losses
@@ -77,7 +80,8 @@ def byot_loss(
   targets = _as_float32(one_hot)
   if targets.shape != teacher.shape:
     raise ValueError(f'one_hot {targets.shape} and logits {teacher.shape} must have one shape')
-  soft = jax.nn.softmax(teacher / temperature, axis=-1)
+  log_soft = jax.nn.log_softmax(teacher / temperature, axis=-1)
+  soft = jnp.exp(log_soft)
   scale = temperature**2 if t2_scaling else 1.0
   ce = kd = 0.0
   for z in head_logits:
@@ -85,7 +89,7 @@ def byot_loss(
     if z.shape != teacher.shape:
       raise ValueError(f'head logits {z.shape} and logits {teacher.shape} must have one shape')
     ce = ce - jnp.sum(targets * jax.nn.log_softmax(z, axis=-1), axis=-1)
-    kd = kd - jnp.sum(soft * jax.nn.log_softmax(z / temperature, axis=-1), axis=-1)
+    kd = kd + jnp.sum(soft * (log_soft - jax.nn.log_softmax(z / temperature, axis=-1)), axis=-1)
   loss = (1.0 - alpha) * ce + alpha * scale * kd
   if feature_weight:
     if features is None or head_features is None or len(head_features) != len(head_logits):
