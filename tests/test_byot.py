@@ -61,19 +61,34 @@ def test_two_classes_one_example():
   y = jnp.array([[0.0, 1.0]])
   f, fh = jnp.array([[1.0, 2.0]]), jnp.array([[0.0, 0.0]])
   loss = losses.byot_loss(
-      z, [head], y, alpha=0.25, temperature=1.0, features=f, head_features=[fh],
-      feature_weight=0.5, feature_reduction='sum',
+      z,
+      [head],
+      y,
+      alpha=0.25,
+      temperature=1.0,
+      features=f,
+      head_features=[fh],
+      feature_weight=0.5,
+      feature_reduction='sum',
   )
   kl = 0.75 * np.log(1.5) + 0.25 * np.log(0.5)
   np.testing.assert_allclose(loss, [0.75 * np.log(2) + 0.25 * kl + 0.5 * 5.0], rtol=1e-6)
   mean = losses.byot_loss(
-      z, [head], y, alpha=0.25, temperature=1.0, features=f, head_features=[fh],
-      feature_weight=0.5, feature_reduction='mean',
+      z,
+      [head],
+      y,
+      alpha=0.25,
+      temperature=1.0,
+      features=f,
+      head_features=[fh],
+      feature_weight=0.5,
+      feature_reduction='mean',
   )
   np.testing.assert_allclose(mean, [0.75 * np.log(2) + 0.25 * kl + 0.5 * 2.5], rtol=1e-6)
   # A head that is the teacher: KL 0 at any T. Head (0, 0) at T = 2: teacher softmax((log 3)/2, 0).
-  np.testing.assert_allclose(losses.byot_loss(z, [z], y, alpha=1.0, temperature=2.0), [0.0],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      losses.byot_loss(z, [z], y, alpha=1.0, temperature=2.0), [0.0], atol=1e-6
+  )
   p = np.array([np.sqrt(3), 1.0]) / (np.sqrt(3) + 1)
   kd = losses.byot_loss(z, [head], y, alpha=1.0, temperature=2.0)
   np.testing.assert_allclose(kd, [4.0 * (p * np.log(2 * p)).sum()], rtol=1e-5)
@@ -88,8 +103,16 @@ def test_two_classes_one_example():
 def test_matches_the_formula_in_float64(alpha, t, t2, lam, reduction):
   z, zs, y, f, fs = _random(1, heads=3)
   got = losses.byot_loss(
-      z, zs, y, alpha=alpha, temperature=t, t2_scaling=t2, features=f, head_features=fs,
-      feature_weight=lam, feature_reduction=reduction,
+      z,
+      zs,
+      y,
+      alpha=alpha,
+      temperature=t,
+      t2_scaling=t2,
+      features=f,
+      head_features=fs,
+      feature_weight=lam,
+      feature_reduction=reduction,
   )
   want = _numpy_byot(z, zs, y, f, fs, alpha, t, t2, lam, reduction)
   np.testing.assert_allclose(got, want, rtol=2e-5)
@@ -126,7 +149,13 @@ def test_no_gradient_reaches_the_deep_teacher_logits_or_features():
 
   def total(z_, f_, zs_, fs_):
     return losses.byot_loss(
-        z_, zs_, y, alpha=0.5, temperature=4.0, features=f_, head_features=fs_,
+        z_,
+        zs_,
+        y,
+        alpha=0.5,
+        temperature=4.0,
+        features=f_,
+        head_features=fs_,
         feature_weight=0.3,
     ).sum()
 
@@ -166,8 +195,13 @@ def test_jit_matches_eager_and_output_is_per_example():
 def test_zero_weights_leave_the_cross_entropy_baseline_exactly():
   z, zs, y, f, fs = _random(8)
   labels = jnp.arange(6) % 5
-  outputs = {'byot1': zs[0], 'byot2': zs[1], 'byot1/features': fs[0], 'byot2/features': fs[1],
-             'features': f}
+  outputs = {
+      'byot1': zs[0],
+      'byot2': zs[1],
+      'byot1/features': fs[0],
+      'byot2/features': fs[1],
+      'features': f,
+  }
   build = lambda **loss: terms_lib.build(ml_collections.ConfigDict(loss), CONTEXT)
   baseline = build(cross_entropy=dict(weight=1.0))
   method = build(cross_entropy=dict(weight=1.0), byot=dict(weight=0.0, feature_weight=0.1))
@@ -191,7 +225,10 @@ def test_the_term_asks_for_later_stage_heads_on_every_shallow_stage_and_none_is_
   loss = ml_collections.ConfigDict(dict(byot=dict(weight=1.0, feature_weight=0.1)))
   term = terms_lib.build(loss, CONTEXT).terms[0]
   assert (term.alpha, term.temperature, term.t2_scaling, term.feature_reduction) == (
-      0.5, 3.0, True, 'sum',
+      0.5,
+      3.0,
+      True,
+      'sum',
   )
   assert term.heads() == (
       terms_lib.HeadRequest('byot1', 1, 'later_stages', 5),
@@ -203,8 +240,9 @@ def test_the_term_asks_for_later_stage_heads_on_every_shallow_stage_and_none_is_
   nets = networks.Networks(spec, {'byot': term.heads()})
   variables = jax.eval_shape(nets.init, jax.random.key(0))  # shapes only: nothing compiles
   assert {'byot1', 'byot2'} <= set(variables['params'])
-  assert not {'byot1', 'byot2'} & set(nets.inference(variables['params'],
-                                                      variables['batch_stats'])['params'])
+  assert not {'byot1', 'byot2'} & set(
+      nets.inference(variables['params'], variables['batch_stats'])['params']
+  )
   images = jax.ShapeDtypeStruct((3, 8, 8, 1), jnp.uint8)
   logits, outputs, _ = jax.eval_shape(
       nets.apply_student, variables['params'], variables['batch_stats'], images
@@ -213,8 +251,13 @@ def test_the_term_asks_for_later_stage_heads_on_every_shallow_stage_and_none_is_
     assert outputs[name].shape == logits.shape == (3, 5)
     assert outputs[f'{name}/features'].shape == outputs['features'].shape == (3, 16)
   z, zs, _, f, fs = _random(9, batch=3, dim=16)
-  inputs = {'byot1': zs[0], 'byot2': zs[1], 'byot1/features': fs[0], 'byot2/features': fs[1],
-            'features': f}
+  inputs = {
+      'byot1': zs[0],
+      'byot2': zs[1],
+      'byot1/features': fs[0],
+      'byot2/features': fs[1],
+      'features': f,
+  }
   out = term(terms_lib.TermInputs(z, jnp.arange(3), inputs))
   chex.assert_shape(out.loss, (3,))
   assert set(out.metrics) == {'byot1/top1', 'byot2/top1'}

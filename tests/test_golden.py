@@ -3,8 +3,8 @@
 ``golden/dlb_ema.npz`` was written by ``golden/make_dlb_ema.py``, ``golden/tfkd_reg.npz`` by
 ``golden/make_tfkd_reg.py``, ``golden/zipf_ls.npz`` by ``golden/make_zipf_ls.py``,
 ``golden/bake.npz`` by ``golden/make_bake.py``, ``golden/byot.npz`` by ``golden/make_byot.py``
-(Self-KD-Lib's BYOT: there is no official code) (their docstrings name the repositories, commits and lines they execute). These tests read the arrays
-only: no PyTorch.
+(Self-KD-Lib's BYOT: there is no official code) (their docstrings name the repositories, commits
+and lines they execute). These tests read the arrays only: no PyTorch.
 """
 
 import importlib
@@ -357,8 +357,7 @@ def test_byot_with_the_shipped_config_is_self_kd_libs_loss_and_gradients():
   names = ('z0', 'z1', 'z2', 'f0', 'f1', 'f2')
 
   def batch_loss(z0, z1, z2, f0, f1, f2):
-    outputs = {'features': f0, 'byot3': z1, 'byot3/features': f1, 'byot2': z2,
-               'byot2/features': f2}
+    outputs = {'features': f0, 'byot3': z1, 'byot3/features': f1, 'byot2': z2, 'byot2/features': f2}
     return jnp.mean(method(terms_lib.TermInputs(z0, labels, outputs)).loss)
 
   args = [jnp.asarray(g[k], jnp.float32) for k in names]

@@ -74,8 +74,9 @@ def byot_loss(
   if not head_logits:
     raise ValueError('head_logits: expected at least one shallow head')
   if feature_reduction not in FEATURE_REDUCTIONS:
-    raise ValueError(f'feature_reduction: expected one of {FEATURE_REDUCTIONS}, got '
-                     f'{feature_reduction!r}')
+    raise ValueError(
+        f'feature_reduction: expected one of {FEATURE_REDUCTIONS}, got ' f'{feature_reduction!r}'
+    )
   teacher = jax.lax.stop_gradient(_as_float32(logits))
   targets = _as_float32(one_hot)
   if targets.shape != teacher.shape:
