@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import runs
 from skd_jax import export
 from skd_jax import losses
 from skd_jax import networks
@@ -283,3 +284,16 @@ def test_invalid_settings_are_config_errors(settings, message):
   loss = ml_collections.ConfigDict(dict(byot=dict(weight=1.0, **settings)))
   with pytest.raises(ConfigError, match=message):
     terms_lib.build(loss, CONTEXT)
+
+
+@pytest.mark.slow
+def test_byot_trains_its_heads_and_exports_without_them(tmp_path):
+  """One epoch of the quick config on one device: the heads' losses and top-1 are measured, the
+  loss is finite, and the exported model has only the backbone."""
+  config = runs.config('byot', num_epochs=1)
+  runs.run(config, tmp_path, devices=1)
+  records = runs.records(tmp_path, 'train')
+  assert records and all(np.isfinite(r['loss/byot']) and np.isfinite(r['loss']) for r in records)
+  assert all('byot1/top1' in r and 'byot2/top1' in r for r in records)
+  model = export.load_model(tmp_path)
+  assert not any(k.startswith('byot') for k in model.variables['params'])
