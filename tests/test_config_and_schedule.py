@@ -19,6 +19,7 @@ CONFIGS = [
     'bake',
     'baseline',
     'beta_smoothing',
+    'byot',
     'cskd',
     'cskd_lsskd',
     'dlb',
@@ -67,7 +68,7 @@ def test_quick_variants_share_the_baselines_setup():
 
 
 # Configs added while the machine was too busy for their quick run: skipped, visibly, until then.
-NOT_YET_MEASURED = frozenset({'bake'})
+NOT_YET_MEASURED = frozenset({'bake', 'byot'})
 
 
 @pytest.mark.parametrize('name', CONFIGS)

@@ -1,10 +1,10 @@
-"""DLB's loss, the EMA update, TF-KD (reg), Zipf's LS and BAKE against the official PyTorch code.
+"""DLB's loss, the EMA update, TF-KD (reg), Zipf's LS, BAKE and BYOT against PyTorch code.
 
 ``golden/dlb_ema.npz`` was written by ``golden/make_dlb_ema.py``, ``golden/tfkd_reg.npz`` by
 ``golden/make_tfkd_reg.py``, ``golden/zipf_ls.npz`` by ``golden/make_zipf_ls.py``,
-``golden/bake.npz`` by ``golden/make_bake.py`` (their
-docstrings name the repositories, commits and lines they execute). These tests read the arrays
-only: no PyTorch.
+``golden/bake.npz`` by ``golden/make_bake.py``, ``golden/byot.npz`` by ``golden/make_byot.py``
+(Self-KD-Lib's BYOT: there is no official code) (their docstrings name the repositories, commits
+and lines they execute). These tests read the arrays only: no PyTorch.
 """
 
 import importlib
@@ -334,3 +334,35 @@ def test_bake_targets_loss_and_gradient_are_the_official_ones(case):
   np.testing.assert_allclose(float(kd), g['kd_loss'], rtol=1e-5)
   np.testing.assert_allclose(float(loss), g['loss'], rtol=1e-5)
   np.testing.assert_allclose(grad, g['grad'], rtol=1e-5, atol=1e-5 * np.abs(g['grad']).max())
+
+
+# --- BYOT (Self-KD-Lib's; there is no official code) ---------------------------------------------
+
+BYOT = pathlib.Path(__file__).parent / 'golden' / 'byot.npz'
+
+
+def test_byot_with_the_shipped_config_is_self_kd_libs_loss_and_gradients():
+  """golden/make_byot.py ran Self-KD-Lib's ``BYOT`` (CE of every head + T^2 KL at T = 4 from the
+  detached final logits + 0.05 * mean squared feature distance): our ``cross_entropy`` (weight 1)
+  plus ``byot`` (weight 2, alpha 0.5, feature weight 0.025, 'mean') averaged over the batch.
+  Self-KD-Lib's head on stage 3 is its ``x1`` / ``f1``, on stage 2 ``x2`` / ``f2``."""
+  with np.load(BYOT) as data:
+    g = {k: data[k] for k in data}
+  loss_config = importlib.import_module('configs.byot').get_config().loss
+  assert loss_config.byot.temperature == g['temperature']
+  labels = jnp.asarray(g['labels'])
+  method = terms_lib.build(
+      loss_config, terms_lib.Context(g['z0'].shape[1], 200, len(labels), num_stages=4)
+  )
+  names = ('z0', 'z1', 'z2', 'f0', 'f1', 'f2')
+
+  def batch_loss(z0, z1, z2, f0, f1, f2):
+    outputs = {'features': f0, 'byot3': z1, 'byot3/features': f1, 'byot2': z2, 'byot2/features': f2}
+    return jnp.mean(method(terms_lib.TermInputs(z0, labels, outputs)).loss)
+
+  args = [jnp.asarray(g[k], jnp.float32) for k in names]
+  loss, grads = jax.value_and_grad(batch_loss, argnums=tuple(range(6)))(*args)
+  np.testing.assert_allclose(float(loss), g['loss'], rtol=1e-5)
+  for name, grad in zip(names, grads):
+    want = g[f'g_{name}']
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=name)

@@ -9,6 +9,7 @@ Flax modules, TFDS, TensorFlow or orbax, so the functions drop into any JAX code
 
 from skd_jax.losses._bake import bake_loss
 from skd_jax.losses._bake import bake_targets
+from skd_jax.losses._byot import byot_loss
 from skd_jax.losses._compact import compress_top_k
 from skd_jax.losses._compact import expand_top_k
 from skd_jax.losses._compact import index_dtype
@@ -38,6 +39,7 @@ __all__ = [
     'bake_loss',
     'bake_targets',
     'beta_smoothing_targets',
+    'byot_loss',
     'compress_top_k',
     'dense_class_votes',
     'distillation_kl',

@@ -1,0 +1,108 @@
+"""BYOT: Be Your Own Teacher (Zhang et al., ICCV 2019; arXiv 1905.08094).
+
+One auxiliary classifier after each shallow stage (``first_stage`` .. N-1 of an N-stage
+backbone); the student's own final classifier (``inputs.logits``, ``outputs['features']``) is the
+deepest one and teaches the others through a temperature-softened soft cross-entropy and an L2
+"hint" between pooled features. The loss of the heads is :func:`skd_jax.losses.byot_loss`; the
+final classifier's cross-entropy is the separate ``cross_entropy`` term (weight ``1 - alpha`` for
+the paper's formula). Gradients of the heads flow into the backbone. Heads exist only in
+training; evaluation and export use the backbone alone.
+
+Heads: the ``'later_stages'`` kind (``ResNet.later_stages_head``): stages ``i+1 .. N`` are
+re-instantiated with the backbone's block type, stage sizes and widths, then global average
+pooling and a Dense layer with C outputs, so every head's pooled features have the final width
+and the feature L2 is defined without adapters. The paper's heads are bottleneck convolutions to
+the final width; Self-KD-Lib's (``models/resnet.py`` ``CIFAR_ResNet18_byot``) re-instantiate the
+later stages with one block each (``branch_layers=[[1, 1], [1]]``) where ours use the backbone's
+stage sizes (two blocks for ResNet-18), and its feature hint compares the unpooled last feature
+maps where ours compares pooled features.
+"""
+
+import dataclasses
+import re
+
+import jax.numpy as jnp
+
+from skd_jax import errors
+from skd_jax import losses
+from skd_jax import terms
+
+
+@dataclasses.dataclass(frozen=True)
+class BYOT(terms.LossTerm):
+  """``weight * byot_loss(z, [z_1 .. z_K], y)`` with heads ``byot<i>`` on ``stage<i>``."""
+
+  num_classes: int
+  num_stages: int
+  weight: float = 1.0
+  alpha: float = 0.5
+  temperature: float = 3.0
+  t2_scaling: bool = True
+  feature_weight: float = 0.0
+  feature_reduction: str = 'sum'
+  first_stage: int = 1
+  name: str = 'byot'
+
+  def heads(self):
+    # One head per shallow stage; the deepest classifier is the student's own.
+    return tuple(
+        terms.HeadRequest(f'{self.name}{i}', i, 'later_stages', self.num_classes)
+        for i in range(self.first_stage, self.num_stages)
+    )
+
+  def _head_names(self, outputs):
+    pattern = re.compile(rf'{re.escape(self.name)}(\d+)')
+    found = [(int(m.group(1)), k) for k in outputs if (m := pattern.fullmatch(k))]
+    return [k for _, k in sorted(found)]
+
+  def __call__(self, inputs, rows=None, carry=None):
+    names = self._head_names(inputs.outputs)
+    head_logits = [inputs.outputs[k] for k in names]
+    use_features = bool(self.feature_weight)
+    loss = losses.byot_loss(
+        inputs.logits,
+        head_logits,
+        inputs.one_hot,
+        alpha=self.alpha,
+        temperature=self.temperature,
+        t2_scaling=self.t2_scaling,
+        features=inputs.outputs['features'] if use_features else None,
+        head_features=[inputs.outputs[f'{k}/features'] for k in names] if use_features else None,
+        feature_weight=self.feature_weight,
+        feature_reduction=self.feature_reduction,
+    )
+    metrics = {
+        f'{k}/top1': 100.0 * (jnp.argmax(z, -1) == inputs.labels).astype(jnp.float32)
+        for k, z in zip(names, head_logits)
+    }
+    return terms.TermOutput(loss, metrics=metrics)
+
+
+def make(settings, context):
+  if not context.num_stages or context.num_stages < 2:
+    raise errors.ConfigError('loss.byot: the model needs at least 2 numbered stages for heads')
+  first = settings.get('first_stage', 1)
+  if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first < context.num_stages:
+    raise errors.ConfigError(
+        f'loss.byot.first_stage: expected an integer in [1, {context.num_stages - 1}], '
+        f'got {first!r}'
+    )
+  t2 = settings.get('t2_scaling', True)
+  if not isinstance(t2, bool):
+    raise errors.ConfigError(f'loss.byot.t2_scaling: expected True or False, got {t2!r}')
+  check = lambda key, low, high: terms.check_range(
+      settings, key, low, high, 'byot', getattr(BYOT, key)
+  )
+  return BYOT(
+      num_classes=context.num_classes,
+      num_stages=context.num_stages,
+      weight=float(settings.weight),
+      alpha=check('alpha', 0, 1),
+      temperature=check('temperature', 1e-3, 1e3),
+      t2_scaling=t2,
+      feature_weight=check('feature_weight', 0, 1e3),
+      feature_reduction=terms.check_choice(
+          settings, 'feature_reduction', ('sum', 'mean'), 'byot', 'sum'
+      ),
+      first_stage=first,
+  )
