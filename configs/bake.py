@@ -18,9 +18,14 @@ Expected: the official README reports a top-1 error of 21.28% on CIFAR-100 with 
 (78.72% accuracy; class-balanced batches, see above); the paper's ImageNet ResNet-50 (100 epochs,
 batch 512 with ``M = 1``, cosine lr 0.4, weight decay 5e-5, omega 0.5) is not configured here.
 
-Offline Fashion-MNIST (`quick`, the baseline's setup; not yet measured):
+Offline Fashion-MNIST (`quick`, the baseline's setup):
 
   python -m skd_jax.main --config=configs/bake.py:quick --workdir=/tmp/bake_quick
+
+Measured (2-core CPU, 897 s wall on 2026-12-06 with the machine shared by a study and another
+run, ~550 img/s; training 874 s): top-1 91.24%, NLL 0.466, ECE 20.69, AURC 12.8 (baseline 91.35%,
+ECE 0.50). The high ECE is underconfidence (every confidence bin's accuracy is above its mean
+confidence, e.g. 0.765 -> 98.8%).
 """
 
 from skd_jax import config_lib

@@ -17,13 +17,17 @@ CIFAR-100 through TFDS.
   python -m skd_jax.main --config=configs/byot.py --workdir=/tmp/byot
 
 Published (CIFAR-100, ResNet-18, top-1 % of the classifiers after stages 1/4, 2/4, 3/4 and the
-final one 4/4, as reported by the paper): 67.85 / 74.57 / 78.23 / 78.64. Self-KD-Lib reports 77.88 for the
-final classifier with its settings. Not reproduced here.
+final one 4/4, as reported by the paper): 67.85 / 74.57 / 78.23 / 78.64. Self-KD-Lib reports
+77.88 for the final classifier with its settings. Not reproduced here.
 
 Offline Fashion-MNIST (the baseline's quick setup, 8 epochs, heads on both shallow stages of
-its 3-stage ResNet; not measured):
+its 3-stage ResNet):
 
   python -m skd_jax.main --config=configs/byot.py:quick --workdir=/tmp/byot_quick
+
+Measured (2-core CPU, 1,017 s wall on 2026-12-06 with the machine shared by a study and another
+run, ~500 img/s; training 966 s): top-1 91.53%, NLL 0.227, ECE 0.38, AURC 11.2 (baseline 91.35%,
+ECE 0.50); the heads' last training top-1: 89.7% (stage 1), 91.1% (stage 2).
 """
 
 from skd_jax import config_lib

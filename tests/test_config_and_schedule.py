@@ -67,14 +67,8 @@ def test_quick_variants_share_the_baselines_setup():
     assert quick.to_dict() == baseline.to_dict(), name
 
 
-# Configs added while the machine was too busy for their quick run: skipped, visibly, until then.
-NOT_YET_MEASURED = frozenset({'bake', 'byot'})
-
-
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_quick_config_states_its_measured_wall_time(name):
-  if name in NOT_YET_MEASURED:
-    pytest.skip(f'{name}: quick run not yet measured (issue 17); remove it from NOT_YET_MEASURED')
   doc = importlib.import_module(f'configs.{name}').__doc__
   assert re.search(r'Measured \(2-core CPU, [\d,]+ s wall', doc), name
 
