@@ -1,4 +1,5 @@
-"""CS-KD, DLB, SD-Dropout, Beta smoothing, teacher KD and born-again generations in the trainer."""
+"""CS-KD, DLB, SD-Dropout, Beta smoothing, teacher KD, born-again generations and the terms added
+since (TF-KD reg, Zipf's LS, USKD, BAKE, BYOT) in the trainer."""
 
 import hashlib
 import json
@@ -39,10 +40,26 @@ def _all_new_state():
   return config
 
 
-@pytest.mark.parametrize('name', ['all_new_state', 'cskd_lsskd'])
+def _label_and_batch_terms():
+  """The terms added with the import-path protocol, all at once: a virtual teacher (TF-KD reg),
+  votes of the classifier over the feature map (Zipf's LS), a linear weak head (USKD, groups of 4
+  that span devices), ensembles over the whole batch (BAKE) and classifiers on the shallow stages
+  (BYOT), beside the cross-entropy."""
+  config = runs.config('byot')
+  config.loss.tfkd_reg = dict(weight=0.1)
+  config.loss.zipf_ls = dict(weight=0.1)
+  config.loss.uskd = dict(weight=1.0, group_size=4)
+  config.loss.bake = dict(weight=0.5)
+  return config
+
+
+_COMPOSED = {'all_new_state': _all_new_state, 'label_and_batch_terms': _label_and_batch_terms}
+
+
+@pytest.mark.parametrize('name', ['all_new_state', 'label_and_batch_terms', 'cskd_lsskd'])
 def test_methods_train_on_1_and_8_devices_with_the_same_losses(tmp_path, name):
-  """Every new term at once, and partners composed with rotated views."""
-  config = _all_new_state() if name == 'all_new_state' else runs.config(name)
+  """Every kind of state at once, every term added since, and partners with rotated views."""
+  config = _COMPOSED[name]() if name in _COMPOSED else runs.config(name)
   config.num_epochs = 1
   runs.run(config, tmp_path / 'one', devices=1)
   runs.run(config, tmp_path / 'eight', devices=8)
@@ -52,6 +69,24 @@ def test_methods_train_on_1_and_8_devices_with_the_same_losses(tmp_path, name):
   # Samplers, dropout masks and Beta draws depend on (seed, step), not on the device count.
   np.testing.assert_allclose(one[0]['loss'], eight[0]['loss'], rtol=2e-4)
   np.testing.assert_allclose([r['loss'] for r in one], [r['loss'] for r in eight], rtol=1e-2)
+
+
+def test_the_terms_added_since_resume_bit_identically_after_a_preemption(tmp_path, monkeypatch):
+  runs.run(_label_and_batch_terms(), tmp_path / 'straight')
+  with monkeypatch.context() as patch:
+    patch.setattr(preemption, 'reached', lambda step: step == 7)
+    with pytest.raises(train.Preempted, match='at step 7'):
+      runs.run(_label_and_batch_terms(), tmp_path / 'resumed')
+  runs.run(_label_and_batch_terms(), tmp_path / 'resumed')
+  assert runs.without_time(runs.records(tmp_path / 'resumed')) == runs.without_time(
+      runs.records(tmp_path / 'straight')
+  )
+  _, state = runs.restore(tmp_path / 'resumed', 10)
+  _, expected = runs.restore(tmp_path / 'straight', 10)
+  jax.tree.map(np.testing.assert_array_equal, state, expected)
+  records = runs.records(tmp_path / 'resumed', 'train')
+  for term in ('byot', 'tfkd_reg', 'zipf_ls', 'uskd', 'bake'):
+    assert all(np.isfinite(r[f'loss/{term}']) for r in records), term
 
 
 def test_a_preempted_run_with_every_kind_of_state_resumes_bit_identically(tmp_path, monkeypatch):
