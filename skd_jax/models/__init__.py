@@ -15,7 +15,8 @@ A model from outside skd_jax is named by import path, `config.model.module = 'my
 (`skd_jax.plugins`): the module's `make(*, num_classes, dtype, **options)` plays the part of a
 `MODELS` constructor, and `config.model.name` is then only a label. Its model follows the same
 convention; its final Dense layer must be named `'head'` for the terms that apply it to other
-features (SD-Dropout), and numbered stages (`num_stages`) are needed only by terms that attach
+features (SD-Dropout), `'feature_map'` (the map pooled into `'features'`) only by terms that
+classify every location (Zipf's LS), and numbered stages (`num_stages`) only by terms that attach
 heads to them.
 """
 

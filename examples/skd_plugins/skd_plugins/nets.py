@@ -2,7 +2,7 @@
 
 It follows skd_jax's model convention (``skd_jax.models``): ``model.apply(variables, x,
 train=...)`` returns float32 logits ``[B, num_classes]`` and a dict of named intermediates,
-``'stage1'``, ``'stage2'``, ... and ``'features'`` (the pooled ``[B, D]`` features), and the final
+``'stage1'``, ``'stage2'``, ..., ``'feature_map'`` and ``'features'`` (its pooled ``[B, D]`` mean), and the final
 Dense layer is named ``'head'``. Each stage is a 3x3 convolution, BatchNorm and ReLU; the model
 options are ``widths`` (one per stage) and ``strides``.
 """
@@ -33,6 +33,7 @@ class SmallCNN(nn.Module):
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
       x = nn.relu(x)
       outputs[f'stage{i}'] = x
+    outputs['feature_map'] = x  # what is pooled into the features (Zipf's LS votes over it)
     features = jnp.mean(x, axis=(1, 2))
     outputs['features'] = features
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(features)
