@@ -1,8 +1,8 @@
 """A small CNN as a model from outside skd_jax (``config.model.module = 'skd_plugins.nets'``).
 
-It follows skd_jax's model convention (``skd_jax.models``): ``model.apply(variables, x,
-train=...)`` returns float32 logits ``[B, num_classes]`` and a dict of named intermediates,
-``'stage1'``, ``'stage2'``, ..., ``'feature_map'`` and ``'features'`` (its pooled ``[B, D]`` mean), and the final
+It follows skd_jax's model convention (``skd_jax.models``): ``model.apply(variables, x, train=...)``
+returns float32 logits ``[B, num_classes]`` and a dict of named intermediates, ``'stage1'``,
+``'stage2'``, ..., ``'feature_map'`` and ``'features'`` (its pooled ``[B, D]`` mean), and the final
 Dense layer is named ``'head'``. Each stage is a 3x3 convolution, BatchNorm and ReLU; the model
 options are ``widths`` (one per stage) and ``strides``.
 """
