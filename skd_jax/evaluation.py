@@ -1,7 +1,7 @@
 """Evaluation on the test split: the PS-KD paper's metrics of any backbone's variables.
 
 The test split comes in fixed-size batches (the last one padded and masked) from one of two sets:
-:class:`DeviceEvalSet`, the split on every device as uint8 (``skd_jax.data.sources.DeviceData``),
+:class:`~skd_jax.data.sources.DeviceEvalSet`, the split on every device as uint8,
 whose compiled :func:`eval_step` selects batch ``b`` itself; or, with the host pipeline,
 ``skd_jax.data.streaming.HostEvalSet``, which reads every batch on the host, each process its
 share, for :func:`eval_batch`. Either gives per-example statistics that :func:`evaluate` reduces
@@ -16,7 +16,6 @@ import numpy as np
 
 from skd_jax import mesh as mesh_lib
 from skd_jax import metrics as metrics_lib
-from skd_jax.data import samplers
 from skd_jax.data import sources
 
 
@@ -42,27 +41,11 @@ def eval_batch(variables, examples: sources.Examples, *, networks):
   return {**metrics_lib.per_example_stats(logits, examples.labels), 'valid': examples.valid}
 
 
-class DeviceEvalSet:
-  """The test split on every device; batch ``b``'s arguments of :func:`eval_step`."""
-
-  def __init__(self, data: sources.DeviceData, batch_size: int):
-    self.data, self.batch_size = data, batch_size
-    self.num_examples = data.labels.shape[0]
-    self.num_batches = samplers.steps_per_epoch(self.num_examples, batch_size)
-
-  def example_args(self):
-    return self.data, np.int32(0)
-
-  def batches(self):
-    for b in range(self.num_batches):
-      yield self.data, np.int32(b)
-
-
 def eval_function(test, networks, mesh):
   """The function to compile for ``test``'s batches: (variables, *a batch's arguments) ->
-  per-example statistics; :func:`eval_step` for a :class:`DeviceEvalSet`, :func:`eval_batch`
+  per-example statistics; :func:`eval_step` for a ``DeviceEvalSet``, :func:`eval_batch`
   for a ``HostEvalSet`` (its batches come sharded)."""
-  if isinstance(test, DeviceEvalSet):
+  if isinstance(test, sources.DeviceEvalSet):
     return functools.partial(eval_step, networks=networks, mesh=mesh, batch_size=test.batch_size)
   return functools.partial(eval_batch, networks=networks)
 
@@ -72,7 +55,7 @@ def evaluate(eval_fn, test, models: dict[str, object]) -> dict[str, float]:
 
   Every model gets the scalars of ``skd_jax.metrics.summarize`` and, under ``reliability``, the
   10 bins of its ECE (``skd_jax.metrics.reliability_bins``: a dict of lists, for reliability
-  diagrams). ``test`` is a :class:`DeviceEvalSet` or a ``HostEvalSet``; each batch is read once
+  diagrams). ``test`` is a ``DeviceEvalSet`` or a ``HostEvalSet``; each batch is read once
   for all models.
   """
   stats = {prefix: [] for prefix in models}

@@ -45,9 +45,7 @@ from skd_jax import state as state_lib
 from skd_jax import terms as terms_lib
 from skd_jax import train_log
 from skd_jax import workdir as workdir_lib
-from skd_jax.data import pipeline
 from skd_jax.data import samplers
-from skd_jax.data import selection
 from skd_jax.data import sources
 from skd_jax.errors import ConfigError, Diverged, InputError, Interrupted, Preempted, SaveError
 from skd_jax.mesh import make_mesh
@@ -67,7 +65,7 @@ class Job(NamedTuple):
   step_fn: Any  # (state, source.step_args(step), teacher) -> (state, measurements); compiled
   eval_fn: Any  # (backbone variables, *a batch of test.batches()) -> per-example statistics
   source: Any  # skd_jax.data.sources.OnDeviceSource or skd_jax.data.streaming.HostSource
-  test: Any  # skd_jax.evaluation.DeviceEvalSet or skd_jax.data.streaming.HostEvalSet
+  test: Any  # skd_jax.data.sources.DeviceEvalSet or skd_jax.data.streaming.HostEvalSet
   networks: networks_lib.Networks
   teacher: Any  # the frozen teacher's variables on the devices, or None
 
@@ -118,31 +116,16 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       jax.process_count(),
       dict(mesh.shape),
   )
-  if config.data.pipeline == 'host':  # read when needed, each process its share of every batch
-    # Imported here: grain adds most of a second to every start-up that does not need it.
-    from skd_jax.data import streaming  # pylint: disable=g-import-not-at-top
-
-    train_set, test, image_shape, (mean, std) = streaming.open_splits(
-        config.data, mesh, config.eval_batch_size
-    )
-    num_classes = train_set.num_classes
-  else:
-    train_set = data_lib.load_split(config.data, config.data.train_split)
-    train_set = selection.select_dataset(config.data, train_set)  # data.train_examples, ...
-    mean, std = pipeline.channel_stats(train_set.images)
-    num_classes, image_shape = train_set.num_classes, train_set.images.shape[1:]
-    test_set = data_lib.load_split(config.data, config.data.test_split)
-    test = evaluation.DeviceEvalSet(
-        sources.to_devices(test_set.images, test_set.labels, mesh), config.eval_batch_size
-    )
-  chosen = getattr(train_set, 'selection', None)  # the subset and label noise, if any
+  data = data_lib.open(config.data, mesh, config.eval_batch_size)  # each process its share
+  test, image_shape, num_classes = data.test, data.image_shape, data.num_classes
+  chosen = data.selection  # the subset and label noise, if any
   if check_data:
-    check_data(data_lib.identity(config.data, train_set.labels, chosen))
+    check_data(data_lib.identity(config.data, data.labels, chosen))
   _stop_if_signalled()  # before the slow part: initialisation and compilation
   log.info(
       'Data: %s, %d training (%s, %s pipeline%s) and %d test (%s) images of %s, %d classes.',
       config.data.name,
-      len(train_set.labels),
+      len(data.labels),
       config.data.train_split,
       config.data.pipeline,
       chosen.describe() if chosen else '',
@@ -157,8 +140,8 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       options={'dtype': config.model.dtype, **options},
       num_classes=num_classes,
       input_shape=tuple(image_shape),
-      mean=tuple(map(float, mean)),
-      std=tuple(map(float, std)),
+      mean=data.mean,
+      std=data.std,
       import_path=config.model.get('module', ''),  # or a plug-in's (skd_jax.plugins)
   )
   backbone = spec.module()
@@ -178,29 +161,8 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
           config.teacher.workdir, wanted=any(f.network == 'teacher' for f in method.forwards)
       ),
   )
-  spe = samplers.steps_per_epoch(len(train_set.labels), config.batch_size)
-  source_options = dict(
-      seed=config.seed,
-      batch_size=config.batch_size,
-      groups=method.groups,
-      crop_padding=config.data.crop_padding,
-      flip=config.data.flip,
-  )
-  if config.data.pipeline == 'host':
-    source = streaming.HostSource(
-        train_set,
-        mesh,
-        augment=config.data.augment,
-        image_size=config.data.image_size,
-        workers=config.data.workers,
-        prefetch=config.data.prefetch,
-        timeout_seconds=config.data.timeout_seconds,
-        **source_options,
-    )
-  else:
-    source = sources.OnDeviceSource(
-        train_set.images, train_set.labels, num_classes, mesh, **source_options
-    )
+  spe = samplers.steps_per_epoch(len(data.labels), config.batch_size)
+  source = data.source(seed=config.seed, batch_size=config.batch_size, groups=method.groups)
   schedule = optim_lib.make_schedule(
       config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs
   )

@@ -485,3 +485,42 @@ def test_import_does_not_import_tfds():
       cwd=_REPO_ROOT,
       env=env,
   )
+
+
+@pytest.mark.parametrize('train_examples', [0, 20])
+def test_both_pipelines_open_the_same_training_set_shape_and_normalisation(
+    tmp_path, train_examples
+):
+  """``data.open`` is the one way a run opens its data: the device and host pipelines agree on
+  what the model is built from (labels trained on, classes, input shape, normalisation)."""
+  import runs  # pylint: disable=g-import-not-at-top
+  from skd_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from skd_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from skd_jax.data import streaming  # pylint: disable=g-import-not-at-top
+
+  config = runs.config('baseline')
+  config.data.source, config.data.name = 'idx', 'fashion_mnist'
+  config.data.dir = runs.fashion_mnist(tmp_path, 40, 12)
+  config.data.train_examples = train_examples
+  mesh = mesh_lib.make_mesh()
+  opened = {}
+  for pipeline in ('device', 'host'):
+    config.data.pipeline = pipeline
+    opened[pipeline] = data.open(config.data, mesh, 8)
+  device, host = opened['device'], opened['host']
+  assert isinstance(device.test, sources.DeviceEvalSet)
+  assert isinstance(host.test, streaming.HostEvalSet)
+  assert device.test.num_examples == host.test.num_examples == 12
+  np.testing.assert_array_equal(device.labels, host.labels)
+  assert len(device.labels) == (train_examples or 40)
+  assert (device.num_classes, device.image_shape) == (host.num_classes, host.image_shape)
+  assert device.image_shape == (28, 28, 1)
+  np.testing.assert_allclose(device.mean + device.std, host.mean + host.std, rtol=1e-6)
+  assert (device.selection is None) == (host.selection is None) == (not train_examples)
+  assert isinstance(device.source(seed=0, batch_size=8), sources.OnDeviceSource)
+  source = host.source(seed=0, batch_size=8)
+  try:
+    assert isinstance(source, streaming.HostSource)
+    assert source.steps_per_epoch == device.source(seed=0, batch_size=8).steps_per_epoch
+  finally:
+    source.close()

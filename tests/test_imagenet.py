@@ -303,7 +303,7 @@ def test_host_streamed_evaluation_gives_the_on_device_metrics_and_shares_make_ea
 
   mesh = train.make_mesh(jax.devices()[:8])
   weights = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
-  device_set = evaluation.DeviceEvalSet(sources.to_devices(images, labels, mesh), B)
+  device_set = sources.DeviceEvalSet(sources.to_devices(images, labels, mesh), B)
   device_fn = jax.jit(
       lambda v, *a: evaluation.eval_step(v, *a, networks=_Networks, mesh=mesh, batch_size=B)
   )

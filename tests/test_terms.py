@@ -175,3 +175,16 @@ def test_readme_example_runs():
   exec(compile(blocks[0], 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
   assert namespace['step1'].loss.shape == (2,)
   assert float(namespace['step2'].loss.sum()) > 0
+
+
+def test_a_term_that_needs_an_output_the_model_lacks_is_a_one_line_config_error():
+  """Zipf's LS reads ``outputs['feature_map']``; a plug-in model may not return it."""
+  method = _build(zipf_ls=dict(weight=0.1))
+  inputs = _inputs(features=jnp.ones((3, 4)))
+  with pytest.raises(ConfigError) as error:
+    method(inputs)
+  assert str(error.value) == (
+      "loss.zipf_ls: needs the model output 'feature_map', which this model does not return (it "
+      'returns logits and features)'
+  )
+  assert '\n' not in str(error.value)

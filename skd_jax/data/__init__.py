@@ -6,8 +6,12 @@ split is its row in `Dataset.images` and `Dataset.labels`: index i is row i,
 the same on every run and in every process, so per-example state (for example
 past predictions kept by self-distillation losses) can be keyed by it.
 
+A run opens its data with `open(config.data, mesh, eval_batch_size)`
+(`skd_jax.data.splits.Splits`: the training set, its batch source, the test set,
+the input shape and normalisation), for either pipeline.
+
 Importing this package is cheap: TFDS is only imported by `load_split` when a
-'tfds' source is requested.
+'tfds' source is requested, JAX only by `open`.
 
 Data from outside skd_jax is named by import path, `config.data.module =
 'mylab.data'` (`skd_jax.plugins`): the module's `make(data_config, split)`
@@ -34,6 +38,7 @@ __all__ = [
     'identity',
     'load_fashion_mnist',
     'load_split',
+    'open',
     'open_records',
     'read_idx',
 ]
@@ -67,6 +72,17 @@ def _source(data_config) -> tuple[str, str]:
   if source not in ('idx', 'tfds'):
     raise ConfigError(f"data.source: expected 'idx' or 'tfds', got {source!r}")
   return source, name
+
+
+def open(data_config, mesh, eval_batch_size: int):  # pylint: disable=redefined-builtin
+  """A run's training and test sets (``skd_jax.data.splits.Splits``) as ``data_config`` says.
+
+  Raises:
+    ConfigError: an invalid config or missing/corrupt data.
+  """
+  from skd_jax.data import splits  # pylint: disable=g-import-not-at-top
+
+  return splits.Splits(data_config, mesh, eval_batch_size)
 
 
 def open_records(data_config, split: str):

@@ -78,6 +78,22 @@ def to_devices(images: np.ndarray, labels: np.ndarray, mesh) -> DeviceData:
   return DeviceData(images=put(images), labels=put(labels.astype(np.int32)))
 
 
+class DeviceEvalSet:
+  """The test split on every device; batch ``b``'s arguments of ``skd_jax.evaluation.eval_step``."""
+
+  def __init__(self, data: DeviceData, batch_size: int):
+    self.data, self.batch_size = data, batch_size
+    self.num_examples = data.labels.shape[0]
+    self.num_batches = samplers.steps_per_epoch(self.num_examples, batch_size)
+
+  def example_args(self):
+    return self.data, np.int32(0)
+
+  def batches(self):
+    for b in range(self.num_batches):
+      yield self.data, np.int32(b)
+
+
 def run_key(seed: int, mesh) -> jax.Array:
   """The run's PRNG key ``jax.random.key(seed)``, replicated on ``mesh``.
 

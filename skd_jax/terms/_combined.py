@@ -124,7 +124,16 @@ class Combined:
         own = dataclasses.replace(
             inputs, key=jax.random.fold_in(inputs.key, zlib.crc32(term.name.encode()))
         )
-      out = term(own, rows.get(term.name), carry.get(term.name))
+      try:
+        out = term(own, rows.get(term.name), carry.get(term.name))
+      except KeyError as e:  # at trace time: an output the model does not return
+        missing = e.args[0] if e.args else None
+        if not isinstance(missing, str) or missing in inputs.outputs:
+          raise
+        raise ConfigError(
+            f'loss.{term.name}: needs the model output {missing!r}, which this model does not '
+            f'return (it returns logits and {", ".join(sorted(inputs.outputs)) or "nothing else"})'
+        ) from None
       total = total + term.weight * out.loss
       per_term[term.name] = out.loss
       if out.rows is not None:
