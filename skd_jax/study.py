@@ -354,6 +354,21 @@ def _is_free(key: str, free: list[str]) -> bool:
   return any(key == k or (k.endswith('.*') and key.startswith(k[:-1])) for k in free)
 
 
+def _recorded(run_config: dict[str, Any], key: str) -> Any:
+  """``run_config``'s value of ``key``. A key it lacks was added by a newer skd_jax and has its
+  default, which does what the older version did (``config_lib.default``), unless it is a setting
+  of a loss term that ``run_config`` does not use (None: no such term)."""
+  from skd_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  if key in run_config:
+    return run_config[key]
+  if key.startswith('loss.'):
+    term = key.split('.')[1]
+    if not any(k.startswith(f'loss.{term}.') for k in run_config):
+      return None
+  return config_lib.default(key)
+
+
 def _has_runs(workdir: str, name: str) -> bool:
   folder = os.path.join(workdir, name)
   if not os.path.isdir(folder):
@@ -406,13 +421,13 @@ def check_changes(workdir: str, record: dict[str, Any]) -> dict[str, Any]:
     if before is None or not _has_runs(workdir, name):
       continue
     old, new = before.get('run_config', {}), now['run_config']
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    keys = sorted(k for k in old.keys() | new.keys() if _recorded(old, k) != _recorded(new, k))
     keys = [k for k in keys if not _is_free(k, free)]
     if before.get('teacher') != now['teacher']:
       keys.insert(0, f'teacher ({before.get("teacher")!r} -> {now["teacher"]!r})')
     if keys:
       shown = [
-          k if k.startswith('teacher') else f'{k} ({old.get(k)!r} -> {new.get(k)!r})'
+          k if k.startswith('teacher') else f'{k} ({_recorded(old, k)!r} -> {_recorded(new, k)!r})'
           for k in keys[:3]
       ]
       more = f' and {len(keys) - 3} more' if len(keys) > 3 else ''

@@ -4,6 +4,7 @@ does not stop the others, a changed study and bad input are refused with nothing
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -215,9 +216,29 @@ def test_new_entries_and_seeds_and_keys_that_change_no_result_are_allowed(tmp_pa
   merged = study.check_changes(str(tmp_path), now)
   assert merged['seeds'] == [0, 1] and list(merged['entries']) == ['a', 'b']
   assert merged['entries']['a']['run_config']['data.dir'] == 'y'
-  now['entries']['a'] = _entry(num_epochs=3, **{'data.dir': 'x', 'optim.lr': 0.1})
-  with pytest.raises(study.BadInput, match=r'a: num_epochs \(2 -> 3\), optim.lr \(None -> 0.1\);'):
+  # Keys a newer skd_jax added, at their defaults, change nothing (data.module, a new setting of a
+  # term the entry uses); other values of them do, and so does a term the entry did not use.
+  now['entries']['a'] = _entry(
+      num_epochs=2, **{'data.dir': 'x', 'data.module': '', 'optim.lr': 0.1}
+  )
+  assert study.check_changes(str(tmp_path), now)['entries']['a']['run_config']['optim.lr'] == 0.1
+  now['entries']['a'] = _entry(num_epochs=3, **{'data.dir': 'x', 'optim.lr': 0.5})
+  with pytest.raises(study.BadInput, match=r'a: num_epochs \(2 -> 3\), optim.lr \(0.1 -> 0.5\);'):
     study.check_changes(str(tmp_path), now)
+  saved['entries']['a']['run_config']['loss.pskd.weight'] = 1.0
+  (tmp_path / 'study.json').write_text(json.dumps(saved))
+  for key, value, refused in [
+      ('loss.pskd.storage', 'float32', False),
+      ('loss.pskd.storage', 'bfloat16', True),
+      ('loss.label_smoothing.epsilon', 0.1, True),
+  ]:
+    now['entries']['a'] = _entry(num_epochs=2, **{'loss.pskd.weight': 1.0, key: value})
+    if refused:
+      with pytest.raises(study.BadInput, match=re.escape(key)):
+        study.check_changes(str(tmp_path), now)
+    else:
+      study.check_changes(str(tmp_path), now)
+  now['entries']['a'] = _entry(num_epochs=3)
   (tmp_path / 'a' / 'seed0' / 'config.json').unlink()  # no run has started: any change goes
   assert study.check_changes(str(tmp_path), now)['entries']['a']['run_config']['num_epochs'] == 3
 
