@@ -11,7 +11,7 @@ and its final ECE is 13.9 to 15.7%, so regularising methods have something to fi
 
   python -m skd_jax.study --study=configs/studies/fmnist_noisy.py --workdir=studies/fmnist_noisy
 
-48 runs; a cross-entropy run takes about 2 minutes on a 2-core CPU. Methods keep their reference
+63 runs; a cross-entropy run takes about 2 minutes on a 2-core CPU. Methods keep their reference
 hyperparameters (their configs' defaults); the regime's settings below are the only overrides, the
 same for every entry (LSSKD's and CS-KD + LSSKD's quick configs train 2 epochs: here 20, like the
 others). To run part of it, e.g. the costly LSSKD entries on one seed:
@@ -52,6 +52,11 @@ METHODS = (
     'teacher_kd',
     'pskd_dlb',
     'cskd_lsskd',
+    'uskd',
+    'tfkd_reg',
+    'zipf_ls',
+    'bake',
+    'byot',
 )
 TAUGHT = ('tfkd_self', 'teacher_kd')  # by the baseline run of the same seed
 
