@@ -137,7 +137,7 @@ def test_terms_request_heads_and_the_networks_build_them_at_the_backbones_stages
         (dict(drg=dict(weight=1.0, temprature=4.0)), r'loss.drg.temprature: unknown setting'),
         (dict(dsr=dict(weight=1.0, temperature=0.0)), r'loss.dsr.temperature: expected a number'),
         (dict(lsskd=dict(weight=1.0, pairing='random')), r'loss.lsskd.pairing: expected one of'),
-        (dict(drg=dict(weight=1.0, stage='stage2')), r'loss.drg.stage: expected a stage number'),
+        (dict(drg=dict(weight=1.0, stage='stage2')), r'loss.drg.stage: expected an integer >= 1'),
         (dict(pskd=dict(weight=-1.0)), r'loss.pskd.weight: expected a non-negative number'),
     ],
 )

@@ -92,12 +92,17 @@ from skd_jax.terms._protocol import NETWORKS
 from skd_jax.terms._protocol import Pass
 from skd_jax.terms._protocol import TermInputs
 from skd_jax.terms._protocol import TermOutput
+from skd_jax.terms._settings import Setting
 from skd_jax.terms._settings import build
 from skd_jax.terms._settings import builtin_names
 from skd_jax.terms._settings import check_choice
 from skd_jax.terms._settings import check_range
+from skd_jax.terms._settings import from_settings
+from skd_jax.terms._settings import setting
 from skd_jax.terms._settings import settings
+from skd_jax.terms._settings import settings_of
 from skd_jax.terms._settings import term_classes
+from skd_jax.terms._settings import validate
 
 __all__ = [
     'Combined',
@@ -109,12 +114,17 @@ __all__ = [
     'LossTerm',
     'NETWORKS',
     'Pass',
+    'Setting',
     'TermInputs',
     'TermOutput',
     'build',
     'builtin_names',
     'check_choice',
     'check_range',
+    'from_settings',
+    'setting',
     'settings',
+    'settings_of',
     'term_classes',
+    'validate',
 ]
