@@ -295,6 +295,21 @@ def from_settings(cls: type, settings, context: Context, name: str | None = None
   setting, checked against its declaration (:func:`setting`), or its default when ``settings``
   omits it. Then the term's :meth:`~skd_jax.terms.LossTerm.check` sees ``context``.
 
+  >>> import dataclasses
+  >>> from skd_jax import terms
+  >>> @dataclasses.dataclass(frozen=True)
+  ... class Scaled(terms.LossTerm):
+  ...   num_classes: int  # from the context
+  ...   weight: float = 1.0
+  ...   scale: float = terms.setting(2.0, low=0)
+  ...   name: str = 'scaled'
+  ...   def __call__(self, inputs, rows=None, carry=None): ...
+  >>> terms.from_settings(Scaled, {'scale': 3}, terms.Context(10, 1, 8))
+  Scaled(num_classes=10, weight=1.0, scale=3.0, name='scaled')
+  >>> terms.from_settings(Scaled, {'scale': -1}, terms.Context(10, 1, 8))
+  Traceback (most recent call last):
+  skd_jax.errors.ConfigError: loss.scaled.scale: expected a number >= 0, got -1
+
   Args:
     cls: a :class:`LossTerm` dataclass.
     settings: ``config.loss.NAME``, or any mapping of settings.
