@@ -99,7 +99,8 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.optim.warmup_epochs = 0
   c.optim.module = ''
 
-  # Loss terms: name -> settings (always with a `weight`); the terms are summed.
+  # Loss terms: name -> settings (a `weight` and the term's own; omitted ones take the defaults
+  # --help shows); the terms are summed.
   c.loss = ml_collections.ConfigDict()
 
   # A frozen teacher for the terms that ask for one (teacher_kd): another run's workdir.
