@@ -212,7 +212,7 @@ def _factory(name: str, settings) -> tuple[type | Callable[..., Any], str]:
   """What makes the term ``loss.NAME`` (its class or its module's ``make``) and the config
   field that names its module."""
   if not hasattr(settings, 'keys'):
-    raise ConfigError(f'loss.{name}: expected a dict of settings with a weight, got {settings!r}')
+    raise ConfigError(f'loss.{name}: expected a dict of settings, got {settings!r}')
   module = None
   if 'module' in settings:
     field = f'loss.{name}.module'
