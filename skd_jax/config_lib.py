@@ -99,7 +99,8 @@ def base_config(quick: bool, protocol: str = 'pskd') -> ml_collections.ConfigDic
   c.optim.warmup_epochs = 0
   c.optim.module = ''
 
-  # Loss terms: name -> settings (always with a `weight`); the terms are summed.
+  # Loss terms: name -> settings (a `weight` and the term's own; omitted ones take the defaults
+  # --help shows); the terms are summed.
   c.loss = ml_collections.ConfigDict()
 
   # A frozen teacher for the terms that ask for one (teacher_kd): another run's workdir.
@@ -226,8 +227,9 @@ KEYS = {
     'optim.module': "import path of your own optimizer's module, e.g. 'mylab.opt': its "
     'make(optim, schedule) returns an optax.GradientTransformation in place of SGD (the optim.* '
     'keys above that it does not read are ignored); cannot change on resume',
-    'loss.*': 'loss terms, summed: loss.TERM.weight and the settings of skd_jax/terms/TERM.py; '
-    "your own term: loss.NAME.module='mylab.term', whose make(settings, context) returns it",
+    'loss.*': 'loss terms, summed: loss.TERM.weight and the settings of skd_jax/terms/TERM.py '
+    "(below); your own term: loss.NAME.module='mylab.term', a module with one terms.LossTerm "
+    'dataclass (or a make(settings, context) that returns the term)',
     'teacher.workdir': "an earlier run's workdir (or its model/ folder): the frozen teacher",
     'log_every_steps': 'steps per train record in metrics.jsonl (the mean over those steps)',
     'checkpoint_every_epochs': 'epochs between checkpoints (the last epoch is always saved)',
@@ -430,14 +432,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
       'data.timeout_seconds',
       f'expected a number of seconds > 0, got {config.data.timeout_seconds!r}',
   )
-  check(len(config.loss) > 0, 'loss', 'expected at least one loss term')
   # Plug-ins named by import path must import and provide make(), before any data is loaded.
-  fields = [f'{s}.module' for s in ('data', 'model', 'optim') if config[s].get('module')]
-  fields += [
-      f'loss.{n}.module' for n, v in config.loss.items() if hasattr(v, 'keys') and 'module' in v
-  ]
-  for field in fields:
+  for field in [f'{s}.module' for s in ('data', 'model', 'optim') if config[s].get('module')]:
     plugins.load(config[field], field)
+  # The loss terms and their settings, as far as they can be checked without the data (the
+  # checks that need the run, e.g. a stage of the model, are the terms' own, in terms.build).
+  terms.validate(config.loss)
   integer('log_every_steps', 1)
   integer('checkpoint_every_epochs', 1)
   integer('keep_checkpoints', 1)

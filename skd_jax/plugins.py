@@ -1,9 +1,10 @@
 """Code from outside skd_jax, named in a config by import path.
 
 A config may name its own loss term, model, optimizer and data by the import path of a module that
-provides a ``make`` function (README: "Your own terms, models and optimizers")::
+provides a ``make`` function, or for a term a ``LossTerm`` class with declared settings (README:
+"Your own terms, models and optimizers")::
 
-  config.loss.penalty = dict(module='mylab.penalty', weight=0.1)  # make(settings, context)
+  config.loss.penalty = dict(module='mylab.penalty', weight=0.1)  # a LossTerm class, or make()
   config.model.module = 'mylab.nets'  # make(*, num_classes, dtype, **model options)
   config.optim.module = 'mylab.opt'  # make(optim, schedule) -> optax.GradientTransformation
   config.data.module = 'mylab.data'  # make(data, split) -> skd_jax.data.Dataset
@@ -15,6 +16,7 @@ and an exported model records it in its spec, so ``skd_jax.load_model`` imports 
 
 import importlib
 import inspect
+import types
 from typing import Any, Callable
 
 from skd_jax.errors import ConfigError, first_line
@@ -29,6 +31,26 @@ def is_path(value: Any) -> bool:
   )
 
 
+def load_module(path: Any, field: str) -> types.ModuleType:
+  """The module at import path ``path``.
+
+  Raises:
+    ConfigError: one line naming ``field``: ``path`` is not an import path, or the module does
+      not import (its own error, e.g. a missing dependency, is quoted).
+  """
+  if not is_path(path):
+    raise ConfigError(
+        f"{field}: expected a module's import path such as 'mylab.nets', got {path!r}"
+    )
+  try:
+    return importlib.import_module(path)
+  except Exception as e:  # a plug-in may fail to import in any way  # pylint: disable=broad-except
+    raise ConfigError(
+        f'{field}: cannot import {path!r} ({type(e).__name__}: {first_line(e)}); is it installed '
+        'or on PYTHONPATH?'
+    ) from None
+
+
 def load(path: Any, field: str, attribute: str = 'make') -> Callable[..., Any]:
   """The function ``attribute`` of the module at import path ``path``.
 
@@ -41,18 +63,7 @@ def load(path: Any, field: str, attribute: str = 'make') -> Callable[..., Any]:
     ConfigError: one line naming ``field``: ``path`` is not an import path, the module does not
       import (its own error, e.g. a missing dependency, is quoted), or it has no such function.
   """
-  if not is_path(path):
-    raise ConfigError(
-        f"{field}: expected a module's import path such as 'mylab.nets', got {path!r}"
-    )
-  try:
-    module = importlib.import_module(path)
-  except Exception as e:  # a plug-in may fail to import in any way  # pylint: disable=broad-except
-    raise ConfigError(
-        f'{field}: cannot import {path!r} ({type(e).__name__}: {first_line(e)}); is it installed '
-        'or on PYTHONPATH?'
-    ) from None
-  function = getattr(module, attribute, None)
+  function = getattr(load_module(path, field), attribute, None)
   if not callable(function):
     raise ConfigError(f'{field}: module {path!r} has no function {attribute}()')
   return function

@@ -163,8 +163,10 @@ def _our_uskd(golden, group_size):
     assert settings[key] == golden[key]
   settings.group_size = group_size
   batch, classes = golden['logits'].shape
-  term = importlib.import_module('skd_jax.terms.uskd').make(
-      settings, terms_lib.Context(classes, 200, batch, num_stages=4)
+  term = terms_lib.from_settings(
+      importlib.import_module('skd_jax.terms.uskd').USKD,
+      settings,
+      terms_lib.Context(classes, 200, batch, num_stages=4),
   )
   labels = jnp.asarray(golden['labels'], jnp.int32)
 

@@ -36,10 +36,18 @@ PENALTY = 'skd_plugins.confidence_penalty'
 @pytest.fixture(autouse=True)
 def _importable(monkeypatch, tmp_path_factory):
   """skd_plugins as `pip install -e examples/skd_plugins` (or PYTHONPATH) makes it importable,
-  and a module `wrong` whose make(settings, context) returns 42."""
+  a module `wrong` whose make(settings, context) returns 42 and a module `maker` whose make returns
+  a label-smoothing term."""
   monkeypatch.syspath_prepend(EXAMPLE)
   wrong = tmp_path_factory.mktemp('wrong')
   (wrong / 'wrong.py').write_text('def make(settings, context):\n  return 42\n')
+  (wrong / 'maker.py').write_text(
+      'from skd_jax import terms\n'
+      'from skd_jax.terms import label_smoothing\n'
+      'def make(settings, context):\n'
+      '  epsilon = terms.check_range(settings, "epsilon", 0, 0.5, "ls", 0.2)\n'
+      '  return label_smoothing.LabelSmoothing(weight=float(settings.weight), epsilon=epsilon)\n'
+  )
   monkeypatch.syspath_prepend(str(wrong))
 
 
@@ -106,6 +114,33 @@ def test_a_term_from_outside_that_cannot_be_used_is_one_line_naming_the_field(se
   with pytest.raises(ConfigError, match=message) as raised:
     terms.build(ml_collections.ConfigDict({'cp': settings}), CONTEXT)
   assert '\n' not in str(raised.value)
+
+
+def test_a_term_from_outside_declares_its_settings_or_provides_make():
+  """skd_plugins.confidence_penalty defines a LossTerm class: its settings are checked against
+  their declarations and its check() against the run (threshold <= log C); `maker` has make()."""
+  build = lambda **settings: terms.build(ml_collections.ConfigDict({'cp': settings}), CONTEXT)
+  (term,) = build(module=PENALTY).terms
+  assert (term.name, term.weight, term.threshold) == ('cp', 0.1, 0.0)  # the declared defaults
+  assert build(module=PENALTY, threshold=1).terms[0].threshold == 1.0
+  for threshold, message in [
+      (-0.5, r'^loss\.cp\.threshold: expected a number >= 0, got -0\.5$'),
+      (True, r'^loss\.cp\.threshold: expected a number >= 0, got True$'),
+      (2.0, r'^loss\.cp\.threshold: expected a number in \[0, 1\.386\d*\], got 2\.0$'),
+  ]:
+    with pytest.raises(ConfigError, match=message):
+      build(module=PENALTY, threshold=threshold)
+  (term,) = build(module='maker', weight=0.5).terms
+  assert (type(term).__name__, term.name, term.weight, term.epsilon) == (
+      'LabelSmoothing',
+      'cp',
+      0.5,
+      0.2,
+  )
+  with pytest.raises(ConfigError, match=r'^loss\.ls\.epsilon: expected a number in \[0, 0\.5\]'):
+    build(module='maker', weight=1.0, epsilon=0.7)
+  with pytest.raises(ConfigError, match=r'^loss\.cp\.weight: expected a non-negative number'):
+    build(module='maker')  # a make() reads settings.weight: there it is required
 
 
 def test_modules_starting_with_an_underscore_are_never_terms():

@@ -149,7 +149,7 @@ def _build(**pskd_settings):
     'settings, message',
     [
         (dict(storage='fp8'), "loss.pskd.storage: expected one of 'float32', 'bfloat16', 'top_k'"),
-        (dict(storage='top_k', top_k=0), r'loss.pskd.top_k: expected an integer in \[1, 9\]'),
+        (dict(storage='top_k', top_k=0), r'loss.pskd.top_k: expected an integer >= 1, got 0'),
         (
             dict(storage='top_k', top_k=10),
             r'loss.pskd.top_k: .*\(fewer than the 10 classes\), got 10$',

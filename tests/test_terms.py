@@ -1,7 +1,10 @@
 """Loss terms on plain arrays: composition, state, views, heads and config errors."""
 
+import math
 import os
 import re
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -137,13 +140,105 @@ def test_terms_request_heads_and_the_networks_build_them_at_the_backbones_stages
         (dict(drg=dict(weight=1.0, temprature=4.0)), r'loss.drg.temprature: unknown setting'),
         (dict(dsr=dict(weight=1.0, temperature=0.0)), r'loss.dsr.temperature: expected a number'),
         (dict(lsskd=dict(weight=1.0, pairing='random')), r'loss.lsskd.pairing: expected one of'),
-        (dict(drg=dict(weight=1.0, stage='stage2')), r'loss.drg.stage: expected a stage number'),
+        (dict(drg=dict(weight=1.0, stage='stage2')), r'loss.drg.stage: expected an integer >= 1'),
         (dict(pskd=dict(weight=-1.0)), r'loss.pskd.weight: expected a non-negative number'),
     ],
 )
 def test_invalid_settings_are_config_errors(loss, message):
   with pytest.raises(ConfigError, match=message):
     _build(**loss)
+
+
+def _outside(spec):
+  """Values ``spec`` (a declared setting) refuses: just outside its range, of another type (a
+  string; True where a number is expected), a non-finite number, a value not among its choices."""
+  values = []
+  if spec.kind in (int, float):
+    below = (lambda v: v - 1) if spec.kind is int else (lambda v: math.nextafter(v, -math.inf))
+    above = (lambda v: v + 1) if spec.kind is int else (lambda v: math.nextafter(v, math.inf))
+    values += [below(spec.low)] if spec.low is not None else []
+    values += [above(spec.high)] if spec.high is not None else []
+    values += ['1', True, float('nan') if spec.kind is float else 2.0]
+  elif spec.kind is bool:
+    values += [1, 'True']
+  elif spec.kind is str:
+    values += [1] + (['not_a_choice'] if spec.choices else [])
+  return values
+
+
+@pytest.mark.parametrize('name', sorted(terms_lib.term_classes()))
+def test_every_declared_setting_refuses_what_its_declaration_does_not_accept(name):
+  """Each in one line naming loss.TERM.KEY, before the data is loaded (terms.validate) and when
+  the term is built; a key that is not a setting too."""
+  declared = terms_lib.settings_of(terms_lib.term_classes()[name])
+  assert declared['weight'].low == 0 and declared['weight'].kind is float
+  cases = [(key, value) for key, spec in declared.items() for value in _outside(spec)]
+  assert all(_outside(spec) for spec in declared.values())  # each has a kind that is checked
+  for key, value in cases + [('no_such_setting', 1.0)]:
+    loss = ml_collections.ConfigDict({name: {'weight': 1.0, key: value}})
+    for check in (terms_lib.validate, lambda l: terms_lib.build(l, CONTEXT)):
+      with pytest.raises(ConfigError) as raised:
+        check(loss)
+      message = str(raised.value)
+      assert message.startswith(f'loss.{name}.{key}: '), message
+      assert '\n' not in message
+      if key != 'no_such_setting':
+        assert message.endswith(f', got {value!r}'), message
+
+
+@pytest.mark.parametrize('name', sorted(terms_lib.term_classes()))
+def test_a_config_that_omits_a_setting_gets_the_default_help_shows(name):
+  """``--help`` prints terms.settings(); weight included, none is required."""
+  shown = terms_lib.settings()[name]
+  assert set(shown) == set(terms_lib.settings_of(terms_lib.term_classes()[name]))
+  (omitted,) = _build(**{name: {}}).terms
+  (explicit,) = _build(**{name: dict(shown)}).terms
+  assert omitted == explicit
+  for key, value in shown.items():
+    # USKD's stage None is the backbone's second-to-last stage, resolved by its check().
+    if (name, key) != ('uskd', 'stage'):
+      assert getattr(omitted, key) == value, key
+
+
+def test_label_smoothing_and_pskd_have_the_defaults_help_shows():
+  (ls,) = _build(label_smoothing=dict(weight=1.0)).terms
+  (ps,) = _build(pskd=dict(weight=1.0)).terms
+  assert (ls.epsilon, ls.variant, ps.alpha_T) == (0.1, 'uniform', 0.8)
+  assert (
+      terms_lib.settings()['label_smoothing']['epsilon'],
+      terms_lib.settings()['pskd']['alpha_T'],
+  ) == (0.1, 0.8)
+
+
+def test_a_term_module_with_make_is_still_built(monkeypatch):
+  """Modules of skd_jax.terms may provide make(settings, context) instead of declarations."""
+  module = types.ModuleType('skd_jax.terms.made')
+  module.make = lambda settings, context: cross_entropy.CrossEntropy(
+      weight=float(settings.weight), name='x'
+  )
+  monkeypatch.setitem(sys.modules, 'skd_jax.terms.made', module)
+  (term,) = _build(made=dict(weight=0.5)).terms
+  assert term == cross_entropy.CrossEntropy(weight=0.5, name='made')
+  with pytest.raises(
+      ConfigError, match=r'^loss\.made\.weight: expected a non-negative number, got None$'
+  ):
+    _build(made={})
+  with pytest.raises(
+      ConfigError, match=r'^loss\.made\.epsilon: unknown setting; expected one of weight$'
+  ):
+    _build(made=dict(weight=1.0, epsilon=0.1))
+
+
+def test_context_checks_are_the_terms_own():
+  """What depends on the run is checked by the term's check(), after the declarations."""
+  with pytest.raises(
+      ConfigError, match=r'^loss\.byot\.first_stage: expected an integer in \[1, 2\], got 3$'
+  ):
+    _build(byot=dict(first_stage=3))
+  (uskd,) = _build(uskd={}).terms
+  assert uskd.stage == 2  # resolved from the context: the second-to-last of 3 stages
+  with pytest.raises(ConfigError, match=r'^loss\.lsskd: the model has no numbered stages'):
+    terms_lib.build(ml_collections.ConfigDict({'lsskd': {}}), terms_lib.Context(5, 4, 3))
 
 
 def test_lsskd_needs_square_images():

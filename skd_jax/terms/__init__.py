@@ -4,12 +4,24 @@ A method is a weighted sum of terms, named in the config::
 
   config.loss.pskd = dict(weight=1.0, alpha_T=0.8)
 
-The trainer imports ``skd_jax.terms.<name>`` and calls its ``make(settings, context)``, so a new
-method is a new module here plus a config file; the trainer does not change. A term from outside
-this package is named by import path, ``config.loss.NAME = dict(module='mylab.term', weight=...)``
-(``skd_jax.plugins``); its module provides the same ``make``. Modules here whose names start with
-``_`` are not terms: ``_protocol`` (what a term is given and returns), ``_combined``
-(:class:`Combined`) and ``_settings`` (:func:`build` and the settings checks).
+The trainer imports ``skd_jax.terms.<name>`` and makes the :class:`LossTerm` dataclass it defines
+from ``config.loss.<name>`` (:func:`build`), so a new method is a new module here plus a config
+file; the trainer does not change. A term's settings are declared once, on its fields (the type is
+the annotation's, the range or choices :func:`setting`'s)::
+
+  alpha_T: float = terms.setting(0.8, low=0, high=1)
+  storage: str = terms.setting('float32', choices=('float32', 'bfloat16', 'top_k'))
+
+Fields named like :class:`Context` fields (``num_classes``, ``num_stages``, ...) are filled from
+the run; ``weight`` is a non-negative number; a config that omits a setting gets its default,
+which ``--help`` shows (:func:`settings`). Every setting is checked against its declaration in one
+place, and what depends on the run in the term's :meth:`LossTerm.check`. A term from outside this
+package is named by import path, ``config.loss.NAME = dict(module='mylab.term', weight=...)``
+(``skd_jax.plugins``): a module with one such dataclass. A module here or outside may instead
+provide ``make(settings, context)`` returning the term, which then checks its settings itself
+(:func:`check_range`, :func:`check_choice`). Modules here whose names start with ``_`` are not
+terms: ``_protocol`` (what a term is given and returns), ``_combined`` (:class:`Combined`) and
+``_settings`` (:func:`setting`, :func:`build` and the settings checks).
 
 A term is pure: it maps :class:`TermInputs` (what the step's forward passes produced) plus its
 own state to per-example losses and its next state. It declares what it needs beyond the final
@@ -92,12 +104,17 @@ from skd_jax.terms._protocol import NETWORKS
 from skd_jax.terms._protocol import Pass
 from skd_jax.terms._protocol import TermInputs
 from skd_jax.terms._protocol import TermOutput
+from skd_jax.terms._settings import Setting
 from skd_jax.terms._settings import build
 from skd_jax.terms._settings import builtin_names
 from skd_jax.terms._settings import check_choice
 from skd_jax.terms._settings import check_range
+from skd_jax.terms._settings import from_settings
+from skd_jax.terms._settings import setting
 from skd_jax.terms._settings import settings
+from skd_jax.terms._settings import settings_of
 from skd_jax.terms._settings import term_classes
+from skd_jax.terms._settings import validate
 
 __all__ = [
     'Combined',
@@ -109,12 +126,17 @@ __all__ = [
     'LossTerm',
     'NETWORKS',
     'Pass',
+    'Setting',
     'TermInputs',
     'TermOutput',
     'build',
     'builtin_names',
     'check_choice',
     'check_range',
+    'from_settings',
+    'setting',
     'settings',
+    'settings_of',
     'term_classes',
+    'validate',
 ]

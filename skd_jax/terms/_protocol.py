@@ -176,10 +176,12 @@ class Context:
 class LossTerm(abc.ABC):
   """Base class of loss terms. Subclasses are frozen dataclasses with a ``weight`` field.
 
-  Override ``__call__`` always; ``init_rows`` / ``init_carry`` (and ``carry_sharding``) for
-  stateful terms; ``heads`` for terms that need auxiliary heads; ``num_views`` and ``make_views``
-  for terms that need extra views of each example; ``forwards`` for extra forward passes;
-  ``ema_max_decay`` for an EMA copy of the student.
+  Their other fields are the term's settings (declared with ``terms.setting``) and facts of the
+  run, named like :class:`Context` fields. Override ``__call__`` always; ``check`` for settings
+  that depend on the run; ``init_rows`` / ``init_carry`` (and ``carry_sharding``) for stateful
+  terms; ``heads`` for terms that need auxiliary heads; ``num_views`` and ``make_views`` for terms
+  that need extra views of each example; ``forwards`` for extra forward passes; ``ema_max_decay``
+  for an EMA copy of the student.
   """
 
   name: str
@@ -188,6 +190,17 @@ class LossTerm(abc.ABC):
   forwards: tuple[Forward, ...] = ()
   carry_sharding: str = 'replicated'  # or 'batch': every carry leaf is [B, ...]
   ema_max_decay: float | None = None
+
+  def check(self, context: Context) -> 'LossTerm | None':
+    """Checks what depends on the run, when ``terms.build`` makes the term from a config.
+
+    Each setting was already checked alone against its declaration. Raise
+    ``skd_jax.errors.ConfigError`` with one line ``'loss.NAME.KEY: ...'`` (``self.name`` is the
+    config's ``NAME``). May return a copy with settings derived from ``context`` (e.g. USKD's
+    default stage); None keeps the term as it is.
+    """
+    del context
+    return None
 
   def init_rows(self, labels: jax.Array) -> Any:
     """Initial per-example state from the ``[N]`` labels: a pytree of ``[N, ...]`` arrays, or None."""

@@ -28,8 +28,9 @@ class BAKE(terms.LossTerm):
   """``weight * T^2 KL(q || softmax(z / T))``, ``q`` the batch-ensembled targets; weight: lambda."""
 
   weight: float = 1.0
-  temperature: float = 4.0
-  omega: float = 0.5
+  temperature: float = terms.setting(4.0, low=1e-3, high=1e3)
+  # omega = 1 makes I - omega A singular (A is row-stochastic).
+  omega: float = terms.setting(0.5, low=0.0, high=0.99)
   name: str = 'bake'
 
   def __call__(self, inputs, rows=None, carry=None):
@@ -41,13 +42,3 @@ class BAKE(terms.LossTerm):
         valid=inputs.valid,
     )
     return terms.TermOutput(loss)
-
-
-def make(settings, context):
-  del context
-  return BAKE(
-      weight=float(settings.weight),
-      temperature=terms.check_range(settings, 'temperature', 1e-3, 1e3, 'bake', BAKE.temperature),
-      # omega = 1 makes I - omega A singular (A is row-stochastic).
-      omega=terms.check_range(settings, 'omega', 0.0, 0.99, 'bake', BAKE.omega),
-  )

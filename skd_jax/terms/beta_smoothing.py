@@ -24,9 +24,9 @@ class BetaSmoothing(terms.LossTerm):
   """``weight * H(target_b, z)``, ``b`` drawn from ``Beta(a, b)`` by EMA confidence rank."""
 
   weight: float = 0.6
-  a: float = 3.0
-  b: float = 1.0
-  ema_max_decay: float = 0.999
+  a: float = terms.setting(3.0, low=1e-3, high=1e3)
+  b: float = terms.setting(1.0, low=1e-3, high=1e3)
+  ema_max_decay: float = terms.setting(0.999, low=0, high=1)
   name: str = 'beta_smoothing'
   forwards = (terms.Forward('ema', network='ema'),)
 
@@ -39,16 +39,3 @@ class BetaSmoothing(terms.LossTerm):
         losses.soft_target_cross_entropy(inputs.logits, targets),
         metrics={'beta_smoothing/ema_confidence': confidence},
     )
-
-
-def make(settings, context):
-  del context
-  check = lambda key, low, high: terms.check_range(
-      settings, key, low, high, 'beta_smoothing', getattr(BetaSmoothing, key)
-  )
-  return BetaSmoothing(
-      weight=float(settings.weight),
-      a=check('a', 1e-3, 1e3),
-      b=check('b', 1e-3, 1e3),
-      ema_max_decay=check('ema_max_decay', 0, 1),
-  )

@@ -35,13 +35,24 @@ class BYOT(terms.LossTerm):
   num_classes: int
   num_stages: int
   weight: float = 1.0
-  alpha: float = 0.5
-  temperature: float = 3.0
+  alpha: float = terms.setting(0.5, low=0, high=1)
+  temperature: float = terms.setting(3.0, low=1e-3, high=1e3)
   t2_scaling: bool = True
-  feature_weight: float = 0.0
-  feature_reduction: str = 'sum'
-  first_stage: int = 1
+  feature_weight: float = terms.setting(0.0, low=0, high=1e3)
+  feature_reduction: str = terms.setting('sum', choices=('sum', 'mean'))
+  first_stage: int = terms.setting(1, low=1)  # and below the backbone's last stage (check)
   name: str = 'byot'
+
+  def check(self, context):
+    if not context.num_stages or context.num_stages < 2:
+      raise errors.ConfigError(
+          f'loss.{self.name}: the model needs at least 2 numbered stages for heads'
+      )
+    if self.first_stage >= context.num_stages:
+      raise errors.ConfigError(
+          f'loss.{self.name}.first_stage: expected an integer in [1, {context.num_stages - 1}], '
+          f'got {self.first_stage!r}'
+      )
 
   def heads(self):
     # One head per shallow stage; the deepest classifier is the student's own.
@@ -76,33 +87,3 @@ class BYOT(terms.LossTerm):
         for k, z in zip(names, head_logits)
     }
     return terms.TermOutput(loss, metrics=metrics)
-
-
-def make(settings, context):
-  if not context.num_stages or context.num_stages < 2:
-    raise errors.ConfigError('loss.byot: the model needs at least 2 numbered stages for heads')
-  first = settings.get('first_stage', 1)
-  if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first < context.num_stages:
-    raise errors.ConfigError(
-        f'loss.byot.first_stage: expected an integer in [1, {context.num_stages - 1}], '
-        f'got {first!r}'
-    )
-  t2 = settings.get('t2_scaling', True)
-  if not isinstance(t2, bool):
-    raise errors.ConfigError(f'loss.byot.t2_scaling: expected True or False, got {t2!r}')
-  check = lambda key, low, high: terms.check_range(
-      settings, key, low, high, 'byot', getattr(BYOT, key)
-  )
-  return BYOT(
-      num_classes=context.num_classes,
-      num_stages=context.num_stages,
-      weight=float(settings.weight),
-      alpha=check('alpha', 0, 1),
-      temperature=check('temperature', 1e-3, 1e3),
-      t2_scaling=t2,
-      feature_weight=check('feature_weight', 0, 1e3),
-      feature_reduction=terms.check_choice(
-          settings, 'feature_reduction', ('sum', 'mean'), 'byot', 'sum'
-      ),
-      first_stage=first,
-  )

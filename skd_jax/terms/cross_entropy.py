@@ -15,8 +15,3 @@ class CrossEntropy(terms.LossTerm):
 
   def __call__(self, inputs, rows=None, carry=None):
     return terms.TermOutput(losses.soft_target_cross_entropy(inputs.logits, inputs.one_hot))
-
-
-def make(settings, context):
-  del context
-  return CrossEntropy(weight=float(settings.weight))

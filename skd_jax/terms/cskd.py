@@ -20,7 +20,7 @@ class CSKD(terms.LossTerm):
   """``weight * T^2 KL(softmax(sg(z(x'))/T) || softmax(z(x)/T))``; weight is lambda."""
 
   weight: float = 1.0
-  temperature: float = 4.0
+  temperature: float = terms.setting(4.0, low=1e-3, high=1e3)
   name: str = 'cskd'
   forwards = (terms.Forward('partner', group='partner', network='student', grad=False),)
 
@@ -29,11 +29,3 @@ class CSKD(terms.LossTerm):
     return terms.TermOutput(
         losses.distillation_kl(inputs.logits, partner.logits, temperature=self.temperature)
     )
-
-
-def make(settings, context):
-  del context
-  return CSKD(
-      weight=float(settings.weight),
-      temperature=terms.check_range(settings, 'temperature', 1e-3, 1e3, 'cskd', CSKD.temperature),
-  )

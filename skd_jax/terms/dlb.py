@@ -43,9 +43,9 @@ class DLB(terms.LossTerm):
   num_classes: int
   batch_size: int
   weight: float = 1.0
-  alpha: float = 1.0
-  temperature: float = 3.0
-  ce_weight: float = 0.5
+  alpha: float = terms.setting(1.0, low=0, high=1e3)
+  temperature: float = terms.setting(3.0, low=1e-3, high=1e3)
+  ce_weight: float = terms.setting(0.5, low=0, high=1e3)
   name: str = 'dlb'
   forwards = (terms.Forward('previous', group='previous', network='student', grad=True),)
   carry_sharding = 'batch'
@@ -63,17 +63,3 @@ class DLB(terms.LossTerm):
     current = self.ce_weight * losses.soft_target_cross_entropy(inputs.logits, inputs.one_hot)
     loss = jnp.where(first_step, current, loss)
     return terms.TermOutput(loss, carry={'logits': jax.lax.stop_gradient(inputs.logits)})
-
-
-def make(settings, context):
-  check = lambda key, low, high: terms.check_range(
-      settings, key, low, high, 'dlb', getattr(DLB, key)
-  )
-  return DLB(
-      num_classes=context.num_classes,
-      batch_size=context.batch_size,
-      weight=float(settings.weight),
-      alpha=check('alpha', 0, 1e3),
-      temperature=check('temperature', 1e-3, 1e3),
-      ce_weight=check('ce_weight', 0, 1e3),
-  )

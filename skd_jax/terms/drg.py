@@ -12,7 +12,6 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from skd_jax import errors
 from skd_jax import losses
 from skd_jax import terms
 
@@ -26,9 +25,9 @@ class DRG(terms.LossTerm):
 
   num_classes: int
   weight: float = 1.0
-  alpha: float = 0.2
-  temperature: float = 4.0
-  stage: int = 2
+  alpha: float = terms.setting(0.2, low=0, high=1e3)
+  temperature: float = terms.setting(4.0, low=1e-3, high=1e3)
+  stage: int = terms.setting(2, low=1)  # skd_jax.networks checks it against the backbone
   name: str = 'drg'
 
   def heads(self):
@@ -41,16 +40,3 @@ class DRG(terms.LossTerm):
     )
     top1 = 100.0 * (jnp.argmax(aux, -1) == inputs.labels).astype(jnp.float32)
     return terms.TermOutput(loss, metrics={'drg/top1': top1})
-
-
-def make(settings, context):
-  stage = settings.get('stage', 2)
-  if not isinstance(stage, int):
-    raise errors.ConfigError(f'loss.drg.stage: expected a stage number, got {stage!r}')
-  return DRG(
-      num_classes=context.num_classes,
-      weight=float(settings.weight),
-      alpha=terms.check_range(settings, 'alpha', 0, 1e3, 'drg', DRG.alpha),
-      temperature=terms.check_range(settings, 'temperature', 1e-3, 1e3, 'drg', DRG.temperature),
-      stage=stage,
-  )

@@ -25,7 +25,7 @@ class DSR(terms.LossTerm):
   num_classes: int
   batch_size: int
   weight: float = 1.0
-  temperature: float = 4.0
+  temperature: float = terms.setting(4.0, low=1e-3, high=1e3)
   name: str = 'dsr'
 
   def init_carry(self):
@@ -41,12 +41,3 @@ class DSR(terms.LossTerm):
     return terms.TermOutput(
         loss, carry={'sorted_logits': sorted_logits, 'has_previous': jnp.ones((), jnp.bool_)}
     )
-
-
-def make(settings, context):
-  return DSR(
-      num_classes=context.num_classes,
-      batch_size=context.batch_size,
-      weight=float(settings.weight),
-      temperature=terms.check_range(settings, 'temperature', 1e-3, 1e3, 'dsr', DSR.temperature),
-  )

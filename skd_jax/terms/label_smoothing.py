@@ -11,8 +11,8 @@ class LabelSmoothing(terms.LossTerm):
   """``weight * H(LS_eps(y), z)``; see :func:`skd_jax.losses.label_smoothing_targets`."""
 
   weight: float = 1.0
-  epsilon: float = 0.1
-  variant: str = 'uniform'
+  epsilon: float = terms.setting(0.1, low=0, high=1)
+  variant: str = terms.setting('uniform', choices=('uniform', 'non_target'))
   name: str = 'label_smoothing'
 
   def __call__(self, inputs, rows=None, carry=None):
@@ -21,15 +21,3 @@ class LabelSmoothing(terms.LossTerm):
             inputs.logits, inputs.one_hot, epsilon=self.epsilon, variant=self.variant
         )
     )
-
-
-def make(settings, context):
-  del context
-  variant = terms.check_choice(
-      settings, 'variant', ('uniform', 'non_target'), 'label_smoothing', 'uniform'
-  )
-  return LabelSmoothing(
-      weight=float(settings.weight),
-      epsilon=terms.check_range(settings, 'epsilon', 0, 1, 'label_smoothing'),
-      variant=variant,
-  )

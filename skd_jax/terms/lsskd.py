@@ -32,13 +32,13 @@ class LSSKD(terms.LossTerm):
   num_classes: int
   num_stages: int
   weight: float = 1.0
-  temperature: float = 3.0
-  pairing: str = 'deepest'
-  head_ce_weight: float = 1.0
-  head_kd_weight: float = 1.0
-  main_kd_weight: float = 1.0
-  aggregation: str = 'matched'
-  feature_weight: float = 0.0
+  temperature: float = terms.setting(3.0, low=1e-3, high=1e3)
+  pairing: str = terms.setting('deepest', choices=('deepest', 'adjacent'))
+  head_ce_weight: float = terms.setting(1.0, low=0, high=1e3)
+  head_kd_weight: float = terms.setting(1.0, low=0, high=1e3)
+  main_kd_weight: float = terms.setting(1.0, low=0, high=1e3)
+  aggregation: str = terms.setting('matched', choices=('matched', 'sum'))
+  feature_weight: float = terms.setting(0.0, low=0, high=1e3)
   name: str = 'lsskd'
   num_views = NUM_ROTATIONS
 
@@ -49,8 +49,17 @@ class LSSKD(terms.LossTerm):
         for l in range(1, self.num_stages + 1)
     )
 
+  def check(self, context):
+    if not context.num_stages:
+      raise errors.ConfigError('loss.lsskd: the model has no numbered stages to attach heads to')
+    shape = context.image_shape
+    if shape is not None and shape[0] != shape[1]:
+      raise errors.ConfigError(
+          f'loss.lsskd: rotations need square images, got {shape[0]}x{shape[1]}'
+      )
+
   def make_views(self, images):
-    # Quarter turns in the image plane; images are square (checked in make()).
+    # Quarter turns in the image plane; images are square (checked in check()).
     return jnp.stack([jnp.rot90(images, k, axes=(1, 2)) for k in range(NUM_ROTATIONS)], axis=1)
 
   def _head_names(self, views):
@@ -82,30 +91,3 @@ class LSSKD(terms.LossTerm):
         for k, s in zip(names, head_logits)
     }
     return terms.TermOutput(loss, metrics=metrics)
-
-
-def make(settings, context):
-  if not context.num_stages:
-    raise errors.ConfigError('loss.lsskd: the model has no numbered stages to attach heads to')
-  shape = context.image_shape
-  if shape is not None and shape[0] != shape[1]:
-    raise errors.ConfigError(
-        f'loss.lsskd: rotations need square images, got {shape[0]}x' f'{shape[1]}'
-    )
-  check = lambda key, low, high: terms.check_range(
-      settings, key, low, high, 'lsskd', getattr(LSSKD, key)
-  )
-  return LSSKD(
-      num_classes=context.num_classes,
-      num_stages=context.num_stages,
-      weight=float(settings.weight),
-      temperature=check('temperature', 1e-3, 1e3),
-      pairing=terms.check_choice(settings, 'pairing', ('deepest', 'adjacent'), 'lsskd', 'deepest'),
-      head_ce_weight=check('head_ce_weight', 0, 1e3),
-      head_kd_weight=check('head_kd_weight', 0, 1e3),
-      main_kd_weight=check('main_kd_weight', 0, 1e3),
-      aggregation=terms.check_choice(
-          settings, 'aggregation', ('matched', 'sum'), 'lsskd', 'matched'
-      ),
-      feature_weight=check('feature_weight', 0, 1e3),
-  )

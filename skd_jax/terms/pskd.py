@@ -38,10 +38,18 @@ class PSKD(terms.LossTerm):
   num_classes: int
   num_epochs: int
   weight: float = 1.0
-  alpha_T: float = 0.8
-  storage: str = 'float32'
-  top_k: int = 5  # classes kept per row with storage 'top_k'
+  alpha_T: float = terms.setting(0.8, low=0, high=1)
+  storage: str = terms.setting('float32', choices=STORAGES)
+  # Classes kept per row with storage 'top_k', fewer than the classes (check).
+  top_k: int = terms.setting(5, low=1)
   name: str = 'pskd'
+
+  def check(self, context):
+    if self.storage == 'top_k' and self.top_k >= context.num_classes:
+      raise ConfigError(
+          f'loss.{self.name}.top_k: expected an integer in [1, {context.num_classes - 1}] '
+          f'(fewer than the {context.num_classes} classes), got {self.top_k!r}'
+      )
 
   def init_rows(self, labels):
     if self.storage != 'top_k':
@@ -75,23 +83,3 @@ class PSKD(terms.LossTerm):
     loss = losses.pskd_cross_entropy(inputs.logits, inputs.one_hot, self.decode(rows), alpha=alpha)
     new_rows = self.encode(jax.lax.stop_gradient(jax.nn.softmax(inputs.logits.astype(jnp.float32))))
     return terms.TermOutput(loss, rows=new_rows, metrics={'pskd/alpha': alpha})
-
-
-def make(settings, context):
-  storage = terms.check_choice(settings, 'storage', STORAGES, 'pskd', 'float32')
-  top_k = settings.get('top_k', PSKD.top_k)
-  if storage == 'top_k' and not (
-      isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k < context.num_classes
-  ):
-    raise ConfigError(
-        f'loss.pskd.top_k: expected an integer in [1, {context.num_classes - 1}] '
-        f'(fewer than the {context.num_classes} classes), got {top_k!r}'
-    )
-  return PSKD(
-      num_classes=context.num_classes,
-      num_epochs=context.num_epochs,
-      weight=float(settings.weight),
-      alpha_T=terms.check_range(settings, 'alpha_T', 0, 1, 'pskd'),
-      storage=storage,
-      top_k=top_k,
-  )

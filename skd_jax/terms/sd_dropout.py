@@ -15,7 +15,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from skd_jax import errors
 from skd_jax import losses
 from skd_jax import terms
 
@@ -30,8 +29,8 @@ class SDDropout(terms.LossTerm):
   """``weight * T^2 [KL(q^v || q^u) + KL(q^u || q^v)]`` on two dropped copies; weight is lambda."""
 
   weight: float = 0.1
-  rate: float = 0.5
-  temperature: float = 3.0
+  rate: float = terms.setting(0.5, low=0, high=0.99)
+  temperature: float = terms.setting(3.0, low=1e-3, high=1e3)
   stop_gradient: bool = False
   name: str = 'sd_dropout'
 
@@ -45,21 +44,3 @@ class SDDropout(terms.LossTerm):
             logits_u, logits_v, temperature=self.temperature, stop_gradient=self.stop_gradient
         )
     )
-
-
-def make(settings, context):
-  del context
-  stop_gradient = settings.get('stop_gradient', False)
-  if not isinstance(stop_gradient, bool):
-    raise errors.ConfigError(
-        f'loss.sd_dropout.stop_gradient: expected True or False, got {stop_gradient!r}'
-    )
-  check = lambda key, low, high: terms.check_range(
-      settings, key, low, high, 'sd_dropout', getattr(SDDropout, key)
-  )
-  return SDDropout(
-      weight=float(settings.weight),
-      rate=check('rate', 0, 0.99),
-      temperature=check('temperature', 1e-3, 1e3),
-      stop_gradient=stop_gradient,
-  )

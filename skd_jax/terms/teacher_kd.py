@@ -19,7 +19,7 @@ class TeacherKD(terms.LossTerm):
   """``weight * T^2 KL(softmax(z_teacher/T) || softmax(z/T))``; weight is alpha."""
 
   weight: float = 0.9
-  temperature: float = 4.0
+  temperature: float = terms.setting(4.0, low=1e-3, high=1e3)
   name: str = 'teacher_kd'
   forwards = (terms.Forward('teacher', network='teacher'),)
 
@@ -28,13 +28,3 @@ class TeacherKD(terms.LossTerm):
     return terms.TermOutput(
         losses.distillation_kl(inputs.logits, teacher.logits, temperature=self.temperature)
     )
-
-
-def make(settings, context):
-  del context
-  return TeacherKD(
-      weight=float(settings.weight),
-      temperature=terms.check_range(
-          settings, 'temperature', 1e-3, 1e3, 'teacher_kd', TeacherKD.temperature
-      ),
-  )

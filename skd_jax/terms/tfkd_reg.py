@@ -18,8 +18,8 @@ class TFKDReg(terms.LossTerm):
   """``weight * KL(softmax(u / T) || softmax(z))``, ``u`` = ``a`` on ``y``, ``(1-a)/(C-1)`` else."""
 
   weight: float = 0.1
-  correct_prob: float = 0.99
-  temperature: float = 20.0
+  correct_prob: float = terms.setting(0.99, low=0, high=1)
+  temperature: float = terms.setting(20.0, low=1e-3, high=1e3)
   name: str = 'tfkd_reg'
 
   def __call__(self, inputs, rows=None, carry=None):
@@ -31,15 +31,3 @@ class TFKDReg(terms.LossTerm):
             temperature=self.temperature,
         )
     )
-
-
-def make(settings, context):
-  del context
-  check = lambda key, low, high: terms.check_range(
-      settings, key, low, high, 'tfkd_reg', getattr(TFKDReg, key)
-  )
-  return TFKDReg(
-      weight=float(settings.weight),
-      correct_prob=check('correct_prob', 0, 1),
-      temperature=check('temperature', 1e-3, 1e3),
-  )

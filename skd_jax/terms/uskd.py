@@ -28,7 +28,7 @@ class USKD(terms.LossTerm):
   """``weight * uskd_loss(z, w, y)`` with ``w = inputs.outputs['uskd']``, the weak head.
 
   ``stage`` None means the backbone's second-to-last stage (the official ``fea_s[-2]``: stage 3
-  of a ResNet-18); :func:`make` resolves it. ``group_size`` 0 takes the mean of the target term
+  of a ResNet-18); :meth:`check` resolves it. ``group_size`` 0 takes the mean of the target term
   over the whole (global) batch; the official code takes it over each GPU's batch (16 images in
   its CIFAR-100 runs on 8 GPUs): set 16 to reproduce that on any number of devices. ``rank_mix``
   ``'probs'`` ranks with the final head's probabilities instead of the official log-probabilities.
@@ -36,13 +36,31 @@ class USKD(terms.LossTerm):
 
   num_classes: int
   weight: float = 1.0
-  alpha: float = 0.1
-  beta: float = 0.1
-  mu: float = 0.1
-  stage: int | None = None
-  group_size: int = 0
-  rank_mix: str = 'official'
+  alpha: float = terms.setting(0.1, low=0, high=1e3)
+  beta: float = terms.setting(0.1, low=0, high=1e3)
+  mu: float = terms.setting(0.1, low=0, high=1e3)
+  stage: int | None = terms.setting(None, low=1)  # at most the backbone's stages (check)
+  group_size: int = terms.setting(0, low=0)  # a divisor of the batch size (check)
+  rank_mix: str = terms.setting('official', choices=('official', 'probs'))
   name: str = 'uskd'
+
+  def check(self, context):
+    if not context.num_stages:
+      raise errors.ConfigError(
+          f'loss.{self.name}: the model has no numbered stages to attach the head to'
+      )
+    stage = max(context.num_stages - 1, 1) if self.stage is None else self.stage
+    if stage > context.num_stages:
+      raise errors.ConfigError(
+          f'loss.{self.name}.stage: expected an integer in [1, {context.num_stages}], got {stage!r}'
+      )
+    size = self.group_size
+    if size and context.batch_size % size:
+      raise errors.ConfigError(
+          f'loss.{self.name}.group_size: {size} does not divide the batch size '
+          f'{context.batch_size}'
+      )
+    return dataclasses.replace(self, stage=stage)
 
   def heads(self):
     return (terms.HeadRequest(self.name, self.stage, 'linear', self.num_classes),)
@@ -62,37 +80,3 @@ class USKD(terms.LossTerm):
     )
     top1 = 100.0 * (jnp.argmax(weak, -1) == inputs.labels).astype(jnp.float32)
     return terms.TermOutput(loss, metrics={'uskd/top1': top1})
-
-
-def _integer(settings, key, default, low, high):
-  value = settings.get(key, default)
-  if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-    raise errors.ConfigError(
-        f'loss.uskd.{key}: expected an integer in [{low}, {high}], got {value!r}'
-    )
-  return value
-
-
-def make(settings, context):
-  if not context.num_stages:
-    raise errors.ConfigError('loss.uskd: the model has no numbered stages to attach the head to')
-  stage = settings.get('stage', None)
-  if stage is None:
-    stage = max(context.num_stages - 1, 1)
-  stage = _integer({'stage': stage}, 'stage', None, 1, context.num_stages)
-  group_size = _integer(settings, 'group_size', 0, 0, context.batch_size)
-  if group_size and context.batch_size % group_size:
-    raise errors.ConfigError(
-        f'loss.uskd.group_size: {group_size} does not divide the batch size {context.batch_size}'
-    )
-  check = lambda key: terms.check_range(settings, key, 0, 1e3, 'uskd', getattr(USKD, key))
-  return USKD(
-      num_classes=context.num_classes,
-      weight=float(settings.weight),
-      alpha=check('alpha'),
-      beta=check('beta'),
-      mu=check('mu'),
-      stage=stage,
-      group_size=group_size,
-      rank_mix=terms.check_choice(settings, 'rank_mix', ('official', 'probs'), 'uskd', 'official'),
-  )

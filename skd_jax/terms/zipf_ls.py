@@ -39,8 +39,8 @@ class ZipfLS(terms.LossTerm):
   """``weight * KL(zipf(rank(votes)) || softmax(z without the label))``; weight is lambda."""
 
   weight: float = 0.1
-  upsample: str = 'bilinear'
-  power: float = 1.0
+  upsample: str = terms.setting('bilinear', choices=UPSAMPLES)
+  power: float = terms.setting(1.0, low=0, high=10)
   name: str = 'zipf_ls'
 
   def __call__(self, inputs, rows=None, carry=None):
@@ -53,12 +53,3 @@ class ZipfLS(terms.LossTerm):
     return terms.TermOutput(
         loss, metrics={'zipf_ls/label_votes_first': label_first.astype(jnp.float32)}
     )
-
-
-def make(settings, context):
-  del context
-  return ZipfLS(
-      weight=float(settings.weight),
-      upsample=terms.check_choice(settings, 'upsample', UPSAMPLES, 'zipf_ls', ZipfLS.upsample),
-      power=terms.check_range(settings, 'power', 0, 10, 'zipf_ls', ZipfLS.power),
-  )

@@ -11,13 +11,19 @@ the loss is ``max(0, tau - H(p_i)) - tau`` (``-H`` below the threshold, ``-tau``
 gradient is zero).
 
   config.loss.confidence_penalty = dict(module='skd_plugins.confidence_penalty', weight=0.1)
+
+The module defines one ``terms.LossTerm`` dataclass and no ``make``: skd_jax builds it from the
+config's settings, checked against their declarations (``terms.setting``), and calls its
+``check`` with the run's context.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from skd_jax import errors
 from skd_jax import terms
 
 
@@ -32,8 +38,16 @@ class ConfidencePenalty(terms.LossTerm):
   """``weight * (-H(softmax(z)))`` per example, or its thresholded form (module docstring)."""
 
   weight: float = 0.1
-  threshold: float = 0.0
+  threshold: float = terms.setting(0.0, low=0)  # at most log C, the most entropy (check)
   name: str = 'confidence_penalty'
+
+  def check(self, context):
+    """What depends on the run: no distribution of C classes has more entropy than log C."""
+    limit = math.log(context.num_classes)
+    if self.threshold > limit:
+      raise errors.ConfigError(
+          f'loss.{self.name}.threshold: expected a number in [0, {limit}], got {self.threshold!r}'
+      )
 
   def __call__(self, inputs, rows=None, carry=None):
     h = entropy(inputs.logits)
@@ -41,14 +55,3 @@ class ConfidencePenalty(terms.LossTerm):
     if self.threshold > 0:
       loss = jnp.maximum(0.0, self.threshold - h) - self.threshold
     return terms.TermOutput(loss, metrics={f'{self.name}/entropy': h})
-
-
-def make(settings, context):
-  """The term from its config settings (``weight``, ``threshold``) and the run's context."""
-  limit = float(jnp.log(context.num_classes))  # no distribution has more entropy
-  return ConfidencePenalty(
-      weight=float(settings.weight),
-      threshold=terms.check_range(
-          settings, 'threshold', 0, limit, 'confidence_penalty', default=0.0
-      ),
-  )
