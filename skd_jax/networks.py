@@ -71,7 +71,7 @@ class Networks:
 
   def __init__(
       self,
-      spec: export.ModelSpec,
+      spec: models.ModelSpec,
       head_requests: dict[str, tuple[Any, ...]],
       *,
       ema_max_decay: float | None = None,

@@ -36,8 +36,8 @@ from skd_jax import checkpoints as checkpoints_lib
 from skd_jax import config_lib
 from skd_jax import data as data_lib
 from skd_jax import evaluation
-from skd_jax import export
 from skd_jax import mesh as mesh_lib
+from skd_jax import models as models_lib
 from skd_jax import networks as networks_lib
 from skd_jax import optim as optim_lib
 from skd_jax import preemption
@@ -135,7 +135,7 @@ def build_job(config: ml_collections.ConfigDict, devices=None, check_data=None) 
       num_classes,
   )
   options = {k: v for k, v in config.model.items() if k not in ('name', 'dtype', 'module')}
-  spec = export.ModelSpec(
+  spec = models_lib.ModelSpec(
       name=config.model.name,
       options={'dtype': config.model.dtype, **options},
       num_classes=num_classes,

@@ -13,6 +13,7 @@ from skd_jax.losses._byot import byot_loss
 from skd_jax.losses._compact import compress_top_k
 from skd_jax.losses._compact import expand_top_k
 from skd_jax.losses._compact import index_dtype
+from skd_jax.losses._dks import dks_loss
 from skd_jax.losses._distillation import aggregate_joint_logits
 from skd_jax.losses._distillation import distillation_kl
 from skd_jax.losses._distillation import drg_loss
@@ -43,6 +44,7 @@ __all__ = [
     'compress_top_k',
     'dense_class_votes',
     'distillation_kl',
+    'dks_loss',
     'drg_loss',
     'dsr_loss',
     'expand_top_k',

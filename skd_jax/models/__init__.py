@@ -18,6 +18,10 @@ convention; its final Dense layer must be named `'head'` for the terms that appl
 features (SD-Dropout), `'feature_map'` (the map pooled into `'features'`) only by terms that
 classify every location (Zipf's LS), and numbered stages (`num_stages`) only by terms that attach
 heads to them.
+
+`ModelSpec` (`spec`) names one model with its options, classes, input shape and input
+normalisation: what the trainer builds, `skd_jax.networks` instantiates and `skd_jax.export` stores
+beside the variables.
 """
 
 import inspect
@@ -44,6 +48,7 @@ from skd_jax.models.resnet import ResNet
 from skd_jax.models.resnet import resnet152
 from skd_jax.models.resnet import resnet50
 from skd_jax.models.resnet import small_resnet
+from skd_jax.models.spec import ModelSpec
 
 # Name -> constructor taking keyword arguments `num_classes`, `dtype` and any
 # architecture options.
@@ -138,6 +143,7 @@ __all__ = [
     'ImageNetResNet',
     'LinearHead',
     'MODELS',
+    'ModelSpec',
     'PreActBlock',
     'PreActResNet',
     'ResNet',
