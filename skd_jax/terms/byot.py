@@ -19,17 +19,16 @@ maps where ours compares pooled features.
 """
 
 import dataclasses
-import re
 
 import jax.numpy as jnp
 
-from skd_jax import errors
 from skd_jax import losses
 from skd_jax import terms
+from skd_jax.terms import _branches
 
 
 @dataclasses.dataclass(frozen=True)
-class BYOT(terms.LossTerm):
+class BYOT(_branches.StageBranches, terms.LossTerm):
   """``weight * byot_loss(z, [z_1 .. z_K], y)`` with heads ``byot<i>`` on ``stage<i>``."""
 
   num_classes: int
@@ -43,31 +42,8 @@ class BYOT(terms.LossTerm):
   first_stage: int = terms.setting(1, low=1)  # and below the backbone's last stage (check)
   name: str = 'byot'
 
-  def check(self, context):
-    if not context.num_stages or context.num_stages < 2:
-      raise errors.ConfigError(
-          f'loss.{self.name}: the model needs at least 2 numbered stages for heads'
-      )
-    if self.first_stage >= context.num_stages:
-      raise errors.ConfigError(
-          f'loss.{self.name}.first_stage: expected an integer in [1, {context.num_stages - 1}], '
-          f'got {self.first_stage!r}'
-      )
-
-  def heads(self):
-    # One head per shallow stage; the deepest classifier is the student's own.
-    return tuple(
-        terms.HeadRequest(f'{self.name}{i}', i, 'later_stages', self.num_classes)
-        for i in range(self.first_stage, self.num_stages)
-    )
-
-  def _head_names(self, outputs):
-    pattern = re.compile(rf'{re.escape(self.name)}(\d+)')
-    found = [(int(m.group(1)), k) for k in outputs if (m := pattern.fullmatch(k))]
-    return [k for _, k in sorted(found)]
-
   def __call__(self, inputs, rows=None, carry=None):
-    names = self._head_names(inputs.outputs)
+    names = self.branch_names(inputs.outputs)
     head_logits = [inputs.outputs[k] for k in names]
     use_features = bool(self.feature_weight)
     loss = losses.byot_loss(

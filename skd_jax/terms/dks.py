@@ -19,43 +19,30 @@ last stage of twice the width. The authors' KL smooths both distributions by 1e-
 """
 
 import dataclasses
-import re
 
 import jax.numpy as jnp
 
-from skd_jax import errors
 from skd_jax import losses
 from skd_jax import terms
+from skd_jax.terms import _branches
 
 
 @dataclasses.dataclass(frozen=True)
-class DKS(terms.LossTerm):
+class DKS(_branches.StageBranches, terms.LossTerm):
   """``weight * dks_loss(z, [z_1 .. z_K], y)`` with branches ``dks<i>`` on ``stage<i>``."""
 
   num_classes: int
   num_stages: int
   weight: float = 1.0
-  temperature: float = 4.0
+  temperature: float = terms.setting(4.0, low=1e-3, high=1e3)
   t2_scaling: bool = True
-  synergy_weight: float = 1.0
-  epsilon: float = 0.0
-  first_stage: int = 1
+  synergy_weight: float = terms.setting(1.0, low=0, high=1e3)
+  epsilon: float = terms.setting(0.0, low=0, high=1e-2)
+  first_stage: int = terms.setting(1, low=1)  # and below the backbone's last stage (check)
   name: str = 'dks'
 
-  def heads(self):
-    # One branch per shallow stage; the final classifier is the student's own.
-    return tuple(
-        terms.HeadRequest(f'{self.name}{i}', i, 'later_stages', self.num_classes)
-        for i in range(self.first_stage, self.num_stages)
-    )
-
-  def _head_names(self, outputs):
-    pattern = re.compile(rf'{re.escape(self.name)}(\d+)')
-    found = [(int(m.group(1)), k) for k in outputs if (m := pattern.fullmatch(k))]
-    return [k for _, k in sorted(found)]
-
   def __call__(self, inputs, rows=None, carry=None):
-    names = self._head_names(inputs.outputs)
+    names = self.branch_names(inputs.outputs)
     head_logits = [inputs.outputs[k] for k in names]
     loss = losses.dks_loss(
         inputs.logits,
@@ -71,30 +58,3 @@ class DKS(terms.LossTerm):
         for k, z in zip(names, head_logits)
     }
     return terms.TermOutput(loss, metrics=metrics)
-
-
-def make(settings, context):
-  if not context.num_stages or context.num_stages < 2:
-    raise errors.ConfigError('loss.dks: the model needs at least 2 numbered stages for branches')
-  first = settings.get('first_stage', 1)
-  if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first < context.num_stages:
-    raise errors.ConfigError(
-        f'loss.dks.first_stage: expected an integer in [1, {context.num_stages - 1}], '
-        f'got {first!r}'
-    )
-  t2 = settings.get('t2_scaling', True)
-  if not isinstance(t2, bool):
-    raise errors.ConfigError(f'loss.dks.t2_scaling: expected True or False, got {t2!r}')
-  check = lambda key, low, high: terms.check_range(
-      settings, key, low, high, 'dks', getattr(DKS, key)
-  )
-  return DKS(
-      num_classes=context.num_classes,
-      num_stages=context.num_stages,
-      weight=float(settings.weight),
-      temperature=check('temperature', 1e-3, 1e3),
-      t2_scaling=t2,
-      synergy_weight=check('synergy_weight', 0, 1e3),
-      epsilon=check('epsilon', 0, 1e-2),
-      first_stage=first,
-  )
