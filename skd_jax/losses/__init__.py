@@ -7,6 +7,8 @@ Flax modules, TFDS, TensorFlow or orbax, so the functions drop into any JAX code
   per_example = losses.pskd_cross_entropy(logits, one_hot, history_rows, alpha=0.4)
 """
 
+from skd_jax.losses._adversarial import adversarial_loss
+from skd_jax.losses._adversarial import discriminator_loss
 from skd_jax.losses._bake import bake_loss
 from skd_jax.losses._bake import bake_targets
 from skd_jax.losses._byot import byot_loss
@@ -35,6 +37,7 @@ from skd_jax.losses._zipf import zipf_ls_loss
 from skd_jax.losses._zipf import zipf_targets
 
 __all__ = [
+    'adversarial_loss',
     'aggregate_joint_logits',
     'bake_loss',
     'bake_targets',
@@ -42,6 +45,7 @@ __all__ = [
     'byot_loss',
     'compress_top_k',
     'dense_class_votes',
+    'discriminator_loss',
     'distillation_kl',
     'drg_loss',
     'dsr_loss',
