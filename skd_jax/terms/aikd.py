@@ -117,7 +117,7 @@ def make(settings, context):
   hidden = tuple(settings.get('hidden', AIKD.hidden))
   if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
     raise ConfigError(
-        f'loss.aikd.hidden: expected a tuple of positive integers (the discriminator\'s hidden '
+        f"loss.aikd.hidden: expected a tuple of positive integers (the discriminator's hidden "
         f'widths), got {settings.get("hidden")!r}'
     )
   check = lambda key, low, high: terms.check_range(
