@@ -9,6 +9,8 @@ from jax import test_util as jtu
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
@@ -18,6 +20,7 @@ from skd_jax import checkpoints
 from skd_jax import export
 from skd_jax import losses
 from skd_jax import preemption
+from skd_jax import state as state_lib
 from skd_jax import terms
 from skd_jax import train
 from skd_jax.errors import ConfigError
@@ -183,6 +186,36 @@ def test_a_term_with_parameters_needs_an_optimizer_and_settings_are_checked():
     config = ml_collections.ConfigDict({'aikd': dict(weight=0.1, **setting)})
     with pytest.raises(ConfigError, match=message):
       terms.build(config, context)
+
+
+def test_a_checkpoint_saved_before_terms_had_parameters_still_restores(tmp_path):
+  state = state_lib.TrainState.create(
+      apply_fn=None,
+      params={'w': jnp.arange(3.0)},
+      tx=optax.sgd(0.1, momentum=0.9),
+      batch_stats={},
+      rows={},
+      carry={'pskd': None},
+      ema={},
+      term_params={},
+      term_opt_state={},
+  )
+  state = jax.tree.map(jnp.asarray, state)
+  older = ocp.tree.serialize_tree(state, keep_empty_nodes=True)
+  del older['term_params'], older['term_opt_state']  # what the previous version saved
+  saved = checkpoints.Checkpoints(tmp_path / 'c', tmp_path / 'broken', keep=2)
+  saved.save(3, older, {})
+  saved.close()
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state
+  )
+  restoring = checkpoints.Checkpoints(tmp_path / 'c', tmp_path / 'broken', keep=2)
+  step, restored, _ = restoring.restore(abstract)
+  restoring.close()
+  assert step == 3 and restored.term_params == {} and restored.term_opt_state == {}
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  assert not (tmp_path / 'broken').exists()
 
 
 # --- In the trainer ---------------------------------------------------------------------------
