@@ -3,9 +3,10 @@
 :class:`TrainState` holds everything a run continues from (``skd_jax.checkpoints`` saves it
 whole): the student's parameters and optimizer state, BatchNorm statistics, the terms' per-example
 rows (sharded along ``data`` by example, ``skd_jax.example_rows``) and step-to-step carry, the
-EMA copy, and the parameters that terms train themselves with their optimizer states. :func:`init_state` creates it with its final shardings, :func:`abstract_init_state`
-gives its shapes without computing it, and :func:`train_step` is one SGD step on the global
-batch, compiled by ``skd_jax.train.build_job``. The run's PRNG key is an argument of both, so
+EMA copy, and the parameters that terms train themselves with their optimizer states.
+:func:`init_state` creates it with its final shardings, :func:`abstract_init_state` gives its
+shapes without computing it, and :func:`train_step` is one SGD step on the global batch,
+compiled by ``skd_jax.train.build_job``. The run's PRNG key is an argument of both, so
 every seed shares one compiled program.
 """
 
