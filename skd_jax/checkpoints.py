@@ -127,6 +127,22 @@ def _misfit(saved: dict[str, str], wanted: dict[str, str]) -> str | None:
   return None
 
 
+def _restore_target(saved_tree, abstract_state) -> tuple[Any, list[str]]:
+  """What to restore a checkpoint onto, and the state's fields it lacks.
+
+  A checkpoint saved before a field of the state was added (``term_params``, say) lacks that
+  field; where the field is empty in this run (no array: the :func:`_layout` check has passed),
+  the checkpoint is restored without it and the field is added back empty.
+  """
+  wanted = ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True)
+  if not isinstance(wanted, dict) or not hasattr(saved_tree, 'keys'):
+    return abstract_state, []
+  missing = [k for k, v in wanted.items() if k not in saved_tree and isinstance(v, dict) and not v]
+  if not missing:
+    return abstract_state, []
+  return {k: v for k, v in wanted.items() if k not in missing}, missing
+
+
 class Checkpoints:
   """The checkpoints of one run (see the module docstring)."""
 
@@ -199,7 +215,8 @@ class Checkpoints:
     wanted = _layout(abstract_state)
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        saved = _layout(self._metadata.metadata(self.directory / str(step) / 'state').tree)
+        saved_tree = self._metadata.metadata(self.directory / str(step) / 'state').tree
+        saved = _layout(saved_tree)
       except Exception as e:  # pylint: disable=broad-except
         self._move_aside(step, f'has no readable metadata ({_cause(e)})')
         continue
@@ -210,21 +227,27 @@ class Checkpoints:
             'saved with another config, training set or number of devices; resume as it was '
             'saved or use a new --workdir'
         )
+      target, missing = _restore_target(saved_tree, abstract_state)
       try:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
             ),
         )
+        state = restored.state
+        if missing:
+          state = ocp.tree.deserialize_tree(
+              {**state, **{k: {} for k in missing}}, abstract_state, keep_empty_nodes=True
+          )
       except Exception as e:  # pylint: disable=broad-except
         reason = f'does not restore ({_cause(e)})'
       else:
-        reason = verify(restored.state, (restored.meta or {}).get('fingerprint'))
+        reason = verify(state, (restored.meta or {}).get('fingerprint'))
       if reason is None:
         meta = dict(restored.meta)
         meta.pop('fingerprint')
-        return step, restored.state, meta
+        return step, state, meta
       self._move_aside(step, reason)
     return None
 

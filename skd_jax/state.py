@@ -2,13 +2,15 @@
 
 :class:`TrainState` holds everything a run continues from (``skd_jax.checkpoints`` saves it
 whole): the student's parameters and optimizer state, BatchNorm statistics, the terms' per-example
-rows (sharded along ``data`` by example, ``skd_jax.example_rows``) and step-to-step carry, and
-the EMA copy. :func:`init_state` creates it with its final shardings, :func:`abstract_init_state`
-gives its shapes without computing it, and :func:`train_step` is one SGD step on the global
-batch, compiled by ``skd_jax.train.build_job``. The run's PRNG key is an argument of both, so
+rows (sharded along ``data`` by example, ``skd_jax.example_rows``) and step-to-step carry, the
+EMA copy, and the parameters that terms train themselves with their optimizer states.
+:func:`init_state` creates it with its final shardings, :func:`abstract_init_state` gives its
+shapes without computing it, and :func:`train_step` is one SGD step on the global batch,
+compiled by ``skd_jax.train.build_job``. The run's PRNG key is an argument of both, so
 every seed shares one compiled program.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -24,6 +26,7 @@ from skd_jax import terms as terms_lib
 from skd_jax.data import sources
 
 _TERMS = 3  # fold-in constant of the terms' PRNG stream (skd_jax.data.sources uses 1, 2, 4-6)
+_TERM_PARAMS = 7  # fold-in constant of the key that initialises the terms' own parameters
 
 
 class TrainState(flax.training.train_state.TrainState):
@@ -32,12 +35,19 @@ class TrainState(flax.training.train_state.TrainState):
   ``params`` and ``batch_stats`` hold the backbone under ``'backbone'`` and each training-only
   head under its name; ``ema`` is the EMA copy of the backbone, if a term keeps one
   (``skd_jax.networks``).
+
+  ``term_params`` and ``term_opt_state`` are the parameters that terms train themselves (AI-KD's
+  discriminator) and their optimizer states, by term name, replicated. The student's ``tx``
+  never sees them: they have no part in its gradient, weight decay or gradient norm, and the
+  export (the backbone) never holds them.
   """
 
   batch_stats: Any
   rows: dict[str, Any]  # term name -> pytree of per-example tables, sharded along examples
   carry: dict[str, Any]  # term name -> step-to-step state, replicated or sharded with the batch
   ema: dict[str, Any]  # {'params', 'batch_stats'} of the backbone's EMA copy, or {}
+  term_params: dict[str, Any]  # term name -> parameters the term trains itself
+  term_opt_state: dict[str, Any]  # term name -> their optimizer state
 
 
 def _initializers(networks: networks_lib.Networks, tx, method: terms_lib.Combined, mesh):
@@ -53,12 +63,15 @@ def _initializers(networks: networks_lib.Networks, tx, method: terms_lib.Combine
   @functools.partial(jax.jit, out_shardings=replicated)
   def model(key):
     variables = networks.init(jax.random.fold_in(key, 0))
+    term_params = method.init_params(jax.random.fold_in(key, _TERM_PARAMS))
     return TrainState.create(
         apply_fn=networks.student.apply,
         tx=tx,
         rows={},
         carry={},
         ema=networks.init_ema(variables['params'], variables['batch_stats']),
+        term_params=term_params,
+        term_opt_state=method.init_opt_state(term_params),
         **variables,
     )
 
@@ -148,6 +161,12 @@ def train_step(
   the training top-1 (%) of the final head, the learning rate and the gradient norm, all averaged
   over the batch's real examples, plus ``finite``: whether the updated parameters and BatchNorm
   statistics are all finite.
+
+  Terms with parameters of their own (``state.term_params``): the student's loss reads them as
+  they were before this step, as constants; after the student's update each term takes one step
+  of its own optimizer on its objective (``objective/<term>``, measured before that step) over
+  the same forward pass's outputs under ``stop_gradient``, i.e. the student's outputs before its
+  update. Both players thus move from the same point, each with its own gradient.
   """
   step = state.step
   main = batch['main']
@@ -156,6 +175,7 @@ def train_step(
   average = lambda v: jnp.sum(weights * v) if jnp.ndim(v) else v
   # Views are built per example and laid out example-major, so they stay on the example's device.
   views = jax.lax.with_sharding_constraint(method.views(main.images), mesh_lib.sharded(mesh))
+  terms_key = sources.step_key(key, _TERMS, step)
 
   def loss_fn(params):
     logits, outputs, passes, batch_stats = networks.forward(
@@ -169,16 +189,19 @@ def train_step(
         num_views=method.num_views,
         valid=main.valid,
         passes=passes,
-        key=sources.step_key(key, _TERMS, step),
+        key=terms_key,
         classify=functools.partial(networks.classify, params),
     )
-    out = method(inputs, rows, state.carry)
+    out = method(inputs, rows, state.carry, state.term_params)
     measured = {f'loss/{name}': average(v) for name, v in out.losses.items()}
     measured.update({k: average(v) for k, v in out.metrics.items()})
     measured['top1'] = 100.0 * average(jnp.argmax(inputs.logits, -1) == main.labels)
-    return average(out.loss), (batch_stats, out.rows, out.carry, measured)
+    # What the terms' own objectives see: the same pass, without gradient (and without the
+    # classifier, a closure over the student's parameters).
+    seen = jax.lax.stop_gradient(dataclasses.replace(inputs, key=None, classify=None))
+    return average(out.loss), (batch_stats, out.rows, out.carry, measured, seen)
 
-  (loss, (batch_stats, new_rows, carry, measured)), grads = jax.value_and_grad(
+  (loss, (batch_stats, new_rows, carry, measured, seen)), grads = jax.value_and_grad(
       loss_fn, has_aux=True
   )(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats, carry=carry)
@@ -186,8 +209,15 @@ def train_step(
       rows=example_rows.scatter(state.rows, main.index, new_rows, main.valid, mesh),
       ema=networks.update_ema(state.ema, state.params, state.batch_stats, step),
   )
+  if state.term_params:  # after the student's update, outside its gradient and optimizer
+    term_params, term_opt_state, objectives = method.update_params(
+        state.term_params, state.term_opt_state, dataclasses.replace(seen, key=terms_key)
+    )
+    state = state.replace(term_params=term_params, term_opt_state=term_opt_state)
+    measured.update(objectives)
   finite = jax.tree.leaves(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.params))
   finite += jax.tree.leaves(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.batch_stats))
+  finite += jax.tree.leaves(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.term_params))
   return state, {
       'loss': loss,
       'lr': schedule(step),

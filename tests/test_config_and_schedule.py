@@ -16,6 +16,7 @@ from skd_jax.errors import ConfigError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 CONFIGS = [
+    'aikd',
     'bake',
     'baseline',
     'beta_smoothing',

@@ -159,6 +159,10 @@ def _outside(spec):
     values += [below(spec.low)] if spec.low is not None else []
     values += [above(spec.high)] if spec.high is not None else []
     values += ['1', True, float('nan') if spec.kind is float else 2.0]
+  elif spec.kind is tuple:
+    values += [(spec.low - 1,)] if spec.low is not None else []
+    values += [(spec.high + 1,)] if spec.high is not None else []
+    values += [1, '1', (True,), (1.5,)]
   elif spec.kind is bool:
     values += [1, 'True']
   elif spec.kind is str:

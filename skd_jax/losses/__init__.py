@@ -7,6 +7,8 @@ Flax modules, TFDS, TensorFlow or orbax, so the functions drop into any JAX code
   per_example = losses.pskd_cross_entropy(logits, one_hot, history_rows, alpha=0.4)
 """
 
+from skd_jax.losses._adversarial import adversarial_loss
+from skd_jax.losses._adversarial import discriminator_loss
 from skd_jax.losses._bake import bake_loss
 from skd_jax.losses._bake import bake_targets
 from skd_jax.losses._byot import byot_loss
@@ -36,6 +38,7 @@ from skd_jax.losses._zipf import zipf_ls_loss
 from skd_jax.losses._zipf import zipf_targets
 
 __all__ = [
+    'adversarial_loss',
     'aggregate_joint_logits',
     'bake_loss',
     'bake_targets',
@@ -43,6 +46,7 @@ __all__ = [
     'byot_loss',
     'compress_top_k',
     'dense_class_votes',
+    'discriminator_loss',
     'distillation_kl',
     'dks_loss',
     'drg_loss',

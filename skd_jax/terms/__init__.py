@@ -80,16 +80,31 @@ One step::
                                       v
                 Combined: sum_t weight_t * L_t,i  ->  mean over valid i  ->  grad
                                       |
-            optimizer update -> new rows scattered, carry, EMA update, measurements
+            optimizer update -> new rows scattered, carry, EMA update, measurements,
+            then each term's own parameters: one step of its optimizer on its objective
 
 :class:`Combined` sums weighted terms (``optax.chain``'s role for losses): it is what the trainer
 uses, and other JAX code can call it, or any single term, on plain arrays.
 
-Not yet provided: parameters a term trains with an optimizer of its own (AI-KD's discriminator).
-The intended shape: the term declares an ``optax`` transformation and initial parameters, the
-train state keeps them and their optimizer state under the term's name beside ``rows`` and
-``carry``, and the step differentiates the term's own objective with respect to them after the
-student's update, so nothing in the student's gradient or weight decay touches them.
+Parameters a term trains itself, with an optimizer of its own (AI-KD's discriminator,
+``skd_jax.terms.aikd``): the term overrides
+
+* :meth:`LossTerm.init_params` ``(key) -> pytree``: its initial parameters, from a PRNG key of its
+  own (derived from the run's seed and the term's name);
+* :meth:`LossTerm.optimizer` ``() -> optax.GradientTransformation``: how they are updated;
+* :meth:`LossTerm.objective` ``(params, inputs) -> [B]``: the per-example objective they
+  minimise, given the step's :class:`TermInputs` under ``stop_gradient`` (the student's outputs
+  and passes before its update; no ``classify``);
+
+and its ``__call__`` takes the keyword argument ``params``. The train state keeps the parameters
+and their optimizer state under the term's name (``TrainState.term_params`` and
+``term_opt_state``, replicated) and every checkpoint holds them; the export never does. In a
+step, the student's loss reads the parameters as they were before the step, as constants (no
+gradient of the student's loss reaches them); after the student's update, the trainer averages
+the term's objective over the batch's real examples, differentiates it with respect to the
+term's parameters alone and applies its optimizer (:meth:`Combined.update_params`; measured as
+``objective/<term>``, its value before the update). The student's optimizer, weight decay and
+gradient norm never see them.
 """
 
 # The public names, re-exported from the private modules that define them.

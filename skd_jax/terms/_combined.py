@@ -5,6 +5,8 @@ from typing import Any, Mapping, NamedTuple
 import zlib
 
 import jax
+import jax.numpy as jnp
+import optax
 
 from skd_jax.errors import ConfigError
 from skd_jax.terms._protocol import Forward
@@ -36,7 +38,8 @@ class CombinedOutput(NamedTuple):
 class Combined:
   """A weighted sum of loss terms: ``L_i = sum_t weight_t * L_t,i``.
 
-  Rows and carries are dicts keyed by term name. At most one term may add views of the batch;
+  Rows, carries and the terms' own parameters (and their optimizer states) are dicts keyed by term
+  name. At most one term may add views of the batch;
   every term then sees the same ``B * V`` forward pass. Forward passes of the same name are run
   once; EMA copies asked for by several terms must have the same decay.
   """
@@ -109,23 +112,72 @@ class Combined:
     """Initial carry of every term (None for terms without one), by term name."""
     return {t.name: t.init_carry() for t in self.terms}
 
+  def init_params(self, key: jax.Array) -> dict[str, Any]:
+    """Initial parameters of the terms that train their own, by term name.
+
+    Each term gets ``fold_in(key, crc32(name))``, so adding a term changes no other's draws.
+
+    Raises:
+      ValueError: a term with parameters declares no optimizer.
+    """
+    params = {t.name: t.init_params(_own_key(key, t.name)) for t in self.terms}
+    params = {k: v for k, v in params.items() if v is not None}
+    for term in self.terms:
+      if term.name in params and term.optimizer() is None:
+        raise ValueError(f'terms: {term.name} has parameters but no optimizer')
+    return params
+
+  def init_opt_state(self, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimizer state of every term's parameters (``init_params``' result), by term name."""
+    return {t.name: t.optimizer().init(params[t.name]) for t in self.terms if t.name in params}
+
+  def update_params(
+      self, params: Mapping[str, Any], opt_state: Mapping[str, Any], inputs: TermInputs
+  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, jax.Array]]:
+    """One optimizer step of every term's parameters on its objective.
+
+    The objective is ``term.objective(params, inputs)`` averaged over the batch's real examples
+    (``inputs.valid``); only the term's parameters are differentiated (``inputs`` should be under
+    ``stop_gradient``). Each term sees its own PRNG key, the one its ``__call__`` saw.
+
+    Returns:
+      The new parameters and optimizer states, and ``objective/<term>``: each objective's value
+      at the parameters before the update.
+    """
+    weights = inputs.valid.astype(jnp.float32) / jnp.sum(inputs.valid)
+    new_params, new_opt_state, measured = dict(params), dict(opt_state), {}
+    for term in self.terms:
+      if term.name not in params:
+        continue
+      own = _with_own_key(inputs, term.name)
+      objective = lambda p, term=term, own=own: jnp.sum(weights * term.objective(p, own))
+      value, grads = jax.value_and_grad(objective)(params[term.name])
+      updates, new_opt_state[term.name] = term.optimizer().update(
+          grads, opt_state[term.name], params[term.name]
+      )
+      new_params[term.name] = optax.apply_updates(params[term.name], updates)
+      measured[f'objective/{term.name}'] = value
+    return new_params, new_opt_state, measured
+
   def __call__(
       self,
       inputs: TermInputs,
       rows: Mapping[str, Any] | None = None,
       carry: Mapping[str, Any] | None = None,
+      params: Mapping[str, Any] | None = None,
   ) -> CombinedOutput:
-    """Calls every term with its own rows, carry and PRNG key; sums weighted losses."""
-    rows, carry = rows or {}, carry or {}
+    """Calls every term with its own rows, carry, PRNG key and parameters; sums weighted losses.
+
+    A term with parameters (a key of ``params``) receives them as ``params=``; they are
+    constants here: the student's gradient never reaches them.
+    """
+    rows, carry, params = rows or {}, carry or {}, params or {}
     total, per_term, new_rows, new_carry, metrics = 0.0, {}, {}, {}, {}
     for term in self.terms:
-      own = inputs
-      if inputs.key is not None:
-        own = dataclasses.replace(
-            inputs, key=jax.random.fold_in(inputs.key, zlib.crc32(term.name.encode()))
-        )
+      own = _with_own_key(inputs, term.name)
+      extra = {'params': params[term.name]} if term.name in params else {}
       try:
-        out = term(own, rows.get(term.name), carry.get(term.name))
+        out = term(own, rows.get(term.name), carry.get(term.name), **extra)
       except KeyError as e:  # at trace time: an output the model does not return
         missing = e.args[0] if e.args else None
         if not isinstance(missing, str) or missing in inputs.outputs:
@@ -141,3 +193,14 @@ class Combined:
       new_carry[term.name] = out.carry
       metrics.update(out.metrics)
     return CombinedOutput(total, per_term, new_rows, new_carry, metrics)
+
+
+def _own_key(key: jax.Array, name: str) -> jax.Array:
+  return jax.random.fold_in(key, zlib.crc32(name.encode()))
+
+
+def _with_own_key(inputs: TermInputs, name: str) -> TermInputs:
+  """``inputs`` with the term's own PRNG key (unchanged without a key)."""
+  if inputs.key is None:
+    return inputs
+  return dataclasses.replace(inputs, key=_own_key(inputs.key, name))

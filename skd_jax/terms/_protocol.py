@@ -6,6 +6,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 NETWORKS = ('student', 'ema', 'teacher')
 GROUPS = ('main', 'partner', 'previous')  # skd_jax.data.sources.GROUPS
@@ -181,7 +182,9 @@ class LossTerm(abc.ABC):
   that depend on the run; ``init_rows`` / ``init_carry`` (and ``carry_sharding``) for stateful
   terms; ``heads`` for terms that need auxiliary heads; ``num_views`` and ``make_views`` for terms
   that need extra views of each example; ``forwards`` for extra forward passes; ``ema_max_decay``
-  for an EMA copy of the student.
+  for an EMA copy of the student; ``init_params``, ``optimizer`` and ``objective`` for
+  parameters the term trains itself (a discriminator). A term with parameters receives them in
+  ``__call__`` as the keyword argument ``params``.
   """
 
   name: str
@@ -214,6 +217,27 @@ class LossTerm(abc.ABC):
   def heads(self) -> tuple[HeadRequest, ...]:
     """Training-only heads this term needs (built by ``skd_jax.networks``)."""
     return ()
+
+  def init_params(self, key: jax.Array) -> Any:
+    """Initial parameters this term trains itself (a pytree of float arrays), or None.
+
+    ``key`` is the term's own PRNG key, derived from the run's seed and the term's name.
+    """
+    del key
+    return None
+
+  def optimizer(self) -> optax.GradientTransformation | None:
+    """The optax transformation that updates the term's parameters (with ``init_params``)."""
+    return None
+
+  def objective(self, params: Any, inputs: TermInputs) -> jax.Array:
+    """The ``[B]`` per-example objective the term's parameters minimise (with ``init_params``).
+
+    ``inputs`` are the step's :class:`TermInputs` under ``jax.lax.stop_gradient`` (the student's
+    outputs before its update, without ``classify``); the trainer averages the objective over the
+    batch's real examples and differentiates it with respect to ``params`` alone.
+    """
+    raise NotImplementedError(f'{self.name}: a term with parameters must define objective()')
 
   def make_views(self, images: jax.Array) -> jax.Array:
     """``[B, num_views, ...]`` views of ``[B, ...]`` images; view 0 must be the images."""

@@ -63,8 +63,9 @@ class Setting:
 
   Attributes:
     default: what a config that omits the key gets (``dataclasses.MISSING``: required).
-    kind: ``bool``, ``int``, ``float`` or ``str`` from the field's annotation; None accepts any
-      value (an annotation of another type).
+    kind: ``bool``, ``int``, ``float`` or ``str`` from the field's annotation, or ``tuple`` for
+      ``tuple[int, ...]`` (integers, each within ``low`` and ``high``); None accepts any value
+      (an annotation of another type).
     optional: the annotation allows None (``int | None``).
     low: the smallest accepted number, or None.
     high: the largest accepted number, or None.
@@ -89,8 +90,8 @@ class Setting:
       text = 'one of ' + ', '.join(map(repr, self.choices))
     elif self.kind is bool:
       text = 'True or False'
-    elif self.kind in (int, float):
-      noun = 'an integer' if self.kind is int else 'a number'
+    elif self.kind in (int, float, tuple):
+      noun = {int: 'an integer', float: 'a number', tuple: 'a tuple of integers'}[self.kind]
       if self.low is not None and self.high is not None:
         text = f'{noun} in [{self.low}, {self.high}]'
       elif self.low is not None:
@@ -98,7 +99,7 @@ class Setting:
       elif self.high is not None:
         text = f'{noun} <= {self.high}'
       else:
-        text = noun if self.kind is int else 'a finite number'
+        text = 'a finite number' if self.kind is float else noun
     elif self.kind is str:
       text = 'a string'
     else:
@@ -114,6 +115,17 @@ class Setting:
     if value is None and self.optional:
       return None
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if self.kind is tuple:  # integers, each in range
+      ok = isinstance(value, (tuple, list)) and all(
+          isinstance(v, int)
+          and not isinstance(v, bool)
+          and (self.low is None or v >= self.low)
+          and (self.high is None or v <= self.high)
+          for v in value
+      )
+      if not ok:
+        raise ConfigError(f'{field}: expected {self.expectation()}, got {value!r}')
+      return tuple(value)
     if self.kind is bool:
       ok = isinstance(value, bool)
     elif self.kind is int:
@@ -165,6 +177,8 @@ def _kind(annotation: Any) -> tuple[type | None, bool]:
     optional = type(None) in args
     rest = [a for a in args if a is not type(None)]
     annotation = rest[0] if len(rest) == 1 else None
+  if typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (int, ...):
+    return tuple, optional
   return (annotation if annotation in _KINDS else None), optional
 
 
