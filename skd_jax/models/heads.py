@@ -268,9 +268,7 @@ def build_head(backbone: nn.Module, request: Any, *, term: str) -> Head:
       isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= num_stages for i in stages
   ):
     shown = stages[0] if len(stages) == 1 else stages
-    raise ConfigError(
-        f'loss.{term}.{field}: expected a stage in 1..{num_stages}, got {shown}'
-    )
+    raise ConfigError(f'loss.{term}.{field}: expected a stage in 1..{num_stages}, got {shown}')
   try:
     module = builder(backbone, request)
   except ConfigError as e:
@@ -314,7 +312,7 @@ def _named_outputs(name: str, result: Any) -> Dict[str, Array]:
   """A head's result as `{'logits': ..., key: ...}`."""
   if isinstance(result, dict):
     if 'logits' not in result:
-      raise ValueError(f'heads: head {name!r} returned a dict without \'logits\'')
+      raise ValueError(f"heads: head {name!r} returned a dict without 'logits'")
     return dict(result)
   logits, features = result
   return {'logits': logits, 'features': features}
