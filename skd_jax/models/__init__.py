@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from skd_jax import plugins
 from skd_jax.errors import ConfigError
+from skd_jax.models.frskd import FRSKDHead
 from skd_jax.models.heads import build_head
 from skd_jax.models.heads import DRGHead
 from skd_jax.models.heads import Head
@@ -137,6 +138,7 @@ __all__ = [
     'BasicBlock',
     'Bottleneck',
     'DRGHead',
+    'FRSKDHead',
     'Head',
     'ImageNetResNet',
     'LinearHead',
