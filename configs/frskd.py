@@ -21,7 +21,7 @@ stages of its small ResNet):
 
   python -m skd_jax.main --config=configs/frskd.py:quick --workdir=/tmp/frskd_quick
 
-Measured: see README's Methods table.
+Not measured yet (the quick run was not timed on an idle machine).
 """
 
 from skd_jax import config_lib
