@@ -4,7 +4,8 @@ Layout:
 
 * the train state's ``params`` and ``batch_stats`` are the student's: the backbone under
   ``'backbone'`` and each training-only head under its name (``skd_jax.models.WithHeads``). The
-  heads are built here from the terms' :class:`skd_jax.terms.HeadRequest` s;
+  heads are built here from the terms' :class:`skd_jax.terms.HeadRequest` s by the registry of
+  head kinds (``skd_jax.models.build_head``);
 * the train state's ``ema`` is ``{'params', 'batch_stats'}`` of the backbone alone, an exponential
   moving average of the student's (``{}`` when no term keeps one);
 * a frozen teacher is another run's export (``skd_jax.load_model``), any architecture, with its own
@@ -28,28 +29,6 @@ from skd_jax import models
 from skd_jax import terms
 from skd_jax import workdir as workdir_lib
 from skd_jax.errors import ConfigError, ModelError
-
-
-def _head_module(backbone, term: str, request):
-  num_stages = getattr(backbone, 'num_stages', None)
-  if num_stages is None:
-    raise ConfigError(f'loss.{term}: model {type(backbone).__name__} has no numbered stages')
-  if not 1 <= request.stage <= num_stages:
-    raise ConfigError(
-        f'loss.{term}.stage: expected a stage in 1..{num_stages}, got {request.stage}'
-    )
-  if request.kind == 'drg':
-    return models.DRGHead(request.num_outputs, dtype=backbone.dtype)
-  if request.kind == 'linear':
-    return models.LinearHead(request.num_outputs, dtype=backbone.dtype)
-  if request.kind == 'later_stages':
-    if not hasattr(backbone, 'later_stages_head'):
-      raise ConfigError(
-          f'loss.{term}: model {type(backbone).__name__} cannot re-instantiate its later '
-          'stages as heads'
-      )
-    return backbone.later_stages_head(request.stage, request.num_outputs)
-  raise ValueError(f'heads: unknown kind {request.kind!r} asked for by {term}')
 
 
 class Networks:
@@ -80,7 +59,7 @@ class Networks:
     self.spec = spec
     self.backbone = spec.module()
     heads = tuple(
-        models.Head(r.name, f'stage{r.stage}', _head_module(self.backbone, term, r))
+        models.build_head(self.backbone, r, term=term)
         for term, requests in head_requests.items()
         for r in requests
     )

@@ -22,6 +22,8 @@ from skd_jax.losses._distillation import drg_loss
 from skd_jax.losses._distillation import dsr_loss
 from skd_jax.losses._distillation import lsskd_loss
 from skd_jax.losses._distillation import rotation_joint_labels
+from skd_jax.losses._frskd import frskd_attention_map
+from skd_jax.losses._frskd import frskd_loss
 from skd_jax.losses._peers import beta_smoothing_targets
 from skd_jax.losses._peers import sd_dropout_loss
 from skd_jax.losses._soft_targets import label_smoothing_cross_entropy
@@ -52,6 +54,8 @@ __all__ = [
     'drg_loss',
     'dsr_loss',
     'expand_top_k',
+    'frskd_attention_map',
+    'frskd_loss',
     'index_dtype',
     'label_smoothing_cross_entropy',
     'label_smoothing_targets',

@@ -8,8 +8,8 @@ where `logits` is float32 [batch, num_classes] and `outputs` holds the named
 intermediates `'stem'`, `'stage1'`, ..., `'feature_map'`, `'features'` (see
 `resnet`).
 `WithHeads` (see `heads`) wraps a backbone with training-only auxiliary heads
-that add their logits to `outputs`; its variables hold the backbone's own under
-`'backbone'`.
+that add their logits (and other named outputs) to `outputs`; its variables hold the backbone's
+own under `'backbone'`. Head kinds are a registry (`register_head`, `head_kinds`, `build_head`).
 
 A model from outside skd_jax is named by import path, `config.model.module = 'mylab.nets'`
 (`skd_jax.plugins`): the module's `make(*, num_classes, dtype, **options)` plays the part of a
@@ -32,9 +32,13 @@ import jax.numpy as jnp
 
 from skd_jax import plugins
 from skd_jax.errors import ConfigError
+from skd_jax.models.frskd import FRSKDHead
+from skd_jax.models.heads import build_head
 from skd_jax.models.heads import DRGHead
 from skd_jax.models.heads import Head
+from skd_jax.models.heads import head_kinds
 from skd_jax.models.heads import LinearHead
+from skd_jax.models.heads import register_head
 from skd_jax.models.heads import SepConv
 from skd_jax.models.heads import WithHeads
 from skd_jax.models.resnet import BasicBlock
@@ -139,6 +143,7 @@ __all__ = [
     'BasicBlock',
     'Bottleneck',
     'DRGHead',
+    'FRSKDHead',
     'Head',
     'ImageNetResNet',
     'LinearHead',
@@ -149,9 +154,12 @@ __all__ = [
     'ResNet',
     'SepConv',
     'WithHeads',
+    'build_head',
     'cifar_resnet18',
     'get_model',
+    'head_kinds',
     'preact_resnet18',
+    'register_head',
     'resnet152',
     'resnet50',
     'small_resnet',

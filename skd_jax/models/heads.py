@@ -1,32 +1,51 @@
-"""Training-only auxiliary heads and the wrapper that attaches them to a backbone.
+"""Training-only auxiliary heads, the registry of head kinds, and the wrapper that attaches them.
 
 A backbone with heads is called like any model:
 
     model = WithHeads(backbone, heads=(Head('drg', 'stage2', DRGHead(100)),))
     logits, outputs = model.apply(variables, x, train=train, mutable=...)
 
-`logits` and `outputs` are the backbone's, plus, for every head,
-`outputs[name]` (its float32 logits) and `outputs[name + '/features']` (its
-pooled feature vector). Every variable collection is laid out as
+`logits` and `outputs` are the backbone's (including its feature maps
+`outputs['stage<i>']`), plus, for every head, `outputs[name]` (its float32
+logits) and `outputs[name + '/' + key]` for every other output the head
+returns (at least `'features'`, its pooled feature vector). Every variable
+collection is laid out as
 `{'backbone': <the backbone's own variables>, <head name>: ..., ...}`, so the
 inference model is `backbone.apply` on the `'backbone'` subtrees and has
 exactly the backbone's parameters.
 
-Heads:
-  * `DRGHead`: LightSKD's DRG head (from BYOT's journal code): a spatial
-    attention gate followed by two stride-2 `SepConv`s.
-  * `ResNet.later_stages_head` / `PreActResNet.later_stages_head` (in
-    `resnet`): HSAKD/LSSKD heads that re-instantiate the backbone's later
-    stages.
-  * `LinearHead`: global average pooling and one Dense layer (USKD's weak
-    classifier).
+A head module reads one or several backbone outputs, `module(*maps,
+train=train)`, and returns either `(logits, features)` or a dict with
+`'logits'` and any other named arrays (features, refined feature maps,
+attention maps).
+
+Head kinds are a registry: `register_head(kind)` decorates a builder
+`builder(backbone, request) -> module` (the request is a
+`skd_jax.terms.HeadRequest`: `num_outputs`, `stages`, `options`), and
+`build_head(backbone, request, term=...)` checks the stages and builds the
+`Head` that `skd_jax.networks` attaches. The built-in kinds register
+themselves where they are defined; a plug-in module registers its own kind on
+import, and a term (built-in or plug-in) asks for it by name.
+
+Built-in kinds:
+  * `'drg'`, `DRGHead`: LightSKD's DRG head (from BYOT's journal code): a
+    spatial attention gate followed by two stride-2 `SepConv`s.
+  * `'later_stages'`, `ResNet.later_stages_head` /
+    `PreActResNet.later_stages_head` (in `resnet`): HSAKD/LSSKD/BYOT heads that
+    re-instantiate the backbone's later stages.
+  * `'linear'`, `LinearHead`: global average pooling and one Dense layer
+    (USKD's weak classifier).
+  * `'frskd'`, `skd_jax.models.frskd.FRSKDHead`: FRSKD's self-teacher, a
+    BiFPN over several stages with its own classifier.
 """
 
-from typing import Any, Dict, NamedTuple, Sequence, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from skd_jax.errors import ConfigError
 
 from skd_jax.models.resnet import batch_norm
 from skd_jax.models.resnet import classifier
@@ -161,18 +180,122 @@ class LinearHead(nn.Module):
     return classifier(self.num_outputs, self.dtype, pooled), pooled
 
 
+# Kind name -> builder(backbone, request) -> unbound head module.
+HeadBuilder = Callable[[nn.Module, Any], nn.Module]
+_KINDS: Dict[str, HeadBuilder] = {}
+
+
+def register_head(kind: str) -> Callable[[HeadBuilder], HeadBuilder]:
+  """Decorator registering `builder(backbone, request) -> module` as head kind `kind`.
+
+  The builder gets the unbound backbone (for its `dtype`, `num_stages`, ...)
+  and the term's `skd_jax.terms.HeadRequest`; it returns an unbound module
+  called as `module(*maps, train=train)` on the backbone's outputs
+  `'stage<i>'` for `i` in `request.stages`, returning `(logits, features)` or
+  a dict with `'logits'` and other named arrays. It may raise ConfigError
+  (one line, without the field prefix: `build_head` adds `loss.<term>: `) or
+  ValueError for an option it cannot take. Registering a kind again replaces
+  the builder (a re-imported plug-in module).
+
+  Example (a plug-in module, imported before the networks are built, e.g. by
+  the term module that asks for the kind)::
+
+    @skd_jax.models.register_head('mean_pool')
+    def _mean_pool(backbone, request):
+      return skd_jax.models.LinearHead(request.num_outputs, dtype=backbone.dtype)
+  """
+  if not isinstance(kind, str) or not kind:
+    raise ValueError(f'heads: a kind is a non-empty string, got {kind!r}')
+
+  def decorator(builder: HeadBuilder) -> HeadBuilder:
+    _KINDS[kind] = builder
+    return builder
+
+  return decorator
+
+
+def head_kinds() -> Tuple[str, ...]:
+  """The registered head kinds, sorted."""
+  return tuple(sorted(_KINDS))
+
+
 class Head(NamedTuple):
-  """An auxiliary head attached to a backbone output.
+  """An auxiliary head attached to backbone outputs.
 
   Attributes:
     name: Key of the head's logits in `outputs` and of its variables.
-    stage: Key of the backbone output the head reads (e.g. `'stage2'`).
-    module: Unbound module called as `logits, features = module(x, train=...)`.
+    stage: Key of the backbone output the head reads (e.g. `'stage2'`), or a
+      tuple of keys for a head over several outputs (called with them in
+      order).
+    module: Unbound module called as `module(*maps, train=...)`, returning
+      `(logits, features)` or a dict with `'logits'` and other arrays.
   """
 
   name: str
-  stage: str
+  stage: str | Tuple[str, ...]
   module: nn.Module
+
+  @property
+  def stages(self) -> Tuple[str, ...]:
+    """The backbone outputs the head reads, in order."""
+    return (self.stage,) if isinstance(self.stage, str) else tuple(self.stage)
+
+
+def build_head(backbone: nn.Module, request: Any, *, term: str) -> Head:
+  """The `Head` of kind `request.kind` on `request.stages` of `backbone`.
+
+  Args:
+    backbone: The unbound backbone (it must have `num_stages`).
+    request: A `skd_jax.terms.HeadRequest`.
+    term: The requesting term's name, for errors (`loss.<term>...`).
+
+  Raises:
+    ConfigError: An unknown kind (naming the known ones), a backbone without
+      numbered stages, a stage out of range, or an option the builder refuses.
+  """
+  builder = _KINDS.get(request.kind)
+  if builder is None:
+    raise ConfigError(
+        f'loss.{term}: unknown head kind {request.kind!r}; expected one of '
+        f'{", ".join(head_kinds())} (or a kind registered with skd_jax.models.register_head)'
+    )
+  num_stages = getattr(backbone, 'num_stages', None)
+  if num_stages is None:
+    raise ConfigError(f'loss.{term}: model {type(backbone).__name__} has no numbered stages')
+  stages = tuple(request.stages)
+  field = 'stage' if len(stages) == 1 else 'stages'
+  if not stages or not all(
+      isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= num_stages for i in stages
+  ):
+    shown = stages[0] if len(stages) == 1 else stages
+    raise ConfigError(f'loss.{term}.{field}: expected a stage in 1..{num_stages}, got {shown}')
+  try:
+    module = builder(backbone, request)
+  except ConfigError as e:
+    raise ConfigError(f'loss.{term}: {e}') from None
+  except ValueError as e:
+    raise ConfigError(f'loss.{term}: head {request.name!r} ({request.kind}): {e}') from None
+  keys = tuple(f'stage{i}' for i in stages)
+  return Head(request.name, keys[0] if len(keys) == 1 else keys, module)
+
+
+@register_head('drg')
+def _drg(backbone: nn.Module, request: Any) -> nn.Module:
+  return DRGHead(request.num_outputs, dtype=backbone.dtype)
+
+
+@register_head('linear')
+def _linear(backbone: nn.Module, request: Any) -> nn.Module:
+  return LinearHead(request.num_outputs, dtype=backbone.dtype)
+
+
+@register_head('later_stages')
+def _later_stages(backbone: nn.Module, request: Any) -> nn.Module:
+  if not hasattr(backbone, 'later_stages_head'):
+    raise ConfigError(
+        f'model {type(backbone).__name__} cannot re-instantiate its later stages as heads'
+    )
+  return backbone.later_stages_head(request.stages[-1], request.num_outputs)
 
 
 def _check_head_names(heads: Sequence[Head]) -> None:
@@ -185,14 +308,25 @@ def _check_head_names(heads: Sequence[Head]) -> None:
     raise ValueError(f'heads: the name {_BACKBONE!r} is reserved for the ' 'backbone')
 
 
+def _named_outputs(name: str, result: Any) -> Dict[str, Array]:
+  """A head's result as `{'logits': ..., key: ...}`."""
+  if isinstance(result, dict):
+    if 'logits' not in result:
+      raise ValueError(f"heads: head {name!r} returned a dict without 'logits'")
+    return dict(result)
+  logits, features = result
+  return {'logits': logits, 'features': features}
+
+
 class WithHeads(nn.Module):
   """A backbone with training-only auxiliary heads on its named outputs.
 
   Runs the backbone (variables under `'backbone'`), then each head on
-  `outputs[head.stage]` (variables under `head.name`), and returns the
-  backbone's logits and its outputs extended with `outputs[head.name]` (float32
-  logits) and `outputs[head.name + '/features']`. Gradients of head losses
-  flow into the backbone.
+  `outputs[s] for s in head.stages` (variables under `head.name`), and returns
+  the backbone's logits and its outputs extended with `outputs[head.name]`
+  (float32 logits) and `outputs[head.name + '/' + key]` for the head's other
+  outputs (`'features'`, ...). Gradients of head losses flow into the
+  backbone.
 
   Attributes:
     backbone: Unbound model returning `(logits, outputs)`.
@@ -213,21 +347,28 @@ class WithHeads(nn.Module):
     logits, backbone_outputs = self.backbone(x, train=train)
     outputs = dict(backbone_outputs)
     for head in self.heads:
-      if head.stage not in backbone_outputs:
-        raise ValueError(
-            f'heads: head {head.name!r} reads {head.stage!r}, not an output of '
-            f'the backbone; expected one of {", ".join(backbone_outputs)}'
-        )
-      for key in (head.name, f'{head.name}/features'):
-        if key in backbone_outputs:
+      for stage in head.stages:
+        if stage not in backbone_outputs:
           raise ValueError(
-              f'heads: head {head.name!r} would overwrite the ' f'backbone output {key!r}'
+              f'heads: head {head.name!r} reads {stage!r}, not an output of '
+              f'the backbone; expected one of {", ".join(backbone_outputs)}'
           )
       # Linen has already adopted `head.module` under an attribute-path name
       # (e.g. 'heads_0_module'), which is never called; this clone owns the
       # head's variables under the head's own name.
       module = head.module.clone(parent=self, name=head.name)
-      head_logits, features = module(backbone_outputs[head.stage], train=train)
-      outputs[head.name] = head_logits.astype(jnp.float32)
-      outputs[f'{head.name}/features'] = features
+      found = _named_outputs(
+          head.name, module(*(backbone_outputs[s] for s in head.stages), train=train)
+      )
+      named = {
+          (head.name if key == 'logits' else f'{head.name}/{key}'): value
+          for key, value in found.items()
+      }
+      for key in named:
+        if key in backbone_outputs:
+          raise ValueError(
+              f'heads: head {head.name!r} would overwrite the ' f'backbone output {key!r}'
+          )
+      named[head.name] = named[head.name].astype(jnp.float32)
+      outputs.update(named)
     return logits, outputs

@@ -29,9 +29,11 @@ logits of the main examples, and the trainer provides it without knowing the met
 
 * named intermediates of the backbone (``inputs.outputs['stage2']``, ``'features'``), always there;
 * training-only auxiliary heads (:meth:`LossTerm.heads`): :class:`HeadRequest` s that
-  ``skd_jax.networks`` builds (terms construct no Flax modules); their logits appear in
-  ``inputs.outputs`` under the head's name, and the evaluated and exported model never contains
-  them;
+  ``skd_jax.networks`` builds (terms construct no Flax modules) through the registry of head kinds
+  (``skd_jax.models.register_head``; a plug-in module may register its own). A head reads one
+  stage or several (``HeadRequest.stages``); its logits appear in ``inputs.outputs`` under the
+  head's name and its other outputs under ``'<name>/<key>'`` (``'features'``, FRSKD's refined
+  maps ``'frskd/stage<i>'``), and the evaluated and exported model never contains them;
 * extra views of the main examples (:attr:`LossTerm.num_views`, :meth:`LossTerm.make_views`), e.g.
   LSSKD's four rotations: the student's main pass then sees ``B * V`` images, ``inputs.logits`` /
   ``inputs.outputs`` hold view 0 and ``inputs.views`` every view. At most one term adds views;

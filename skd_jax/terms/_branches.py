@@ -1,4 +1,5 @@
-"""Classifier branches on a backbone's shallow stages, one per stage: BYOT's heads, DKS's branches.
+"""Classifier branches on a backbone's shallow stages, one per stage: BYOT's heads, DKS's branches
+(and the stage check FRSKD's self-teacher shares).
 
 A term with branches mixes in :class:`StageBranches` before ``terms.LossTerm`` and declares the
 fields ``num_classes``, ``num_stages`` (from the run) and ``first_stage`` (a setting). Its branch
@@ -12,19 +13,23 @@ from skd_jax.errors import ConfigError
 from skd_jax.terms._protocol import HeadRequest
 
 
+def check_first_stage(term, context, needs: str) -> None:
+  """Refuses a model with fewer than 2 numbered stages, or ``term.first_stage`` not below the
+  last: what ``needs`` (e.g. ``'branches'``) reads from."""
+  if not context.num_stages or context.num_stages < 2:
+    raise ConfigError(f'loss.{term.name}: the model needs at least 2 numbered stages for {needs}')
+  if term.first_stage >= context.num_stages:
+    raise ConfigError(
+        f'loss.{term.name}.first_stage: expected an integer in [1, {context.num_stages - 1}], '
+        f'got {term.first_stage!r}'
+    )
+
+
 class StageBranches:
   """``check``, ``heads`` and :meth:`branch_names` of a term with one branch per shallow stage."""
 
   def check(self, context):
-    if not context.num_stages or context.num_stages < 2:
-      raise ConfigError(
-          f'loss.{self.name}: the model needs at least 2 numbered stages for branches'
-      )
-    if self.first_stage >= context.num_stages:
-      raise ConfigError(
-          f'loss.{self.name}.first_stage: expected an integer in [1, {context.num_stages - 1}], '
-          f'got {self.first_stage!r}'
-      )
+    check_first_stage(self, context, 'branches')
 
   def heads(self):
     return tuple(

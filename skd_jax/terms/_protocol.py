@@ -62,19 +62,40 @@ class Pass:
 class HeadRequest:
   """A training-only head a term asks ``skd_jax.networks`` to build.
 
+  The head's outputs appear in ``inputs.outputs``: its float32 logits under ``name`` and every
+  other output it returns under ``f'{name}/{key}'`` (every kind returns at least ``'features'``,
+  a pooled vector; FRSKD's self-teacher also its refined maps ``'stage<i>'``). The backbone's own
+  feature maps are always there too, ``outputs['stage<i>']``, without asking.
+
   Attributes:
     name: key of the head's logits in ``inputs.outputs`` and of its variables.
-    stage: the backbone stage (1-based) whose output the head reads.
-    kind: ``'drg'`` (LightSKD's attention head), ``'later_stages'`` (the backbone's later
-      stages again, HSAKD/LSSKD) or ``'linear'`` (global average pooling and a Dense layer,
-      USKD's weak classifier).
+    stage: the backbone stage (1-based) whose output a one-stage head reads; 0 when ``stages`` is
+      given.
+    kind: a registered head kind (``skd_jax.models.head_kinds()``): ``'drg'`` (LightSKD's
+      attention head), ``'later_stages'`` (the backbone's later stages again, HSAKD/LSSKD),
+      ``'linear'`` (global average pooling and a Dense layer, USKD's weak classifier),
+      ``'frskd'`` (FRSKD's self-teacher over several stages), or one a plug-in module registered
+      with ``skd_jax.models.register_head``.
     num_outputs: number of logits.
+    stages: the stages (1-based, in the order the head takes them) a head reads; defaults to
+      ``(stage,)``.
+    options: ``(key, value)`` pairs for the kind's builder (e.g. FRSKD's ``('width', 2)``).
   """
 
   name: str
   stage: int
   kind: str
   num_outputs: int
+  stages: tuple[int, ...] = ()
+  options: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    if not self.stages:
+      object.__setattr__(self, 'stages', (self.stage,))
+    elif self.stage and tuple(self.stages) != (self.stage,):
+      raise ValueError(f'head {self.name}: give stage or stages, not both')
+    object.__setattr__(self, 'stages', tuple(self.stages))
+    object.__setattr__(self, 'options', tuple(self.options))
 
 
 @jax.tree_util.register_dataclass
