@@ -1,11 +1,17 @@
 r"""Images/s of the ImageNet host input path: decoding a whole JPEG, or only what its crop needs.
 
-Two paths, timed in interleaved rounds in one process (ratios are meaningful on a busy machine):
+Three paths, timed in interleaved rounds in one process (ratios are meaningful on a busy machine):
 
 * ``before``: the records decode every JPEG whole, as ``TfdsRecords`` did through TFDS (PIL, to
   numpy), and the crops resample the numpy image (``resized_crops`` on arrays);
-* ``after``: the records hand over the encoded files (``resized_crops.Encoded``) and the crops
-  decode each one only as far as its box needs (DCT-domain downscale, one ``resize`` of the box).
+* ``pillow``: the records hand over the encoded files (``resized_crops.Encoded``) and the crops
+  decode each one only as far as its box needs with Pillow (DCT-domain downscale by
+  ``Image.draft``, one PIL ``resize`` of the box): ``resized_crops.codec()`` ``'pillow'``, what
+  ``SKD_JAX_JPEG=pillow`` or a missing ``jpeg`` extra gives (the README's earlier "after");
+* ``simplejpeg``: the same files and boxes through the ``jpeg`` extra: libjpeg-turbo
+  (``simplejpeg``) decodes, downscaled in the DCT domain likewise, and ``fast_image_resize``
+  (``cykooz-resizer``, SIMD) resamples the box with PIL's bilinear filter (left out, with a note,
+  when the extra is not installed).
 
 For each image size, each path is timed on
 
@@ -13,25 +19,34 @@ For each image size, each path is timed on
 * ``eval``: ``EvalBatchReader`` with the evaluation transform (shorter side to ``--eval_resize``,
   centre crop);
 
-in this process's main thread (one core: images/s per core), and, with ``--workers``, ``train``
-of the first size through ``HostSource`` with that many ``data.workers`` processes (images/s of
-them together; each block starts the workers afresh, so no idle worker refills its buffer while
-another job is timed, and is timed after the batches its workers buffered during the start-up).
+in this process's main thread (one core), and, with ``--workers``, ``train`` of the first size
+through ``HostSource`` with that many ``data.workers`` processes (images/s of them together; each
+block starts the workers afresh, so no idle worker refills its buffer while another job is timed,
+and is timed after the batches its workers buffered during the start-up).
+
+Per path the table shows images/s of wall-clock time and, for the main-thread cases, the thread's
+CPU milliseconds per image (``time.thread_time``) and the images/s per core they make: on a
+shared, loaded machine the wall-clock rate is the share of a core the thread got, the CPU time
+what an image costs a core. Ratios are the median over the rounds of each round's ratio of
+adjacent blocks, of wall-clock time and of CPU time.
 
 The JPEGs are synthesised: per channel a random field with a 1/f amplitude spectrum (the
 spectrum of natural images), channels correlated, plus a smooth colour gradient and pixel noise,
 saved at quality 90 with 4:2:0 chroma subsampling (as most ImageNet files are). A libjpeg decode
-costs about what its entropy-coded data costs, so what makes the timing representative is the
-compressed size per pixel: these files take about 0.55-0.65 bytes per pixel (printed), ImageNet's
-training JPEGs about 0.59 (110 KB for a typical 500 x 375 image).
+costs about what its entropy-coded data costs (decoding at 1/8 scale, which leaves out almost all
+IDCT and colour work, still costs about 3/4 of a whole decode), so what makes the timing
+representative is the compressed size per pixel: these files take about 0.55-0.65 bytes per pixel
+(printed), ImageNet's training JPEGs about 0.59 (110 KB for a typical 500 x 375 image).
 
   python benchmarks/input_throughput.py
   python benchmarks/input_throughput.py --sizes=500x375,1024x768 --rounds=7 --workers=2
 """
 
 import io
+import os
 import statistics
 import time
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
@@ -43,7 +58,7 @@ from skd_jax.data import resized_crops
 from skd_jax.data import streaming
 
 FLAGS = flags.FLAGS
-PATHS = ('before', 'after')
+PATHS = ('before', 'pillow', 'simplejpeg')
 
 
 def synthetic_jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
@@ -110,25 +125,44 @@ def _step_reader(records, batch_size: int, image_size: int):
   )
 
 
+def _with_codec(path: str, job):
+  """``job`` run with the records' crops decoded by ``path``'s codec (``SKD_JAX_JPEG``, read at
+  every batch and inherited by worker processes started meanwhile)."""
+
+  def block():
+    before = os.environ.get(resized_crops.CODEC_ENV)
+    os.environ[resized_crops.CODEC_ENV] = 'simplejpeg' if path == 'simplejpeg' else 'pillow'
+    try:
+      return job()
+    finally:
+      if before is None:
+        del os.environ[resized_crops.CODEC_ENV]
+      else:
+        os.environ[resized_crops.CODEC_ENV] = before
+
+  return block
+
+
 def _blocks(function, steps: int):
-  """A job timing ``steps`` calls ``function(0), function(1), ...`` (step numbers go on)."""
+  """A job timing ``steps`` calls ``function(0), function(1), ...`` (step numbers go on): its
+  ``(wall-clock seconds, this thread's CPU seconds)``."""
   counter = [0]
 
-  def block() -> float:
-    start = time.perf_counter()
+  def block() -> tuple[float, float]:
+    start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(steps):
       function(counter[0])
       counter[0] += 1
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.thread_time() - cpu
 
   return block
 
 
 def _source_blocks(records, batch_size, image_size, workers, steps, mesh):
   """A job timing ``steps`` batches of a fresh ``HostSource`` after those its workers made during
-  their start-up."""
+  their start-up: ``(wall-clock seconds, None)`` (the CPU time is the workers')."""
 
-  def block() -> float:
+  def block() -> tuple[float, None]:
     source = streaming.HostSource(
         records,
         mesh,
@@ -149,15 +183,21 @@ def _source_blocks(records, batch_size, image_size, workers, steps, mesh):
       start = time.perf_counter()
       for step in range(untimed, untimed + steps):
         jax.block_until_ready(source.step_args(step))
-      return time.perf_counter() - start
+      return time.perf_counter() - start, None
     finally:
       source.close()
 
   return block
 
 
+def paths() -> tuple[str, ...]:
+  """The paths this installation can time: ``simplejpeg`` only with the ``jpeg`` extra."""
+  return PATHS if resized_crops.simplejpeg is not None else PATHS[:2]
+
+
 def make_jobs(files_by_size, *, batch_size, steps, image_size, eval_resize, workers, mesh=None):
-  """``{(case, size, path): job}``: a job returns the seconds of ``steps`` batches.
+  """``{(case, size, path): job}``: a job returns ``(wall-clock, CPU or None)`` seconds of
+  ``steps`` batches.
 
   Cases: ``'train'`` and ``'eval'`` in this thread, ``'train, N workers'`` through
   ``HostSource`` for the first size when ``workers`` (and a ``mesh``) are given.
@@ -165,23 +205,25 @@ def make_jobs(files_by_size, *, batch_size, steps, image_size, eval_resize, work
   transform = streaming.eval_transform('imagenet', image_size, eval_resize)
   jobs = {}
   for number, (size, files) in enumerate(files_by_size.items()):
-    for path in PATHS:
+    for path in paths():
       records = Records(files, decode=path == 'before')
       reader = _step_reader(records, batch_size, image_size)
-      jobs['train', size, path] = _blocks(reader, steps)
+      jobs['train', size, path] = _with_codec(path, _blocks(reader, steps))
       evaluate = streaming.EvalBatchReader(
           records, batch_size=batch_size, transform=transform, share=slice(0, batch_size)
       )
-      jobs['eval', size, path] = _blocks(lambda b, e=evaluate, n=len(files): e(b % n), steps)
+      jobs['eval', size, path] = _with_codec(
+          path, _blocks(lambda b, e=evaluate, n=len(files): e(b % n), steps)
+      )
       if workers and number == 0:
-        jobs[f'train, {workers} workers', size, path] = _source_blocks(
-            records, batch_size, image_size, workers, steps, mesh
+        jobs[f'train, {workers} workers', size, path] = _with_codec(
+            path, _source_blocks(records, batch_size, image_size, workers, steps, mesh)
         )
   return jobs
 
 
 def interleaved(jobs, rounds: int) -> dict:
-  """``{name: [seconds in round 1, ...]}``: each round runs every job once, in turn."""
+  """``{name: [(wall, cpu) seconds in round 1, ...]}``: each round runs every job once, in turn."""
   for job in jobs.values():  # warm: caches, lazy imports
     job()
   times = {name: [] for name in jobs}
@@ -191,17 +233,40 @@ def interleaved(jobs, rounds: int) -> dict:
   return times
 
 
-def summary(times, images_per_block: int) -> list[tuple]:
-  """Rows ``(case, size, before img/s, after img/s, after / before)``: median images/s over the
-  rounds, and the median of the rounds' ratios (each from one round's adjacent blocks)."""
+class Row(NamedTuple):
+  """One path of one case: medians over the rounds. ``cpu_ms`` and the CPU ratio are None where
+  the work ran in worker processes."""
+
+  case: str
+  size: str
+  path: str
+  images_per_s: float  # wall-clock
+  cpu_ms: float | None  # this thread's CPU milliseconds per image
+  ratio: float  # wall-clock time of 'before' / this path's, per round
+  cpu_ratio: float | None  # likewise of CPU time
+
+
+def summary(times, images_per_block: int) -> list[Row]:
+  """A :class:`Row` per ``(case, size, path)`` of ``times``: median images/s and CPU time per
+  image over the rounds, and the median of the rounds' ratios to ``before`` (each from one round's
+  blocks)."""
   rows = []
-  for case, size, path in times:
-    if path != 'before':
-      continue
-    before, after = times[case, size, 'before'], times[case, size, 'after']
-    rate = lambda t: images_per_block / statistics.median(t)
-    ratio = statistics.median(b / a for b, a in zip(before, after))
-    rows.append((case, size, rate(before), rate(after), ratio))
+  cases = dict.fromkeys((case, size) for case, size, _ in times)  # in order, each once
+  for (case, size), path in ((c, p) for c in cases for p in PATHS if (*c, p) in times):
+    blocks, before = times[case, size, path], times[case, size, 'before']
+    wall, cpu = ([t[k] for t in blocks] for k in (0, 1))
+    measured = cpu[0] is not None
+    rows.append(
+        Row(
+            case,
+            size,
+            path,
+            images_per_block / statistics.median(wall),
+            1e3 * statistics.median(cpu) / images_per_block if measured else None,
+            statistics.median(b[0] / t[0] for b, t in zip(before, blocks)),
+            statistics.median(b[1] / t[1] for b, t in zip(before, blocks)) if measured else None,
+        )
+    )
   return rows
 
 
@@ -245,14 +310,25 @@ def main(argv):
       workers=FLAGS.workers,
       mesh=mesh,
   )
+  if 'simplejpeg' not in paths():
+    print("simplejpeg path left out: install the jpeg extra (pip install 'skd_jax[jpeg]')")
   times = interleaved(jobs, FLAGS.rounds)
   print(
       f'{FLAGS.rounds} rounds x {FLAGS.steps} batches of {FLAGS.batch_size}, crops of'
-      f' {FLAGS.image_size} (eval: resize {FLAGS.eval_resize}); images/s, medians'
+      f' {FLAGS.image_size} (eval: resize {FLAGS.eval_resize}); medians. img/s: wall-clock;'
+      ' CPU ms: per image, of this thread; per core: 1000 / CPU ms; x before: ratio of times'
   )
-  print(f'{"case":<18} {"size":>9} {"before":>8} {"after":>8} {"after/before":>13}')
-  for case, size, before, after, ratio in summary(times, FLAGS.steps * FLAGS.batch_size):
-    print(f'{case:<18} {size:>9} {before:8.1f} {after:8.1f} {ratio:13.2f}')
+  print(
+      f'{"case":<18} {"size":>9} {"path":>10} {"img/s":>7} {"CPU ms":>7} {"per core":>8}'
+      f' {"x before":>8} {"x before (CPU)":>14}'
+  )
+  for row in summary(times, FLAGS.steps * FLAGS.batch_size):
+    cpu = f'{row.cpu_ms:7.2f} {1e3 / row.cpu_ms:8.0f}' if row.cpu_ms is not None else f'{"-":>16}'
+    cpu_ratio = f'{row.cpu_ratio:14.2f}' if row.cpu_ratio is not None else f'{"-":>14}'
+    print(
+        f'{row.case:<18} {row.size:>9} {row.path:>10} {row.images_per_s:7.1f} {cpu}'
+        f' {row.ratio:8.2f} {cpu_ratio}'
+    )
 
 
 if __name__ == '__main__':

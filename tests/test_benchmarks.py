@@ -94,9 +94,10 @@ def test_the_startup_benchmark_writes_its_data_subset_and_applies_its_overrides(
   assert config.data.dir == str(tmp_path) and 'pskd' in config.loss
 
 
-def test_the_input_benchmark_times_both_paths_on_the_same_crops_of_photo_like_jpegs():
+def test_the_input_benchmark_times_every_path_on_the_same_crops_of_photo_like_jpegs():
   """benchmarks/input_throughput.py in a tiny mode: two sizes, batches of 2, one round."""
   from benchmarks import input_throughput  # pylint: disable=g-import-not-at-top
+  from skd_jax.data import resized_crops  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   files = {'64x48': [input_throughput.synthetic_jpeg(rng, 48, 64) for _ in range(3)]}
@@ -104,20 +105,25 @@ def test_the_input_benchmark_times_both_paths_on_the_same_crops_of_photo_like_jp
   big = input_throughput.synthetic_jpeg(rng, 375, 500)
   assert 0.4 < len(big) / (500 * 375) < 0.8  # ImageNet's JPEGs: ~0.59 bytes per pixel
   kwargs = dict(batch_size=2, steps=1, image_size=16, eval_resize=20, workers=0)
+  paths = input_throughput.paths()
+  assert paths == input_throughput.PATHS[: 3 if resized_crops.simplejpeg is not None else 2]
   times = input_throughput.interleaved(input_throughput.make_jobs(files, **kwargs), rounds=1)
   rows = input_throughput.summary(times, images_per_block=2)
-  assert [(case, size) for case, size, *_ in rows] == [
-      ('train', '64x48'),
-      ('eval', '64x48'),
-      ('train', '96x128'),
-      ('eval', '96x128'),
+  assert [(row.case, row.size, row.path) for row in rows] == [
+      (case, size, path) for size in files for case in ('train', 'eval') for path in paths
   ]
-  assert all(before > 0 and after > 0 and ratio > 0 for *_, before, after, ratio in rows)
-  # The two paths time the same work: a step's crops are the same boxes, within a few levels.
+  for row in rows:
+    assert row.images_per_s > 0 and row.cpu_ms > 0 and row.ratio > 0 and row.cpu_ratio > 0
+    assert row.path != 'before' or row.ratio == row.cpu_ratio == 1
+  # Each job ran with its codec and left the environment as it was.
+  assert resized_crops.CODEC_ENV not in os.environ
+  # The paths time the same work: a step's crops are the same boxes, within a few levels.
   batches = []
-  for decode in (True, False):
-    records = input_throughput.Records(files['96x128'], decode=decode)
+  for path in paths:
+    records = input_throughput.Records(files['96x128'], decode=path == 'before')
     reader = input_throughput._step_reader(records, 2, 16)  # pylint: disable=protected-access
-    batches.append(reader(1)['main']['images'].astype(np.int64))
-  assert batches[0].shape == batches[1].shape == (2, 16, 16, 3)
-  assert np.abs(batches[0] - batches[1]).mean() <= 3
+    job = input_throughput._with_codec(path, lambda: reader(1))  # pylint: disable=protected-access
+    batches.append(job()['main']['images'].astype(np.int64))
+  assert all(b.shape == (2, 16, 16, 3) for b in batches)
+  for batch in batches[1:]:
+    assert np.abs(batches[0] - batch).mean() <= 3

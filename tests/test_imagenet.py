@@ -141,11 +141,38 @@ def _pil(x):
 
 
 # A crop of an encoded JPEG decoded downscaled in the DCT domain: its mean absolute difference
-# from the same box of the whole decode, resized, is at most this many levels of 255.
+# from the same box of the whole decode, resized, is at most this many levels of 255 (measured,
+# both codecs alike: at most 1.6 over 20 seeds of these tests' files, 2.3 on the benchmark's
+# photo-like 1024 x 768 JPEGs).
 TOLERANCE = 3.0
 
+# Both codecs where the jpeg extra is installed (the test extra installs it), Pillow's otherwise.
+CODECS = [
+    'pillow',
+    pytest.param(
+        'simplejpeg',
+        marks=pytest.mark.skipif(
+            resized_crops.simplejpeg is None, reason='the jpeg extra is not installed'
+        ),
+    ),
+]
 
-def test_encoded_crops_are_the_decoded_images_crops_exactly_or_within_the_tolerance():
+
+@pytest.fixture(params=CODECS)
+def codec(request, monkeypatch):
+  """The codec :class:`resized_crops.Encoded` images are decoded and resampled with."""
+  monkeypatch.setenv(resized_crops.CODEC_ENV, request.param)
+  assert resized_crops.codec() == request.param
+  return request.param
+
+
+def _resampling_bound(codec):
+  """Most levels a crop of a whole decode may differ from PIL's resize of the decoded image:
+  fast_image_resize computes PIL's weights but rounds its fixed-point sums otherwise."""
+  return 0 if codec == 'pillow' else 1
+
+
+def test_encoded_crops_are_the_decoded_images_crops_exactly_or_within_the_tolerance(codec):
   size = 48  # boxes from ~1.4 to 5 times the output: some decoded whole, some at 1/2 and 1/4
   encoded = [_file(240, 320, seed=0), _file(300, 200, seed=1)] * 6
   decoded = [resized_crops.decode(e) for e in encoded]
@@ -162,14 +189,14 @@ def test_encoded_crops_are_the_decoded_images_crops_exactly_or_within_the_tolera
     h, w = box[2:]
     difference = np.abs(fast[i].astype(np.int64) - full[i])
     if min(h, w) < 2 * size:  # decoded whole: the same pixels resampled alike
-      np.testing.assert_array_equal(fast[i], full[i])
+      assert difference.max() <= _resampling_bound(codec), (i, (h, w))
     else:
       shrunk += 1
       assert difference.mean() <= TOLERANCE, (i, (h, w), difference.mean())
   assert 0 < shrunk < len(encoded)
 
 
-def test_encoded_evaluation_crops_are_the_decoded_images_within_the_tolerance():
+def test_encoded_evaluation_crops_are_the_decoded_images_within_the_tolerance(codec):
   for encoded in (_file(240, 320), _file(320, 240, seed=1)):
     decoded = resized_crops.decode(encoded)
     # Shorter side 240 -> 200: decoded whole, only the crop's pixels resampled (the box's
@@ -182,7 +209,53 @@ def test_encoded_evaluation_crops_are_the_decoded_images_within_the_tolerance():
     assert np.abs(fast.astype(np.int64) - full).mean() <= TOLERANCE
 
 
-def test_encoded_grayscale_and_png_files_give_the_asked_channels():
+def test_both_codecs_decode_the_same_pixels_and_crop_the_same_boxes(codec):
+  """A box at the output size is not resampled: both codecs give the whole decode's pixels; the
+  sizes (hence the boxes) come from the header alike; flips mirror the crop exactly."""
+  for channels in (3, 1):
+    encoded = _file(200, 280, channels, seed=2)
+    decoded = resized_crops.decode(encoded)
+    assert resized_crops.dimensions(encoded) == decoded.shape[:2] == (200, 280)
+    np.testing.assert_array_equal(
+        resized_crops.resized_crop(encoded, (30, 50, 64, 64), 64), decoded[30:94, 50:114]
+    )
+  images = [_file(200, 280, seed=2)] * 4
+  flipped, plain = (
+      resized_crops.random_resized_crops(np.random.default_rng(3), images, slice(0, 4), 4, 32, f)
+      for f in (True, False)
+  )
+  again = np.random.default_rng(3)
+  _draws(again, 4)
+  for i, coin in enumerate(again.random(4) < 0.5):
+    np.testing.assert_array_equal(flipped[i], plain[i][:, ::-1] if coin else plain[i])
+
+
+def test_files_libjpeg_turbo_does_not_decode_as_pillow_does_take_pillows_path(monkeypatch):
+  """CMYK JPEGs and PNGs go through Pillow whatever the codec: the same pixels with both."""
+  rgb = np.asarray(resized_crops.decode(_file(120, 160)))
+  files = []
+  for mode, fmt in (('CMYK', 'JPEG'), ('RGB', 'PNG')):
+    out = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(out, fmt)
+    files.append(resized_crops.Encoded(out.getvalue(), 3))
+  crops = {}
+  for codec_ in ('pillow', 'simplejpeg'):
+    monkeypatch.setenv(resized_crops.CODEC_ENV, codec_)
+    crops[codec_] = [resized_crops.resized_crop(f, (10, 20, 100, 120), 24) for f in files]
+    assert [resized_crops.dimensions(f) for f in files] == [(120, 160)] * 2
+  for pillow, other in zip(crops['pillow'], crops['simplejpeg']):
+    np.testing.assert_array_equal(pillow, other)
+
+
+def test_the_codec_is_the_jpeg_extras_unless_the_environment_says_pillow(monkeypatch):
+  monkeypatch.delenv(resized_crops.CODEC_ENV, raising=False)
+  installed = resized_crops.simplejpeg is not None
+  assert resized_crops.codec() == ('simplejpeg' if installed else 'pillow')
+  monkeypatch.setenv(resized_crops.CODEC_ENV, 'Pillow')
+  assert resized_crops.codec() == 'pillow'
+
+
+def test_encoded_grayscale_and_png_files_give_the_asked_channels(codec):
   gray = _file(120, 160, channels=1)
   assert resized_crops.decode(gray).shape == (120, 160, 1)
   as_rgb = resized_crops.Encoded(gray.data, 3)
