@@ -154,8 +154,11 @@ def train_step(
   rows = example_rows.gather(state.rows, main.index, mesh)
   weights = main.valid.astype(jnp.float32) / jnp.sum(main.valid)
   average = lambda v: jnp.sum(weights * v) if jnp.ndim(v) else v
+  terms_key = sources.step_key(key, _TERMS, step)
   # Views are built per example and laid out example-major, so they stay on the example's device.
-  views = jax.lax.with_sharding_constraint(method.views(main.images), mesh_lib.sharded(mesh))
+  # Each term's view maker gets the key its loss gets (Combined.term_key).
+  views = method.views(main.images, terms_key)
+  views = jax.lax.with_sharding_constraint(views, mesh_lib.sharded(mesh))
 
   def loss_fn(params):
     logits, outputs, passes, batch_stats = networks.forward(
@@ -169,7 +172,7 @@ def train_step(
         num_views=method.num_views,
         valid=main.valid,
         passes=passes,
-        key=sources.step_key(key, _TERMS, step),
+        key=terms_key,
         classify=functools.partial(networks.classify, params),
     )
     out = method(inputs, rows, state.carry)
