@@ -23,7 +23,7 @@ from skd_jax import networks as networks_lib
 from skd_jax import terms as terms_lib
 from skd_jax.data import sources
 
-_TERMS = 3  # fold-in constant of the terms' PRNG stream (skd_jax.data.sources uses 1, 2, 4-6)
+_TERMS = 3  # fold-in constant of the terms' PRNG stream (skd_jax.data.sources uses 1, 2, 4-7)
 
 
 class TrainState(flax.training.train_state.TrainState):

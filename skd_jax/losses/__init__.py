@@ -11,6 +11,7 @@ from skd_jax.losses._bake import bake_loss
 from skd_jax.losses._bake import bake_targets
 from skd_jax.losses._byot import byot_loss
 from skd_jax.losses._compact import compress_top_k
+from skd_jax.losses._ddgsd import ddgsd_loss
 from skd_jax.losses._compact import expand_top_k
 from skd_jax.losses._compact import index_dtype
 from skd_jax.losses._distillation import aggregate_joint_logits
@@ -41,6 +42,7 @@ __all__ = [
     'beta_smoothing_targets',
     'byot_loss',
     'compress_top_k',
+    'ddgsd_loss',
     'dense_class_votes',
     'distillation_kl',
     'drg_loss',
