@@ -20,6 +20,8 @@ from skd_jax.losses._distillation import drg_loss
 from skd_jax.losses._distillation import dsr_loss
 from skd_jax.losses._distillation import lsskd_loss
 from skd_jax.losses._distillation import rotation_joint_labels
+from skd_jax.losses._mixskd import mixskd_loss
+from skd_jax.losses._mixskd import mixskd_mix
 from skd_jax.losses._peers import beta_smoothing_targets
 from skd_jax.losses._peers import sd_dropout_loss
 from skd_jax.losses._soft_targets import label_smoothing_cross_entropy
@@ -40,6 +42,8 @@ __all__ = [
     'bake_loss',
     'bake_targets',
     'beta_smoothing_targets',
+    'mixskd_loss',
+    'mixskd_mix',
     'byot_loss',
     'compress_top_k',
     'ddgsd_loss',
