@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import runs
+from skd_jax import config_lib
 from skd_jax import losses
 from skd_jax import preemption
 from skd_jax import terms as terms_lib
@@ -221,3 +222,18 @@ def test_random_views_and_the_again_group_are_per_seed_and_step_and_resume_bit_i
     np.testing.assert_allclose(record['mix/lam'], np.mean(window), rtol=1e-6)
     start = record['step']
     assert np.isfinite(record['loss/ddgsd']) and 0 <= record['ddgsd/again_top1'] <= 100
+
+
+@pytest.mark.parametrize('arg', [None, 'quick', 'variant=yechanp', 'quick,variant=yechanp'])
+def test_the_config_is_valid_and_quick_is_the_baselines_setup_but_the_loss(arg):
+  module = importlib.import_module('configs.ddgsd')
+  config = module.get_config(arg)
+  config_lib.validate(config, device_count=8)
+  method = terms_lib.build(config.loss, terms_lib.Context(10, config.num_epochs, 128))
+  assert [t.name for t in method.terms] == ['ddgsd'] and method.groups == ('again',)
+  if arg and 'quick' in arg:
+    baseline = importlib.import_module('configs.baseline').get_config('quick')
+    config.loss = baseline.loss
+    assert config.to_dict() == baseline.to_dict()
+  with pytest.raises(ConfigError, match=r'^--config argument: variant must be one of'):
+    module.get_config('variant=youngerous')
