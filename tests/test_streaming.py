@@ -379,4 +379,6 @@ def test_the_again_group_is_a_second_independent_augmentation_on_the_host_too():
 
   records = _Records()
   reader = _reader(records, groups=('main', 'again'))
-  assert test_sources.check_again_group(reader(3), records.images, 2) >= B // 2
+  batch = reader(3)
+  assert test_sources.check_again_group(batch, records.images, 2) >= B // 2
+  assert sorted(records.read_indices) == sorted(batch['main']['index'].tolist())  # read once

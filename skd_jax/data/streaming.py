@@ -295,9 +295,12 @@ class StepReader:
     return groups
 
   def __call__(self, step: int) -> dict:
-    out = {'step': step}
+    out, read = {'step': step}, {}
     for group, (index, valid) in self.indices(step).items():
-      images, labels = self.records.read(index[self.share])
+      if group == 'again':  # the main examples' images, read once, augmented again
+        images, labels = read['main']
+      else:
+        images, labels = read[group] = self.records.read(index[self.share])
       rng = _rng(self.seed, group, step)
       if self.augment == 'imagenet':
         images = resized_crops.random_resized_crops(
