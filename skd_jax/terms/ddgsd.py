@@ -34,12 +34,12 @@ class DDGSD(terms.LossTerm):
   pass (named after the term), ``f`` the pooled ``'features'``."""
 
   weight: float = 1.0
-  temperature: float = 3.0
-  ce_weight: float = 1.0
-  kl_weight: float = 1.0
-  mmd_weight: float = 0.005
-  mmd: str = 'vector'
-  batchnorm: str = 'joint'
+  temperature: float = terms.setting(3.0, low=1e-3, high=1e3)
+  ce_weight: float = terms.setting(1.0, low=0, high=1e3)
+  kl_weight: float = terms.setting(1.0, low=0, high=1e3)
+  mmd_weight: float = terms.setting(0.005, low=0, high=1e3)
+  mmd: str = terms.setting('vector', choices=('vector', 'scalar'))
+  batchnorm: str = terms.setting('joint', choices=('joint', 'separate'))
   name: str = 'ddgsd'
 
   @property
@@ -63,22 +63,3 @@ class DDGSD(terms.LossTerm):
     )
     top1 = 100.0 * (jnp.argmax(again.logits, -1) == inputs.labels).astype(jnp.float32)
     return terms.TermOutput(loss, metrics={f'{self.name}/again_top1': top1})
-
-
-def make(settings, context):
-  del context
-  check = lambda key, low, high: terms.check_range(
-      settings, key, low, high, 'ddgsd', getattr(DDGSD, key)
-  )
-  choice = lambda key, options: terms.check_choice(
-      settings, key, options, 'ddgsd', getattr(DDGSD, key)
-  )
-  return DDGSD(
-      weight=float(settings.weight),
-      temperature=check('temperature', 1e-3, 1e3),
-      ce_weight=check('ce_weight', 0, 1e3),
-      kl_weight=check('kl_weight', 0, 1e3),
-      mmd_weight=check('mmd_weight', 0, 1e3),
-      mmd=choice('mmd', ('vector', 'scalar')),
-      batchnorm=choice('batchnorm', ('joint', 'separate')),
-  )
