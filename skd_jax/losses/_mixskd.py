@@ -10,7 +10,13 @@ from skd_jax.losses._distillation import distillation_kl
 
 def mixskd_mix(x: jax.typing.ArrayLike, lam, perm: jax.typing.ArrayLike) -> jax.Array:
   """``lam x + (1 - lam) x[perm]`` along the leading (example) axis: MixSKD's mixture of inputs,
-  and of outputs (logits, feature maps) when applied to the originals' outputs."""
+  and of outputs (logits, feature maps) when applied to the originals' outputs.
+
+  >>> import jax.numpy as jnp
+  >>> from skd_jax import losses
+  >>> losses.mixskd_mix(jnp.array([0.0, 4.0]), 0.25, jnp.array([1, 0]))
+  Array([3., 1.], dtype=float32)
+  """
   x = jnp.asarray(x)
   return lam * x + (1.0 - lam) * x[jnp.asarray(perm)]
 
