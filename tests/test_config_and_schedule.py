@@ -22,6 +22,7 @@ CONFIGS = [
     'byot',
     'cskd',
     'cskd_lsskd',
+    'ddgsd',
     'dlb',
     'drg',
     'dsr',
