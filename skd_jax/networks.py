@@ -12,7 +12,8 @@ Layout:
   input normalisation. Its variables are an argument of the compiled step, never part of the train
   state: they are not trained, not weight-decayed and not copied into the student's checkpoints.
 
-Every network normalises its own uint8 input with the statistics of the data it was trained on.
+Every network normalises its own input (uint8, or float views in the uint8 pixel scale, e.g. a
+mixup) with the statistics of the data it was trained on.
 Evaluation and the export use the backbone alone (:meth:`Networks.inference`).
 """
 
@@ -83,7 +84,7 @@ class Networks:
     return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
   def apply_student(self, params, batch_stats, images):
-    """Train-mode student on uint8 images: ``(logits, outputs, new batch_stats)``."""
+    """Train-mode student on uint8 (or float, ``[0, 255]``) images: logits, outputs, new stats."""
     (logits, outputs), updates = self.student.apply(
         {'params': params, 'batch_stats': batch_stats},
         self.spec.normalize(images),
@@ -139,7 +140,8 @@ class Networks:
 
     Args:
       params, batch_stats: the student's.
-      views: ``[B * V, H, W, C]`` uint8 views of the main examples.
+      views: ``[B * V, H, W, C]`` views of the main examples: uint8, or float32 in the uint8
+        pixel scale when a term's view maker returns float images.
       batch: the step's groups (``skd_jax.data.sources.Batch``).
       forwards: the terms' :class:`skd_jax.terms.Forward` s.
       ema, teacher: the EMA copy's and the teacher's variables, for passes of those networks.

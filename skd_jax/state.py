@@ -25,8 +25,8 @@ from skd_jax import networks as networks_lib
 from skd_jax import terms as terms_lib
 from skd_jax.data import sources
 
-_TERMS = 3  # fold-in constant of the terms' PRNG stream (skd_jax.data.sources uses 1, 2, 4-6)
-_TERM_PARAMS = 7  # fold-in constant of the key that initialises the terms' own parameters
+_TERMS = 3  # fold-in constant of the terms' PRNG stream (skd_jax.data.sources uses 1, 2, 4-7)
+_TERM_PARAMS = 8  # fold-in constant of the key that initialises the terms' own parameters
 
 
 class TrainState(flax.training.train_state.TrainState):
@@ -173,9 +173,11 @@ def train_step(
   rows = example_rows.gather(state.rows, main.index, mesh)
   weights = main.valid.astype(jnp.float32) / jnp.sum(main.valid)
   average = lambda v: jnp.sum(weights * v) if jnp.ndim(v) else v
-  # Views are built per example and laid out example-major, so they stay on the example's device.
-  views = jax.lax.with_sharding_constraint(method.views(main.images), mesh_lib.sharded(mesh))
   terms_key = sources.step_key(key, _TERMS, step)
+  # Views are built per example and laid out example-major, so they stay on the example's device.
+  # Each term's view maker gets the key its loss gets (Combined.term_key).
+  views = method.views(main.images, terms_key)
+  views = jax.lax.with_sharding_constraint(views, mesh_lib.sharded(mesh))
 
   def loss_fn(params):
     logits, outputs, passes, batch_stats = networks.forward(

@@ -23,6 +23,7 @@ CONFIGS = [
     'byot',
     'cskd',
     'cskd_lsskd',
+    'ddgsd',
     'dks',
     'dlb',
     'drg',

@@ -99,3 +99,38 @@ def test_groups_are_sharded_along_the_data_axis():
 def test_unknown_groups_are_refused():
   with pytest.raises(ValueError, match=r"groups: unknown \['neighbours'\]"):
     _source(groups=('neighbours',))
+
+
+def _augmentations(image, padding):
+  """Every crop-after-zero-padding and flip of ``image``."""
+  h, w, _ = image.shape
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  crops = [
+      padded[y : y + h, x : x + w] for y in range(2 * padding + 1) for x in range(2 * padding + 1)
+  ]
+  return crops + [c[:, ::-1] for c in crops]
+
+
+def check_again_group(batch, images, padding):
+  """``'again'``: the main examples, each image an independent crop and flip of the raw image
+  (not of the main group's augmented one); returns how many differ from the main group's."""
+  get = lambda examples, key: getattr(examples, key) if hasattr(examples, key) else examples[key]
+  main, again = batch['main'], batch['again']
+  for key in ('index', 'valid', 'labels'):
+    np.testing.assert_array_equal(get(again, key), get(main, key))
+  differ = 0
+  for i, index in enumerate(get(main, 'index')):
+    options = _augmentations(images[index], padding)
+    for group in (main, again):
+      assert any(np.array_equal(get(group, 'images')[i], o) for o in options)
+    differ += not np.array_equal(get(main, 'images')[i], get(again, 'images')[i])
+  return differ
+
+
+def test_the_again_group_is_a_second_independent_augmentation_of_the_main_examples():
+  source = _source(groups=('again',), crop_padding=2, flip=True)
+  batch = _batch(source, 3)
+  assert check_again_group(batch, IMAGES, 2) >= B // 2
+  # Deterministic per (seed, step): a fresh source gives the same second draw.
+  fresh = _batch(_source(groups=('again',), crop_padding=2, flip=True), 3)
+  np.testing.assert_array_equal(fresh['again'].images, batch['again'].images)

@@ -48,12 +48,12 @@ class _Records:
     return self.images[index], self.labels[index]
 
 
-def _reader(records, share=slice(0, B), **options):
+def _reader(records, share=slice(0, B), groups=('main', 'partner', 'previous'), **options):
   return streaming.StepReader(
       records,
       seed=0,
       batch_size=B,
-      groups=('main', 'partner', 'previous'),
+      groups=groups,
       crop_padding=2,
       flip=True,
       share=share,
@@ -372,3 +372,13 @@ def test_a_stalled_worker_stops_the_run_in_one_line_and_the_rerun_resumes_leakin
   # The input wait is a share of the time it was measured in.
   shares = [float(x) for x in re.findall(r'kept training waiting for .* \(([\d.]+)%\)', stderr)]
   assert shares and max(shares) <= 100, stderr
+
+
+def test_the_again_group_is_a_second_independent_augmentation_on_the_host_too():
+  import test_sources  # pylint: disable=import-outside-toplevel
+
+  records = _Records()
+  reader = _reader(records, groups=('main', 'again'))
+  batch = reader(3)
+  assert test_sources.check_again_group(batch, records.images, 2) >= B // 2
+  assert sorted(records.read_indices) == sorted(batch['main']['index'].tolist())  # read once

@@ -1,5 +1,6 @@
 """Loss terms on plain arrays: composition, state, views, heads and config errors."""
 
+import dataclasses
 import math
 import os
 import re
@@ -93,7 +94,7 @@ def test_lsskd_views_are_the_four_rotations_example_major():
   method = _build(cross_entropy=dict(weight=1.0), lsskd=dict(weight=1.0))
   assert method.num_views == 4
   x = method.views(images)
-  assert x.shape == (8, 3, 3, 1)
+  assert x.shape == (8, 3, 3, 1) and x.dtype == jnp.uint8
   for i in range(2):
     for k in range(4):
       np.testing.assert_array_equal(x[4 * i + k], np.rot90(images[i], k, axes=(0, 1)))
@@ -251,14 +252,57 @@ def test_lsskd_needs_square_images():
     terms_lib.build(ml_collections.ConfigDict({'lsskd': {'weight': 1.0}}), context)
 
 
-def test_two_terms_adding_views_are_refused():
-  with pytest.raises(ValueError, match='a and b both add views'):
-    terms_lib.Combined(
-        (
-            lsskd.LSSKD(num_classes=5, num_stages=3, name='a'),
-            lsskd.LSSKD(num_classes=5, num_stages=3, name='b'),
-        )
-    )
+@dataclasses.dataclass(frozen=True)
+class _Jitter(terms_lib.LossTerm):
+  """A test viewer: two float views, the images plus noise drawn from the term's key; its loss is
+  the view-1 logits' noise draw recomputed from ``inputs.key`` (to see both got the same key)."""
+
+  weight: float = 1.0
+  name: str = 'jitter'
+  num_views = 3
+
+  def make_views(self, images, key=None):
+    noise = jax.random.uniform(key, (2, *images.shape))
+    return jnp.stack([images, images + noise[0], images - noise[1]], axis=1).astype(jnp.float32)
+
+  def __call__(self, inputs, rows=None, carry=None):
+    assert inputs.views['logits'].shape[1] == 3
+    drawn = jax.random.uniform(inputs.key, (2, inputs.labels.shape[0]))
+    return terms_lib.TermOutput(drawn[0] * 0.0 + jnp.sum(inputs.views['logits'][:, 1], -1))
+
+
+def test_two_viewing_terms_compose_each_seeing_view_0_and_its_own():
+  """LSSKD's rotations and a random float viewer: V = 1 + 3 + 2 views, view 0 the original, then
+  LSSKD's, then the jitter's; each term sees only view 0 and its own, and the jitter's view
+  maker gets the key its loss gets."""
+  images = jax.random.randint(jax.random.key(1), (2, 3, 3, 1), 0, 256).astype(jnp.uint8)
+  rotations = lsskd.LSSKD(num_classes=5, num_stages=3)
+  method = terms_lib.Combined((cross_entropy.CrossEntropy(), rotations, _Jitter()))
+  assert method.num_views == 6
+  assert method.view_slots() == {'cross_entropy': (0,), 'lsskd': (0, 1, 2, 3), 'jitter': (0, 4, 5)}
+  key = jax.random.key(3)
+  x = method.views(images, key)
+  assert x.shape == (12, 3, 3, 1) and x.dtype == jnp.float32  # one float view makes all float
+  own = jax.random.uniform(method.term_key(key, method.terms[2]), (2, *images.shape))
+  for i in range(2):
+    np.testing.assert_array_equal(x[6 * i], images[i])
+    for k in range(1, 4):
+      np.testing.assert_array_equal(x[6 * i + k], np.rot90(images[i], k, axes=(0, 1)))
+    np.testing.assert_array_equal(x[6 * i + 4], images[i] + own[0, i])
+    np.testing.assert_array_equal(x[6 * i + 5], images[i] - own[1, i])
+  # The same key gives the same views (the trainer's key depends on the seed and step only).
+  np.testing.assert_array_equal(method.views(images, key), x)
+  assert not np.array_equal(method.views(images, jax.random.key(4)), x)
+  # Each term's inputs.views: the view axis sliced to its slots.
+  v = jnp.arange(2 * 6, dtype=jnp.float32).reshape(2, 6)
+  views = {'logits': jnp.repeat(v[..., None], 5, -1)}
+  views.update({f'lsskd{l}': jnp.zeros((2, 6, 20)) for l in (1, 2, 3)})
+  inputs = terms_lib.TermInputs(views['logits'][:, 0], jnp.array([1, 3]), views=views, key=key)
+  out = method(inputs)
+  np.testing.assert_allclose(out.losses['jitter'], 5 * v[:, 4])  # its view 1 is combined view 4
+
+
+def test_names_must_be_unique():
   with pytest.raises(ValueError, match='names must be unique'):
     terms_lib.Combined((cross_entropy.CrossEntropy(), cross_entropy.CrossEntropy()))
 

@@ -9,11 +9,16 @@ run would. Groups (:data:`GROUPS`):
 * ``'main'``: the epoch permutation (``skd_jax.data.samplers``), always present;
 * ``'partner'``: for every main example one example of the same class (CS-KD);
 * ``'previous'``: step ``s - 1``'s main examples, across epoch boundaries, invalid at step 0
-  (DLB).
+  (DLB);
+* ``'again'``: the main examples themselves, augmented again with an independent draw (DDGSD's
+  second distortion of every image).
 
-Each group is augmented with its own randomness, so a partner or a previous example is a new view
-even when it is the same image. Normalisation is not the source's job: each network normalises
-its own input (``skd_jax.networks``), so a teacher trained on other statistics sees its own.
+Each group is augmented with its own randomness, so a partner, a previous or an ``'again'`` example
+is a new view even when it is the same image: ``'again'`` is a second, independent draw of the
+training augmentation (crop offsets and flips) of each main example, from the same un-augmented
+image, not an augmentation on top of the first draw. Normalisation is not the source's job: each
+network normalises its own input (``skd_jax.networks``), so a teacher trained on other statistics
+sees its own.
 
 A source splits its work in two, so that the trainer can drive every source the same way::
 
@@ -39,10 +44,10 @@ from skd_jax import mesh as mesh_lib
 from skd_jax.data import pipeline
 from skd_jax.data import samplers
 
-GROUPS = ('main', 'partner', 'previous')
+GROUPS = ('main', 'partner', 'previous', 'again')
 
 # Fold-in constants of the run's PRNG key (skd_jax.state uses 0 for initialisation, 3 for terms).
-_AUGMENT, _ORDER, _PARTNER_AUGMENT, _PARTNERS, _PREVIOUS_AUGMENT = 1, 2, 4, 5, 6
+_AUGMENT, _ORDER, _PARTNER_AUGMENT, _PARTNERS, _PREVIOUS_AUGMENT, _AGAIN_AUGMENT = 1, 2, 4, 5, 6, 7
 
 
 class Examples(struct.PyTreeNode):
@@ -211,6 +216,9 @@ class OnDeviceSource:
       index, valid = slots_of(order, (step - 1) % spe)
       augment_key = step_key(key, _PREVIOUS_AUGMENT, step)
       batch['previous'] = self._examples(data, index, valid & (step > 0), augment_key)
+    if 'again' in self.groups:
+      index, valid = batch['main'].index, batch['main'].valid
+      batch['again'] = self._examples(data, index, valid, step_key(key, _AGAIN_AUGMENT, step))
     return batch
 
   def _examples(self, data: DeviceData, index, valid, key) -> Examples:

@@ -65,7 +65,7 @@ from skd_jax.data import sources
 from skd_jax.errors import ConfigError, InputError, Interrupted
 
 # Random streams of (seed, stream, step), as the on-device source's fold-in constants.
-_STREAMS = {'main': 1, 'order': 2, 'partner': 4, 'partners': 5, 'previous': 6}
+_STREAMS = {'main': 1, 'order': 2, 'partner': 4, 'partners': 5, 'previous': 6, 'again': 7}
 
 
 # A worker's process name (/proc/PID/comm): how the trainer tells its workers apart by index.
@@ -290,12 +290,17 @@ class StepReader:
     if 'previous' in self.groups:
       previous, previous_valid = self._slots(max(step - 1, 0))
       groups['previous'] = (previous, previous_valid & (step > 0))
+    if 'again' in self.groups:  # the same examples, augmented with the 'again' stream
+      groups['again'] = (index, valid)
     return groups
 
   def __call__(self, step: int) -> dict:
-    out = {'step': step}
+    out, read = {'step': step}, {}
     for group, (index, valid) in self.indices(step).items():
-      images, labels = self.records.read(index[self.share])
+      if group == 'again':  # the main examples' images, read once, augmented again
+        images, labels = read['main']
+      else:
+        images, labels = read[group] = self.records.read(index[self.share])
       rng = _rng(self.seed, group, step)
       if self.augment == 'imagenet':
         images = resized_crops.random_resized_crops(

@@ -15,15 +15,18 @@ from skd_jax.losses._byot import byot_loss
 from skd_jax.losses._compact import compress_top_k
 from skd_jax.losses._compact import expand_top_k
 from skd_jax.losses._compact import index_dtype
-from skd_jax.losses._dks import dks_loss
+from skd_jax.losses._ddgsd import ddgsd_loss
 from skd_jax.losses._distillation import aggregate_joint_logits
 from skd_jax.losses._distillation import distillation_kl
 from skd_jax.losses._distillation import drg_loss
 from skd_jax.losses._distillation import dsr_loss
 from skd_jax.losses._distillation import lsskd_loss
 from skd_jax.losses._distillation import rotation_joint_labels
+from skd_jax.losses._dks import dks_loss
 from skd_jax.losses._frskd import frskd_attention_map
 from skd_jax.losses._frskd import frskd_loss
+from skd_jax.losses._mixskd import mixskd_loss
+from skd_jax.losses._mixskd import mixskd_mix
 from skd_jax.losses._peers import beta_smoothing_targets
 from skd_jax.losses._peers import sd_dropout_loss
 from skd_jax.losses._soft_targets import label_smoothing_cross_entropy
@@ -47,6 +50,7 @@ __all__ = [
     'beta_smoothing_targets',
     'byot_loss',
     'compress_top_k',
+    'ddgsd_loss',
     'dense_class_votes',
     'discriminator_loss',
     'distillation_kl',
@@ -60,6 +64,8 @@ __all__ = [
     'label_smoothing_cross_entropy',
     'label_smoothing_targets',
     'lsskd_loss',
+    'mixskd_loss',
+    'mixskd_mix',
     'pskd_alpha',
     'pskd_cross_entropy',
     'pskd_targets',

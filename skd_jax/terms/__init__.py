@@ -34,13 +34,21 @@ logits of the main examples, and the trainer provides it without knowing the met
   stage or several (``HeadRequest.stages``); its logits appear in ``inputs.outputs`` under the
   head's name and its other outputs under ``'<name>/<key>'`` (``'features'``, FRSKD's refined
   maps ``'frskd/stage<i>'``), and the evaluated and exported model never contains them;
-* extra views of the main examples (:attr:`LossTerm.num_views`, :meth:`LossTerm.make_views`), e.g.
-  LSSKD's four rotations: the student's main pass then sees ``B * V`` images, ``inputs.logits`` /
-  ``inputs.outputs`` hold view 0 and ``inputs.views`` every view. At most one term adds views;
+* extra views of the main examples (:attr:`LossTerm.num_views`,
+  ``make_views(images, key) -> [B, num_views, H, W, C]``), e.g. LSSKD's four rotations, or a
+  random distortion or a mixup drawn from ``key``: the term's own key of the step, the same as
+  its ``inputs.key``, so its loss can recompute the draws (coefficients, pairings). Views may be
+  uint8 or float in the uint8 pixel scale. Several terms may add views (:class:`Combined`): the
+  student's main pass sees ``B * V`` images, ``V = 1 + sum_t (num_views_t - 1)``, view 0 the
+  original and then each term's extra views in the order of the terms; ``inputs.logits`` /
+  ``inputs.outputs`` hold view 0 and each term's ``inputs.views`` view 0 and its own views;
 * extra groups of examples and forward passes over them (:attr:`LossTerm.forwards`, each a
   :class:`Forward`): the ``'partner'`` group (a same-class example for every main example) or the
   ``'previous'`` group (the previous step's main examples), each independently augmented, seen by
-  the student (with or without gradient), by the EMA copy of the student, or by a frozen teacher.
+  the student (with or without gradient), by the EMA copy of the student, or by a frozen teacher;
+  or the ``'again'`` group: the main examples under a second, independent draw of the training
+  augmentation (DDGSD's two distortions; a view maker cannot redraw a crop: it sees the
+  augmented image, not the original).
   The result is ``inputs.passes[forward.name]``. Views apply to the main group only: an extra
   group is one augmented view per example. Two terms may ask for the same pass (same name, same
   settings); the trainer runs it once;
@@ -72,7 +80,7 @@ evaluation mode (running statistics) and update nothing.
 
 One step::
 
-      source.batch(step) ---> {'main', 'partner'?, 'previous'?}: index, valid, labels, uint8 images
+      source.batch(step) ---> {'main', 'partner'?, 'previous'?, 'again'?}: index, valid, labels, images
             |                      |                       |
     views (main only)      student passes           EMA / teacher passes (eval mode, no gradient)
             |              (grad or not; BN joint       |

@@ -38,10 +38,16 @@ class CombinedOutput(NamedTuple):
 class Combined:
   """A weighted sum of loss terms: ``L_i = sum_t weight_t * L_t,i``.
 
-  Rows, carries and the terms' own parameters (and their optimizer states) are dicts keyed by term
-  name. At most one term may add views of the batch;
-  every term then sees the same ``B * V`` forward pass. Forward passes of the same name are run
-  once; EMA copies asked for by several terms must have the same decay.
+  Rows, carries and the terms' own parameters (and their optimizer states) are dicts keyed by
+  term name. Forward passes of the same name are run once; EMA copies asked for by several terms
+  must have the same decay.
+
+  Views: any number of terms may add views of the main examples. The student's main pass sees
+  ``V = 1 + sum_t (num_views_t - 1)`` views of every example: view 0 the original, then each
+  viewing term's extra views in the order of ``terms`` (:meth:`view_slots`). Each term sees, in
+  ``inputs.views``, view 0 and its own views only, in the order its ``make_views`` returned
+  them, so a term's code does not depend on the other terms. Each term's ``make_views`` and
+  ``__call__`` get the same key of the step (:meth:`term_key`).
   """
 
   terms: tuple[LossTerm, ...]
@@ -50,11 +56,6 @@ class Combined:
     names = [t.name for t in self.terms]
     if len(set(names)) != len(names):
       raise ValueError(f'terms: names must be unique, got {names}')
-    viewers = [t.name for t in self.terms if t.num_views > 1]
-    if len(viewers) > 1:
-      raise ValueError(
-          f'terms: {" and ".join(viewers)} both add views of the batch; at most one term may'
-      )
     names = [f.name for f in self.forwards]
     for name in names:
       if names.count(name) > 1:
@@ -85,14 +86,46 @@ class Combined:
 
   @property
   def num_views(self) -> int:
-    return max([t.num_views for t in self.terms], default=1)
+    """``V``: the original and every term's extra views."""
+    return 1 + sum(t.num_views - 1 for t in self.terms)
 
-  def views(self, images: jax.Array) -> jax.Array:
-    """``[B * V, ...]`` images, example-major (the ``V`` views of example ``i`` are adjacent)."""
-    viewer = next((t for t in self.terms if t.num_views > 1), None)
-    if viewer is None:
+  def view_slots(self) -> dict[str, tuple[int, ...]]:
+    """Term name -> the positions of its views among the ``V`` (``(0,)`` for a term without)."""
+    slots, start = {}, 1
+    for t in self.terms:
+      slots[t.name] = (0,) + tuple(range(start, start + t.num_views - 1))
+      start += t.num_views - 1
+    return slots
+
+  @staticmethod
+  def term_key(key: jax.Array | None, term: LossTerm) -> jax.Array | None:
+    """The term's own key of the step, from the step's key of all terms."""
+    if key is None:
+      return None
+    return jax.random.fold_in(key, zlib.crc32(term.name.encode()))
+
+  def views(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """``[B * V, ...]`` images, example-major (the ``V`` views of example ``i`` are adjacent).
+
+    ``key`` is the step's key of all terms (the trainer's ``inputs.key``); every viewing term's
+    ``make_views`` gets its :meth:`term_key`. The views are uint8 when every term's are, float32
+    otherwise (in the uint8 pixel scale).
+    """
+    parts = [images[:, None]]
+    for t in self.terms:
+      if t.num_views > 1:
+        made = t.make_views(images, self.term_key(key, t))
+        if made.shape[:2] != (images.shape[0], t.num_views):
+          raise ValueError(
+              f'terms: {t.name}.make_views returned {made.shape[:2]}, expected '
+              f'{(images.shape[0], t.num_views)} (examples, views)'
+          )
+        parts.append(made[:, 1:])
+    if len(parts) == 1:
       return images
-    views = viewer.make_views(images)
+    if any(p.dtype != jnp.uint8 for p in parts):
+      parts = [p.astype(jnp.float32) for p in parts]
+    views = jnp.concatenate(parts, axis=1)
     return views.reshape(-1, *views.shape[2:])
 
   def heads(self) -> dict[str, tuple[HeadRequest, ...]]:
@@ -120,7 +153,7 @@ class Combined:
     Raises:
       ValueError: a term with parameters declares no optimizer.
     """
-    params = {t.name: t.init_params(_own_key(key, t.name)) for t in self.terms}
+    params = {t.name: t.init_params(self.term_key(key, t)) for t in self.terms}
     params = {k: v for k, v in params.items() if v is not None}
     for term in self.terms:
       if term.name in params and term.optimizer() is None:
@@ -149,7 +182,7 @@ class Combined:
     for term in self.terms:
       if term.name not in params:
         continue
-      own = _with_own_key(inputs, term.name)
+      own = dataclasses.replace(inputs, key=self.term_key(inputs.key, term))
       objective = lambda p, term=term, own=own: jnp.sum(weights * term.objective(p, own))
       value, grads = jax.value_and_grad(objective)(params[term.name])
       updates, new_opt_state[term.name] = term.optimizer().update(
@@ -166,15 +199,23 @@ class Combined:
       carry: Mapping[str, Any] | None = None,
       params: Mapping[str, Any] | None = None,
   ) -> CombinedOutput:
-    """Calls every term with its own rows, carry, PRNG key and parameters; sums weighted losses.
+    """Calls every term with its own rows, carry, PRNG key, views and parameters; sums weighted
+    losses.
 
-    A term with parameters (a key of ``params``) receives them as ``params=``; they are
-    constants here: the student's gradient never reaches them.
+    When ``inputs.views`` hold all ``V`` views (:attr:`num_views`, as in the trainer), each term
+    sees view 0 and its own (:meth:`view_slots`); views laid out otherwise are passed as given. A
+    term with parameters (a key of ``params``) receives them as ``params=``; they are constants
+    here: the student's gradient never reaches them.
     """
     rows, carry, params = rows or {}, carry or {}, params or {}
     total, per_term, new_rows, new_carry, metrics = 0.0, {}, {}, {}, {}
+    slots = self.view_slots()
+    combined = next(iter(inputs.views.values())).shape[1] == self.num_views
     for term in self.terms:
-      own = _with_own_key(inputs, term.name)
+      own = dataclasses.replace(inputs, key=self.term_key(inputs.key, term))
+      if combined and slots[term.name] != tuple(range(self.num_views)):
+        picked = jnp.asarray(slots[term.name])
+        own = dataclasses.replace(own, views={k: v[:, picked] for k, v in inputs.views.items()})
       extra = {'params': params[term.name]} if term.name in params else {}
       try:
         out = term(own, rows.get(term.name), carry.get(term.name), **extra)
@@ -193,14 +234,3 @@ class Combined:
       new_carry[term.name] = out.carry
       metrics.update(out.metrics)
     return CombinedOutput(total, per_term, new_rows, new_carry, metrics)
-
-
-def _own_key(key: jax.Array, name: str) -> jax.Array:
-  return jax.random.fold_in(key, zlib.crc32(name.encode()))
-
-
-def _with_own_key(inputs: TermInputs, name: str) -> TermInputs:
-  """``inputs`` with the term's own PRNG key (unchanged without a key)."""
-  if inputs.key is None:
-    return inputs
-  return dataclasses.replace(inputs, key=_own_key(inputs.key, name))

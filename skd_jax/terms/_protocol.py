@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 NETWORKS = ('student', 'ema', 'teacher')
-GROUPS = ('main', 'partner', 'previous')  # skd_jax.data.sources.GROUPS
+GROUPS = ('main', 'partner', 'previous', 'again')  # skd_jax.data.sources.GROUPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +18,8 @@ class Forward:
 
   Attributes:
     name: key in ``inputs.passes``; terms asking for the same name must ask for the same pass.
-    group: the examples: ``'main'``, ``'partner'`` or ``'previous'``.
+    group: the examples: ``'main'``, ``'partner'``, ``'previous'`` or ``'again'`` (the main
+      examples under an independent second draw of the training augmentation).
     network: ``'student'``, ``'ema'`` (the student's EMA copy) or ``'teacher'`` (frozen).
     grad: student only: whether gradients flow through the pass.
     batchnorm: student only: ``'separate'`` (its own call and batch statistics) or ``'joint'``
@@ -110,7 +111,8 @@ class TermInputs:
       original view, ``[B, ...]`` each.
     epoch: 0-based epoch (an int32 scalar in the trainer).
     views: ``'logits'`` and every output for every view of the batch, ``[B, V, ...]`` each (view 0
-      is the original). Defaults to the single view ``logits`` / ``outputs``.
+      is the original). Defaults to the single view ``logits`` / ``outputs``. Inside
+      :class:`Combined` a term sees only view 0 and its own views (``1 + num_views - 1``).
     valid: ``[B]`` False on padding slots; defaults to all True.
     passes: the extra forward passes the terms asked for (:class:`Forward`), by name.
     key: a PRNG key of this term and step (None outside the trainer unless given).
@@ -260,8 +262,16 @@ class LossTerm(abc.ABC):
     """
     raise NotImplementedError(f'{self.name}: a term with parameters must define objective()')
 
-  def make_views(self, images: jax.Array) -> jax.Array:
-    """``[B, num_views, ...]`` views of ``[B, ...]`` images; view 0 must be the images."""
+  def make_views(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """``[B, num_views, H, W, C]`` views of the ``[B, H, W, C]`` augmented uint8 main images.
+
+    View 0 must be the images themselves (:class:`Combined` keeps the original in its place).
+    Views may be uint8 or float in the uint8 pixel scale (``[0, 255]``, e.g. a mixup of two
+    images); the network normalises either the same way. ``key`` is this term's PRNG key of the
+    step, the same key its ``__call__`` receives as ``inputs.key`` (None outside the trainer
+    unless given), so the loss can recompute the draws (mixing coefficients, pairings).
+    """
+    del key
     return images[:, None]
 
   @abc.abstractmethod

@@ -58,7 +58,8 @@ class LSSKD(terms.LossTerm):
           f'loss.lsskd: rotations need square images, got {shape[0]}x{shape[1]}'
       )
 
-  def make_views(self, images):
+  def make_views(self, images, key=None):
+    del key  # deterministic
     # Quarter turns in the image plane; images are square (checked in check()).
     return jnp.stack([jnp.rot90(images, k, axes=(1, 2)) for k in range(NUM_ROTATIONS)], axis=1)
 
