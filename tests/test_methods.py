@@ -43,13 +43,17 @@ def _all_new_state():
 def _label_and_batch_terms():
   """The terms added with the import-path protocol, all at once: a virtual teacher (TF-KD reg),
   votes of the classifier over the feature map (Zipf's LS), a linear weak head (USKD, groups of 4
-  that span devices), ensembles over the whole batch (BAKE) and classifiers on the shallow stages
-  (BYOT), beside the cross-entropy."""
+  that span devices), ensembles over the whole batch (BAKE), classifiers on the shallow stages
+  (BYOT, and DKS's beside them), a self-teacher over several stages (FRSKD) and a second draw of
+  the augmentation (DDGSD's 'again' group), beside the cross-entropy."""
   config = runs.config('byot')
   config.loss.tfkd_reg = dict(weight=0.1)
   config.loss.zipf_ls = dict(weight=0.1)
   config.loss.uskd = dict(weight=1.0, group_size=4)
   config.loss.bake = dict(weight=0.5)
+  config.loss.dks = dict(weight=0.5)
+  config.loss.frskd = dict(weight=0.5, width=1, depth=1)
+  config.loss.ddgsd = dict(weight=0.5)
   return config
 
 
@@ -85,7 +89,7 @@ def test_the_terms_added_since_resume_bit_identically_after_a_preemption(tmp_pat
   _, expected = runs.restore(tmp_path / 'straight', 10)
   jax.tree.map(np.testing.assert_array_equal, state, expected)
   records = runs.records(tmp_path / 'resumed', 'train')
-  for term in ('byot', 'tfkd_reg', 'zipf_ls', 'uskd', 'bake'):
+  for term in ('byot', 'tfkd_reg', 'zipf_ls', 'uskd', 'bake', 'dks', 'frskd', 'ddgsd'):
     assert all(np.isfinite(r[f'loss/{term}']) for r in records), term
 
 
