@@ -21,7 +21,9 @@ stages of its small ResNet):
 
   python -m skd_jax.main --config=configs/frskd.py:quick --workdir=/tmp/frskd_quick
 
-Not measured yet (the quick run was not timed on an idle machine).
+Measured (2-core CPU, 3,927 s wall on 2026-12-06 with the machine shared by the test suite and
+other jobs, 103-185 img/s; training 3,900 s): top-1 91.70%, NLL 0.229, ECE 0.45, AURC 11.2 (baseline
+91.35%, ECE 0.50); the self-teacher's last training top-1 90.2%. One seed: not an effect claim.
 """
 
 from skd_jax import config_lib

@@ -28,6 +28,7 @@ CONFIGS = [
     'dlb',
     'drg',
     'dsr',
+    'frskd',
     'label_smoothing',
     'lightskd',
     'lsskd',
