@@ -178,6 +178,16 @@ def test_a_term_with_parameters_needs_an_optimizer_and_settings_are_checked():
 
   with pytest.raises(ValueError, match='no_optimizer has parameters but no optimizer'):
     terms.Combined((NoOptimizer(),)).init_params(jax.random.key(0))
+
+  @dataclasses.dataclass(frozen=True)
+  class NoObjective(NoOptimizer):
+    name: str = 'no_objective'
+
+    def optimizer(self):
+      return optax.sgd(0.1)
+
+  with pytest.raises(ValueError, match='no_objective has parameters but no objective'):
+    terms.Combined((NoObjective(),)).init_params(jax.random.key(0))
   context = terms.Context(num_classes=10, num_epochs=2, batch_size=8)
   for setting, message in (
       (dict(hidden=(8, 0)), r'loss.aikd.hidden: expected a tuple of integers >= 1, got \(8, 0\)'),

@@ -151,13 +151,15 @@ class Combined:
     Each term gets ``fold_in(key, crc32(name))``, so adding a term changes no other's draws.
 
     Raises:
-      ValueError: a term with parameters declares no optimizer.
+      ValueError: a term with parameters declares no optimizer or no objective.
     """
     params = {t.name: t.init_params(self.term_key(key, t)) for t in self.terms}
     params = {k: v for k, v in params.items() if v is not None}
     for term in self.terms:
       if term.name in params and term.optimizer() is None:
         raise ValueError(f'terms: {term.name} has parameters but no optimizer')
+      if term.name in params and type(term).objective is LossTerm.objective:
+        raise ValueError(f'terms: {term.name} has parameters but no objective')
     return params
 
   def init_opt_state(self, params: Mapping[str, Any]) -> dict[str, Any]:

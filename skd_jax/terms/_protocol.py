@@ -258,9 +258,12 @@ class LossTerm(abc.ABC):
 
     ``inputs`` are the step's :class:`TermInputs` under ``jax.lax.stop_gradient`` (the student's
     outputs before its update, without ``classify``); the trainer averages the objective over the
-    batch's real examples and differentiates it with respect to ``params`` alone.
+    batch's real examples and differentiates it with respect to ``params`` alone. A term with
+    parameters must override it (``Combined.init_params`` refuses one that does not); this
+    default, a term without parameters, has no objective: zeros.
     """
-    raise NotImplementedError(f'{self.name}: a term with parameters must define objective()')
+    del params
+    return jnp.zeros(inputs.labels.shape, jnp.float32)
 
   def make_views(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """``[B, num_views, H, W, C]`` views of the ``[B, H, W, C]`` augmented uint8 main images.
