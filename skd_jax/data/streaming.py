@@ -39,6 +39,7 @@ import ctypes
 import functools
 import gc
 import multiprocessing
+from multiprocessing import resource_tracker
 from multiprocessing import shared_memory
 import os
 import queue
@@ -51,6 +52,7 @@ import time
 
 from absl import flags
 import grain
+from grain import python as grain_python
 import jax
 import numpy as np
 
@@ -151,12 +153,28 @@ def _unlink_orphans(received) -> None:
   except OSError:  # no /dev/shm: not Linux
     return
   for name in names:
+    # Unlinked by path, not mapped: a worker killed between creating a segment and sizing it
+    # leaves an empty one, which SharedMemory cannot open. The tracker may not know the name yet
+    # (the worker registers after sizing): registering first keeps its books balanced.
+    resource_tracker.register('/' + name, 'shared_memory')
     try:
-      segment = shared_memory.SharedMemory(name)
-      segment.close()
-      segment.unlink()  # also tells the resource tracker
+      os.unlink(os.path.join('/dev/shm', name))
     except FileNotFoundError:
       pass
+    resource_tracker.unregister('/' + name, 'shared_memory')
+
+
+def _finish_frees() -> None:
+  """Waits until the segments of batches already dropped are freed.
+
+  grain frees a received batch's segments on one background thread of a ``multiprocessing``
+  pool, which drops whatever it has not yet run when the interpreter exits: a run that stops
+  right after closing its pipeline would leave those segments to the resource tracker. The pool
+  runs its tasks in order, so an empty task's completion means every earlier free is done.
+  """
+  frees = getattr(grain_python.SharedMemoryArray, '_del_thread_pool', None)
+  if frees is not None:
+    frees.apply(lambda: None)
 
 
 def _signalled() -> bool:
@@ -410,7 +428,7 @@ class HostSource:
     if self._iterator is None:
       return
     self._requests.put(False)  # ends the fetching thread once it is idle
-    killer = None
+    killer, workers = None, []
     if self._in_flight:
       workers = list(_workers().values())
       for worker in workers:
@@ -423,6 +441,8 @@ class HostSource:
     self._iterator.close()
     if killer:
       killer.cancel()
+    for worker in workers:  # grain may have only signalled it: gone before its orphans are sought
+      worker.join(_CLOSE_GRACE_SECONDS)
     # A batch that arrived for the abandoned wait holds shared memory until dropped.
     self._fetcher.join(_CLOSE_GRACE_SECONDS)
     while not self._results.empty():
@@ -431,6 +451,7 @@ class HostSource:
       # Batches a failure left in reference cycles (an error's traceback holds grain's frames)
       # would keep their segments until the interpreter exits, past the resource tracker's count.
       gc.collect()
+      _finish_frees()
       _unlink_orphans(set(self._received))
     self._iterator, self._in_flight = None, False
 
