@@ -1,15 +1,28 @@
-"""MixSKD's pure loss (METHODS.md §3.11) against the official code (golden/mixskd.npz, written by
-golden/make_mixskd.py from winycg/Self-KD-Lib's ``main_mixskd_cifar.py``). No term yet: the
-loss only."""
+"""MixSKD (METHODS.md §3.11): the pure loss against the official code (golden/mixskd.npz, written
+by golden/make_mixskd.py from winycg/Self-KD-Lib's ``main_mixskd_cifar.py``); the self-teacher's
+affine identity; the mixed view and the loss's redraw of lam and perm; the term against the loss
+computed by hand from the network's outputs; a short run preempted and resumed."""
 
+import importlib
 import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+import runs
+from skd_jax import config_lib
+from skd_jax import export
 from skd_jax import losses
+from skd_jax import models
+from skd_jax import networks
+from skd_jax import preemption
+from skd_jax import terms as terms_lib
+from skd_jax import train
+from skd_jax.errors import ConfigError
+from skd_jax.terms import mixskd as mixskd_term
 
 GOLDEN = pathlib.Path(__file__).parent / 'golden' / 'mixskd.npz'
 EXITS = 4
@@ -78,3 +91,110 @@ def test_an_unmixed_batch_has_no_distillation_feature_or_mixup_terms():
   np.testing.assert_allclose(
       losses.mixskd_mix(f[0], 0.25, perm[::-1]), 0.25 * f[0] + 0.75 * f[0][::-1]
   )
+
+
+CONTEXT = terms_lib.Context(
+    num_classes=5, num_epochs=4, batch_size=4, image_shape=(16, 16, 1), num_stages=3
+)
+SPEC = export.ModelSpec(
+    'small_resnet', {'widths': (4, 8, 16), 'strides': (2, 2, 2)}, 5, (16, 16, 1), (0.5,), (0.25,)
+)
+
+
+def _term(**settings):
+  loss = ml_collections.ConfigDict(dict(mixskd=dict(weight=1.0, **settings)))
+  return terms_lib.build(loss, CONTEXT).terms[0]
+
+
+def test_the_self_teacher_of_a_mixture_of_maps_is_the_mixture_of_its_outputs():
+  """h (concat, 1x1 conv without bias, pooling, Dense) is affine and lam + (1 - lam) = 1, so
+  h(lam F + (1 - lam) F[perm]) = lam h(F) + (1 - lam) h(F)[perm]: the term's t^."""
+  key = iter(jax.random.split(jax.random.key(1), 8))
+  maps = [jax.random.normal(next(key), (6, 3, 3, d)) for d in (4, 8, 16)]
+  teacher = models.MixSKDTeacher(5, 16)
+  variables = teacher.init(next(key), maps)
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # a nonzero bias too
+  lam, perm = 0.3, jax.random.permutation(next(key), 6)
+  h = lambda fs: teacher.apply(variables, fs)[0]
+  mixed = h([losses.mixskd_mix(f, lam, perm) for f in maps])
+  np.testing.assert_allclose(mixed, losses.mixskd_mix(h(maps), lam, perm), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(mixed - h(maps))).max() > 1e-2  # the mixture changed something
+
+
+def test_the_mixed_view_uses_the_lam_and_perm_the_loss_redraws_from_the_same_key():
+  term = _term(alpha=0.4)
+  images = jax.random.randint(jax.random.key(2), (8, 16, 16, 1), 0, 256).astype(jnp.uint8)
+  key = jax.random.key(3)
+  views = term.make_views(images, key)
+  assert views.shape == (8, 2, 16, 16, 1) and views.dtype == jnp.float32
+  lam, perm = mixskd_term.draws(key, 8, 0.4)
+  assert 0 < float(lam) < 1 and sorted(np.asarray(perm).tolist()) == list(range(8))
+  x = np.asarray(images, np.float32)
+  np.testing.assert_array_equal(views[:, 0], x)
+  np.testing.assert_allclose(views[:, 1], lam * x + (1 - lam) * x[np.asarray(perm)], rtol=1e-6)
+  other, _ = mixskd_term.draws(jax.random.key(4), 8, 0.4)
+  assert float(other) != float(lam)
+
+
+def test_the_term_is_mixskd_loss_of_the_networks_outputs_on_both_views():
+  """One train-mode call of the network over both views (example-major, so BatchNorm sees
+  [x; x~] together); the term's loss is mixskd_loss of the N = 3 exits (two branches, then the
+  backbone), with t^ = mix(h(F)) and t~ = h(F~), and the fixed discriminators."""
+  term = _term(mix_ce=True)
+  (request,) = term.heads()
+  assert (request.kind, request.stages) == ('mixskd', (1, 2, 3))
+  nets = networks.Networks(SPEC, {'mixskd': term.heads()})
+  variables = nets.init(jax.random.key(0))
+  assert {'mixskd', 'backbone'} == set(variables['params'])
+  assert {'branch1', 'branch2', 'teacher'} <= set(variables['params']['mixskd'])
+  assert 'mixskd' not in nets.inference(variables['params'], variables['batch_stats'])['params']
+  method = terms_lib.Combined((term,))
+  images = jax.random.randint(jax.random.key(5), (4, 16, 16, 1), 0, 256).astype(jnp.uint8)
+  labels, key = jnp.array([0, 1, 2, 3]), jax.random.key(6)
+  views = method.views(images, key)
+  logits, outputs, _ = nets.apply_student(
+      variables['params'], variables['batch_stats'], views.reshape(8, 16, 16, 1)
+  )
+  inputs = terms_lib.TermInputs.from_forward(
+      logits, outputs, labels, 0, num_views=2, key=key
+  )
+  got = method(inputs).losses['mixskd']
+  lam, perm = mixskd_term.draws(method.term_key(key, term), 4, term.alpha)
+  orig, mixed = slice(0, 8, 2), slice(1, 8, 2)  # example-major: view 0, view 1, ...
+  zs = [outputs['mixskd/branch1'], outputs['mixskd/branch2'], logits]
+  fs = [outputs['mixskd/map1'], outputs['mixskd/map2'], outputs['stage3']]
+  assert [f.shape for f in fs] == [(8, 2, 2, 16)] * 3
+  want = losses.mixskd_loss(
+      [z[orig] for z in zs],
+      [z[mixed] for z in zs],
+      [f[orig] for f in fs],
+      [f[mixed] for f in fs],
+      losses.mixskd_mix(outputs['mixskd'][orig], lam, perm),
+      outputs['mixskd'][mixed],
+      labels,
+      lam=lam,
+      perm=perm,
+      temperature=3.0,
+      mix_ce=True,
+      discriminators=mixskd_term.discriminators([16, 16, 16]),
+  )
+  assert got.shape == (4,)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  without = _term(mix_ce=True, discriminators=False)
+  assert float(jnp.sum(got - terms_lib.Combined((without,))(inputs).losses['mixskd'])) > 0
+
+
+def test_the_discriminators_are_constants_with_pytorchs_linear_init():
+  first, again = mixskd_term.discriminators([16, 8]), mixskd_term.discriminators([16, 8])
+  jax.tree.map(np.testing.assert_array_equal, first, again)
+  w1, b1, w2, b2 = first[1]
+  assert (w1.shape, b1.shape, w2.shape, b2.shape) == ((8, 128), (128,), (128, 2), (2,))
+  assert np.abs(w1).max() <= 8**-0.5 and np.abs(b1).max() <= 8**-0.5
+  assert np.abs(w2).max() <= 128**-0.5 and np.abs(w1).max() > 0.8 * 8**-0.5
+
+
+def test_a_model_with_one_stage_is_a_config_error():
+  loss = ml_collections.ConfigDict(dict(mixskd=dict(weight=1.0)))
+  one_stage = terms_lib.Context(5, 4, 4, num_stages=1)
+  with pytest.raises(ConfigError, match='loss.mixskd: the model needs at least 2'):
+    terms_lib.build(loss, one_stage)
