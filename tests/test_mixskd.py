@@ -155,9 +155,7 @@ def test_the_term_is_mixskd_loss_of_the_networks_outputs_on_both_views():
   logits, outputs, _ = nets.apply_student(
       variables['params'], variables['batch_stats'], views.reshape(8, 16, 16, 1)
   )
-  inputs = terms_lib.TermInputs.from_forward(
-      logits, outputs, labels, 0, num_views=2, key=key
-  )
+  inputs = terms_lib.TermInputs.from_forward(logits, outputs, labels, 0, num_views=2, key=key)
   got = method(inputs).losses['mixskd']
   lam, perm = mixskd_term.draws(method.term_key(key, term), 4, term.alpha)
   orig, mixed = slice(0, 8, 2), slice(1, 8, 2)  # example-major: view 0, view 1, ...
@@ -198,3 +196,66 @@ def test_a_model_with_one_stage_is_a_config_error():
   one_stage = terms_lib.Context(5, 4, 4, num_stages=1)
   with pytest.raises(ConfigError, match='loss.mixskd: the model needs at least 2'):
     terms_lib.build(loss, one_stage)
+
+
+@pytest.mark.parametrize('arg', [None, 'quick', 'variant=official', 'quick,variant=official'])
+def test_the_config_is_valid_and_quick_is_the_baselines_setup_but_the_loss(arg):
+  # Not in test_config_and_schedule.CONFIGS: the quick run's wall time is not measured yet.
+  config = importlib.import_module('configs.mixskd').get_config(arg)
+  config_lib.validate(config, device_count=8)
+  method = terms_lib.build(config.loss, terms_lib.Context(10, config.num_epochs, 128, num_stages=4))
+  (term,) = method.terms
+  assert (term.name, term.alpha, term.temperature, term.mix_ce) == ('mixskd', 0.4, 3.0, False)
+  assert method.num_views == 2 and len(term.heads()) == 1
+  if arg and 'quick' in arg:
+    baseline = importlib.import_module('configs.baseline').get_config('quick')
+    config.loss = baseline.loss
+    assert config.to_dict() == baseline.to_dict()
+  elif arg:
+    assert (config.batch_size, config.num_epochs, config.optim.boundaries) == (64, 205, (105, 155))
+  else:
+    assert (config.batch_size, config.num_epochs, config.optim.boundaries) == (128, 200, (100, 150))
+
+
+@pytest.mark.slow
+def test_mixskd_trains_is_preempted_and_resumes_bit_identically(tmp_path, monkeypatch):
+  """One epoch of 5 steps of the quick config (narrow ResNet, mocked data, the last batch
+  padded): the term's loss and metrics are finite, a run preempted mid-epoch resumes to the
+  same records and state, lam is the one drawn from (seed, step), and the export is the backbone
+  alone. (~1 min on a loaded 2-core CPU.)"""
+
+  def config():
+    c = runs.config('mixskd', num_epochs=1)
+    c.model.widths = (4, 8, 8)
+    return c
+
+  run = lambda workdir: runs.run(config(), tmp_path / workdir, devices=2)
+  run('straight')
+  with monkeypatch.context() as patch:
+    patch.setattr(preemption, 'reached', lambda step: step == 3)
+    with pytest.raises(train.Preempted, match='at step 3'):
+      run('resumed')
+  run('resumed')
+  assert runs.without_time(runs.records(tmp_path / 'resumed')) == runs.without_time(
+      runs.records(tmp_path / 'straight')
+  )
+  _, state = runs.restore(tmp_path / 'resumed', 5)
+  _, expected = runs.restore(tmp_path / 'straight', 5)
+  jax.tree.map(np.testing.assert_array_equal, state, expected)
+  straight = runs.records(tmp_path / 'straight', 'train')
+  method = terms_lib.build(config().loss, terms_lib.Context(10, 1, 16, num_stages=3))
+  lam = lambda step: mixskd_term.draws(
+      method.term_key(
+          jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 3), step), method.terms[0]
+      ),
+      16,
+      0.4,
+  )[0]
+  start = 0
+  for record in straight:  # each record: the mean over the steps since the previous one
+    window = [float(lam(step)) for step in range(start, record['step'])]
+    np.testing.assert_allclose(record['mixskd/lam'], np.mean(window), rtol=1e-6)
+    start = record['step']
+    assert np.isfinite(record['loss/mixskd']) and 0 <= record['mixskd/branch2_top1'] <= 100
+  assert runs.records(tmp_path / 'straight', 'eval')
+  assert 'mixskd' not in export.load_model(tmp_path / 'straight').variables['params']

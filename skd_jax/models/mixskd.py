@@ -109,7 +109,6 @@ def _mixskd(backbone: nn.Module, request: Any) -> nn.Module:
         f'model {type(backbone).__name__} cannot re-instantiate its later stages as branches'
     )
   branches = tuple(
-      backbone.later_stages_head(k, request.num_outputs).clone(return_map=True)
-      for k in range(1, n)
+      backbone.later_stages_head(k, request.num_outputs).clone(return_map=True) for k in range(1, n)
   )
   return MixSKDHead(branches, request.num_outputs, dtype=backbone.dtype)

@@ -61,12 +61,14 @@ def discriminators(dims: list[int]) -> list[tuple[jax.Array, ...]]:
     uniform = lambda key, shape, fan_in: jax.random.uniform(
         key, shape, jnp.float32, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in)
     )
-    made.append((
-        uniform(keys[0], (d, _HIDDEN), d),
-        uniform(keys[1], (_HIDDEN,), d),
-        uniform(keys[2], (_HIDDEN, 2), _HIDDEN),
-        uniform(keys[3], (2,), _HIDDEN),
-    ))
+    made.append(
+        (
+            uniform(keys[0], (d, _HIDDEN), d),
+            uniform(keys[1], (_HIDDEN,), d),
+            uniform(keys[2], (_HIDDEN, 2), _HIDDEN),
+            uniform(keys[3], (2,), _HIDDEN),
+        )
+    )
   return made
 
 
