@@ -112,8 +112,11 @@ def test_the_self_teacher_of_a_mixture_of_maps_is_the_mixture_of_its_outputs():
   key = iter(jax.random.split(jax.random.key(1), 8))
   maps = [jax.random.normal(next(key), (6, 3, 3, d)) for d in (4, 8, 16)]
   teacher = models.MixSKDTeacher(5, 16)
-  variables = teacher.init(next(key), maps)
-  variables = jax.tree.map(lambda v: v + 0.1, variables)  # a nonzero bias too
+  rng = np.random.default_rng(1)  # random variables, a nonzero Dense bias among them
+  variables = jax.tree.map(
+      lambda v: jnp.asarray(rng.standard_normal(v.shape), v.dtype),
+      jax.eval_shape(teacher.init, next(key), maps),
+  )
   lam, perm = 0.3, jax.random.permutation(next(key), 6)
   h = lambda fs: teacher.apply(variables, fs)[0]
   mixed = h([losses.mixskd_mix(f, lam, perm) for f in maps])
@@ -144,46 +147,57 @@ def test_the_term_is_mixskd_loss_of_the_networks_outputs_on_both_views():
   (request,) = term.heads()
   assert (request.kind, request.stages) == ('mixskd', (1, 2, 3))
   nets = networks.Networks(SPEC, {'mixskd': term.heads()})
-  variables = nets.init(jax.random.key(0))
+  # Random values of the initial variables' shapes: compiling the initialisers takes ~25 s here.
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(
+      lambda v: jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype),
+      jax.eval_shape(nets.init, jax.random.key(0)),
+  )
   assert {'mixskd', 'backbone'} == set(variables['params'])
   assert {'branch1', 'branch2', 'teacher'} <= set(variables['params']['mixskd'])
   assert 'mixskd' not in nets.inference(variables['params'], variables['batch_stats'])['params']
   method = terms_lib.Combined((term,))
+  without = terms_lib.Combined((_term(mix_ce=True, discriminators=False),))
   images = jax.random.randint(jax.random.key(5), (4, 16, 16, 1), 0, 256).astype(jnp.uint8)
   labels, key = jnp.array([0, 1, 2, 3]), jax.random.key(6)
-  views = method.views(images, key)
-  logits, outputs, _ = nets.apply_student(
-      variables['params'], variables['batch_stats'], views.reshape(8, 16, 16, 1)
-  )
-  inputs = terms_lib.TermInputs.from_forward(logits, outputs, labels, 0, num_views=2, key=key)
-  got = method(inputs).losses['mixskd']
-  lam, perm = mixskd_term.draws(method.term_key(key, term), 4, term.alpha)
-  orig, mixed = slice(0, 8, 2), slice(1, 8, 2)  # example-major: view 0, view 1, ...
-  zs = [outputs['mixskd/branch1'], outputs['mixskd/branch2'], logits]
-  fs = [outputs['mixskd/map1'], outputs['mixskd/map2'], outputs['stage3']]
-  assert [f.shape for f in fs] == [(8, 2, 2, 16)] * 3
-  want = losses.mixskd_loss(
-      [z[orig] for z in zs],
-      [z[mixed] for z in zs],
-      [f[orig] for f in fs],
-      [f[mixed] for f in fs],
-      losses.mixskd_mix(outputs['mixskd'][orig], lam, perm),
-      outputs['mixskd'][mixed],
-      labels,
-      lam=lam,
-      perm=perm,
-      temperature=3.0,
-      mix_ce=True,
-      discriminators=mixskd_term.discriminators([16, 16, 16]),
-  )
+
+  @jax.jit
+  def losses_of(variables):
+    views = method.views(images, key)
+    logits, outputs, _ = nets.apply_student(
+        variables['params'], variables['batch_stats'], views.reshape(8, 16, 16, 1)
+    )
+    inputs = terms_lib.TermInputs.from_forward(logits, outputs, labels, 0, num_views=2, key=key)
+    lam, perm = mixskd_term.draws(method.term_key(key, term), 4, term.alpha)
+    orig, mixed = slice(0, 8, 2), slice(1, 8, 2)  # example-major: view 0, view 1, ...
+    zs = [outputs['mixskd/branch1'], outputs['mixskd/branch2'], logits]
+    fs = [outputs['mixskd/map1'], outputs['mixskd/map2'], outputs['stage3']]
+    assert [f.shape for f in fs] == [(8, 2, 2, 16)] * 3
+    want = losses.mixskd_loss(
+        [z[orig] for z in zs],
+        [z[mixed] for z in zs],
+        [f[orig] for f in fs],
+        [f[mixed] for f in fs],
+        losses.mixskd_mix(outputs['mixskd'][orig], lam, perm),
+        outputs['mixskd'][mixed],
+        labels,
+        lam=lam,
+        perm=perm,
+        temperature=3.0,
+        mix_ce=True,
+        discriminators=mixskd_term.make_discriminators([16, 16, 16]),
+    )
+    got = method(inputs).losses['mixskd']
+    return got, want, without(inputs).losses['mixskd']
+
+  got, want, got_without = losses_of(variables)
   assert got.shape == (4,)
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  without = _term(mix_ce=True, discriminators=False)
-  assert float(jnp.sum(got - terms_lib.Combined((without,))(inputs).losses['mixskd'])) > 0
+  assert float(jnp.sum(got - got_without)) > 0
 
 
 def test_the_discriminators_are_constants_with_pytorchs_linear_init():
-  first, again = mixskd_term.discriminators([16, 8]), mixskd_term.discriminators([16, 8])
+  first, again = mixskd_term.make_discriminators([16, 8]), mixskd_term.make_discriminators([16, 8])
   jax.tree.map(np.testing.assert_array_equal, first, again)
   w1, b1, w2, b2 = first[1]
   assert (w1.shape, b1.shape, w2.shape, b2.shape) == ((8, 128), (128,), (128, 2), (2,))

@@ -51,7 +51,7 @@ def draws(key: jax.Array, batch: int, alpha: float) -> tuple[jax.Array, jax.Arra
   return lam, jax.random.permutation(perm_key, batch)
 
 
-def discriminators(dims: list[int]) -> list[tuple[jax.Array, ...]]:
+def make_discriminators(dims: list[int]) -> list[tuple[jax.Array, ...]]:
   """The fixed discriminators ``(w1 [d, 128], b1, w2 [128, 2], b2)``, one per exit of width
   ``d``, with PyTorch's ``nn.Linear`` default init, from :data:`DISCRIMINATOR_SEED`."""
   key = jax.random.key(DISCRIMINATOR_SEED)
@@ -125,7 +125,7 @@ class MixSKD(terms.LossTerm):
         temperature=self.temperature,
         mix_ce=self.mix_ce,
         discriminators=(
-            discriminators([f.shape[-1] for f in maps]) if self.discriminators else None
+            make_discriminators([f.shape[-1] for f in maps]) if self.discriminators else None
         ),
     )
     top1 = lambda z: 100.0 * (jnp.argmax(z, -1) == inputs.labels).astype(jnp.float32)
