@@ -15,7 +15,8 @@ Variants (``--config=configs/mixskd.py:variant=...``):
   epochs, / 10 at 100 and 150, weight decay 5e-4);
 * ``official``: winycg/Self-KD-Lib @ ede3062 ``main_mixskd_cifar.py``'s arguments (METHODS.md
   §3.11): batch 64 originals (128 images), 205 epochs, Nesterov, lr / 10 at epochs 105 and 155
-  (its milestones 100 and 150 count from the end of the 5 warm-up epochs).
+  (its milestones 100 and 150 count from the end of the 5 warm-up epochs); with ``quick`` the
+  variant changes nothing.
 
 Needs CIFAR-100 through TFDS.
 
