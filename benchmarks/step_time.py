@@ -41,6 +41,7 @@ _CONFIGS = flags.DEFINE_list(
         'dks',
         'frskd',
         'ddgsd',
+        'mixskd',
     ],
     'Config files in configs/ to time; the first is the reference.',
 )

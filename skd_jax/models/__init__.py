@@ -41,6 +41,8 @@ from skd_jax.models.heads import LinearHead
 from skd_jax.models.heads import register_head
 from skd_jax.models.heads import SepConv
 from skd_jax.models.heads import WithHeads
+from skd_jax.models.mixskd import MixSKDHead
+from skd_jax.models.mixskd import MixSKDTeacher
 from skd_jax.models.resnet import BasicBlock
 from skd_jax.models.resnet import Bottleneck
 from skd_jax.models.resnet import cifar_resnet18
@@ -148,6 +150,8 @@ __all__ = [
     'ImageNetResNet',
     'LinearHead',
     'MODELS',
+    'MixSKDHead',
+    'MixSKDTeacher',
     'ModelSpec',
     'PreActBlock',
     'PreActResNet',

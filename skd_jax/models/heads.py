@@ -37,6 +37,8 @@ Built-in kinds:
     (USKD's weak classifier).
   * `'frskd'`, `skd_jax.models.frskd.FRSKDHead`: FRSKD's self-teacher, a
     BiFPN over several stages with its own classifier.
+  * `'mixskd'`, `skd_jax.models.mixskd.MixSKDHead`: MixSKD's branches on
+    stages 1..N-1 (returning their final maps) and its self-teacher over them.
 """
 
 from typing import Any, Callable, Dict, NamedTuple, Sequence, Tuple

@@ -302,6 +302,7 @@ class LaterStagesHead(nn.Module):
     final_bn: Whether a BN + ReLU follows the last stage (pre-activation).
     num_outputs: Number of logits.
     dtype: Computation dtype; parameters stay float32.
+    return_map: Also return the final (unpooled) feature map, third (MixSKD's branches).
   """
 
   block: Any
@@ -310,10 +311,12 @@ class LaterStagesHead(nn.Module):
   final_bn: bool
   num_outputs: int
   dtype: Dtype = jnp.float32
+  return_map: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Tuple[Array, Array]:
-    """Returns float32 logits [batch, num_outputs] and pooled features."""
+  def __call__(self, x: Array, *, train: bool) -> Tuple[Array, ...]:
+    """Returns float32 logits [batch, num_outputs] and pooled features (and, with `return_map`,
+    the map they were pooled from)."""
     x = apply_stages(
         self.block,
         x,
@@ -325,7 +328,8 @@ class LaterStagesHead(nn.Module):
     if self.final_bn:
       x = nn.relu(batch_norm(train, self.dtype, 'final_bn')(x))
     pooled = jnp.mean(x, axis=(1, 2))
-    return classifier(self.num_outputs, self.dtype, pooled), pooled
+    logits = classifier(self.num_outputs, self.dtype, pooled)
+    return (logits, pooled, x) if self.return_map else (logits, pooled)
 
 
 class ResNet(_StagedNet, nn.Module):

@@ -75,7 +75,8 @@ class HeadRequest:
     kind: a registered head kind (``skd_jax.models.head_kinds()``): ``'drg'`` (LightSKD's
       attention head), ``'later_stages'`` (the backbone's later stages again, HSAKD/LSSKD),
       ``'linear'`` (global average pooling and a Dense layer, USKD's weak classifier),
-      ``'frskd'`` (FRSKD's self-teacher over several stages), or one a plug-in module registered
+      ``'frskd'`` (FRSKD's self-teacher over several stages), ``'mixskd'`` (MixSKD's branches and
+      self-teacher over stages 1..N), or one a plug-in module registered
       with ``skd_jax.models.register_head``.
     num_outputs: number of logits.
     stages: the stages (1-based, in the order the head takes them) a head reads; defaults to
