@@ -31,7 +31,10 @@ stages):
 
   python -m skd_jax.main --config=configs/mixskd.py:quick --workdir=/tmp/mixskd_quick
 
-Not measured yet (wall time, top-1, NLL, ECE).
+Measured (2-core CPU, 1,852 s wall on 2026-12-06 with the test suite running beside it, 266 to
+300 img/s; training 1,804 s): top-1 91.02%, NLL 0.751, ECE 37.5, AURC 18.2 (baseline 91.35%, ECE
+0.50). The predictions are far less confident than accurate: mean max-probability 0.535 on the
+test set at 91.0% accuracy. One seed: no effect on top-1 claimed.
 """
 
 from skd_jax import config_lib

@@ -32,6 +32,7 @@ CONFIGS = [
     'label_smoothing',
     'lightskd',
     'lsskd',
+    'mixskd',
     'pskd',
     'pskd_dlb',
     'pskd_dsr_drg',
