@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from skd_jax.errors import ConfigError
 from skd_jax.models import heads
 from skd_jax.models.resnet import classifier
 from skd_jax.models.resnet import CONV_INIT
@@ -105,7 +106,7 @@ def _mixskd(backbone: nn.Module, request: Any) -> nn.Module:
   if tuple(request.stages) != tuple(range(1, n + 1)) or n < 2:
     raise ValueError(f'the mixskd head reads stages 1..{n} (at least 2), got {request.stages}')
   if not hasattr(backbone, 'later_stages_head'):
-    raise heads.ConfigError(
+    raise ConfigError(
         f'model {type(backbone).__name__} cannot re-instantiate its later stages as branches'
     )
   branches = tuple(
