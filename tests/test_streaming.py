@@ -1,7 +1,9 @@
 """The host-streaming source: shares, samplers, random access to the files, and exact resume."""
 
+import errno
 import gzip
 import importlib
+import mmap
 import os
 import re
 import shutil
@@ -276,26 +278,53 @@ def test_a_signal_ends_a_wait_for_a_stopped_worker_at_once_and_a_dead_one_is_nam
   # 0.3-0.5 s on an idle machine, 3.1 s once under a loaded suite; grain alone would wait 25 s
   # (its _PROCESS_KILL_TIMEOUT_S) for the stopped worker before killing it.
   assert time.perf_counter() - started < 10 and not _workers(os.getpid())
-  # The batches the killed worker held are freed too. (Once in several loaded runs a segment was
-  # still there when close returned and gone soon after; the cause is not known, hence the wait.)
-  deadline = time.time() + 2
-  while _segments() - before and time.time() < deadline:
-    time.sleep(0.05)
+  # The batches the killed worker held are freed too, and those grain failed to free (CI saw one
+  # left: grain's free had raised "Bad file descriptor" before unlinking it).
   assert not _segments() - before
 
 
-def test_segments_no_batch_delivered_are_freed_even_one_a_worker_never_sized():
+def test_segments_no_array_maps_are_freed_even_one_a_worker_never_sized():
   # A worker killed between creating a segment and sizing it leaves an empty file, which
   # SharedMemory cannot map: close raised "cannot mmap an empty file".
-  made = [f'skd{os.getpid()}_{n}' for n in ('empty', 'sized', 'delivered')]
+  made = [f'skd{os.getpid()}_{n}' for n in ('empty', 'sized', 'in_use')]
   for name, size in zip(made, (0, 64, 64)):
     with open(os.path.join('/dev/shm', name), 'wb') as f:
       f.truncate(size)
+  with open(os.path.join('/dev/shm', made[2]), 'r+b') as f:
+    in_use = mmap.mmap(f.fileno(), 64)  # a live batch's: grain frees it when it is dropped
   try:
-    streaming._unlink_orphans({made[2]})
+    streaming._unlink_orphans()
     assert _segments() & set(made) == {made[2]}
   finally:
+    in_use.close()
     os.unlink(os.path.join('/dev/shm', made[2]))
+
+
+@pytest.mark.slow
+def test_close_frees_a_received_batch_grain_failed_to_free(tmp_path, monkeypatch):
+  # grain's free of a received batch raised OSError(EBADF) in SharedMemory.close, after unmapping
+  # it and before unlinking it (about one run in eight of the signal test above; CI saw it).
+  free = grain_python.SharedMemoryArray.close_shm_async
+  failed = []
+
+  def fail_once(cls, shm, unlink):
+    if failed:
+      return free(shm, unlink)
+    failed.append(shm.name)
+    shm.close()
+    cls._outstanding_del_requests.release()
+    raise OSError(errno.EBADF, 'Bad file descriptor')
+
+  monkeypatch.setattr(grain_python.SharedMemoryArray, 'close_shm_async', classmethod(fail_once))
+  before = _segments()
+  records = idx.FashionMnistRecords(runs.fashion_mnist(tmp_path, 96, 32), 'train')
+  source = streaming.HostSource(
+      records, train.make_mesh(jax.devices()[:1]), seed=0, batch_size=8, workers=2, prefetch=1
+  )
+  for step in range(4):
+    source.step_args(step)
+  source.close()
+  assert failed and not _segments() - before
 
 
 @pytest.mark.slow

@@ -34,7 +34,6 @@ marked invalid, each process reading its share (resized and centre-cropped with
 ``augment='imagenet'``).
 """
 
-import collections
 import ctypes
 import functools
 import gc
@@ -80,7 +79,6 @@ _CLOSE_GRACE_SECONDS = 1.0  # workers of a cut-short wait get this long to stop 
 # The POSIX shared memory a trainer's workers create (/dev/shm/skd<trainer pid>_<random>): what a
 # worker that died mid-batch leaves is found by name (HostSource.close).
 _SEGMENT_PREFIX = 'skd{}_'
-_RECEIVED_NAMES = 4096  # segments a trainer remembers having received (grain frees those)
 
 
 def _worker_init(trainer: int, index: int, count: int):
@@ -123,36 +121,36 @@ def _workers() -> dict[int, multiprocessing.Process]:
   return found
 
 
-def _fetch(iterator, requests: queue.Queue, results: queue.Queue, received: collections.deque):
-  """A thread's loop: for every true request, ``(next batch, None)`` or ``(None, the error)``.
-
-  Records the names of the shared-memory segments of every batch in ``received``.
-  """
+def _fetch(iterator, requests: queue.Queue, results: queue.Queue):
+  """A thread's loop: for every true request, ``(next batch, None)`` or ``(None, the error)``."""
   while requests.get():
     try:
       batch = next(iterator)
     except Exception as e:  # pylint: disable=broad-exception-caught  # the waiting thread raises it
       results.put((None, e))
       continue
-    received.extend(a.shm.name for a in jax.tree.leaves(batch) if getattr(a, 'shm', None))
     results.put((batch, None))
     del batch  # its segments are freed when the waiting thread drops it, not at the next request
 
 
-def _unlink_orphans(received) -> None:
-  """Frees the segments this process's workers created that no batch delivered.
+def _unlink_orphans() -> None:
+  """Frees the segments of this process's workers that no array of this process maps.
 
-  A worker killed while it held a batch (blocked on its full queue, or stopped and then killed)
-  leaves the batch's segments behind; grain frees only what reached its queue or this process, and
-  the resource tracker would free the rest at exit with a warning of leaked objects. Segments this
-  process received are grain's to free, when their arrays are collected.
+  Called once the workers are gone and every batch this process dropped has been freed: what is
+  left and unmapped belongs to nobody. A worker killed while it held a batch (blocked on its full
+  queue, or stopped and then killed) leaves the batch's segments behind, and grain's free of a
+  received batch can fail before it unlinks (``SharedMemory.close`` raised ``OSError: [Errno 9] Bad
+  file descriptor`` in about one run in eight); the resource tracker would free either at exit
+  with a warning of leaked objects. A segment still mapped here is a live batch's, grain's to free.
   """
   prefix = _SEGMENT_PREFIX.format(os.getpid())
   try:
-    names = [n for n in os.listdir('/dev/shm') if n.startswith(prefix) and n not in received]
-  except OSError:  # no /dev/shm: not Linux
+    names = [n for n in os.listdir('/dev/shm') if n.startswith(prefix)]
+    with open('/proc/self/maps') as f:
+      mapped = set(re.findall(r' /dev/shm/(\S+)', f.read()))
+  except OSError:  # no /dev/shm or /proc: not Linux
     return
-  for name in names:
+  for name in set(names) - mapped:
     # Unlinked by path, not mapped: a worker killed between creating a segment and sizing it
     # leaves an empty one, which SharedMemory cannot open. The tracker may not know the name yet
     # (the worker registers after sizing): registering first keeps its books balanced.
@@ -409,10 +407,9 @@ class HostSource:
       )
     self._iterator, self._first, self._next = iter(iterable), step, step
     self._requests, self._results = queue.Queue(), queue.Queue()
-    self._received = collections.deque(maxlen=_RECEIVED_NAMES)
     self._fetcher = threading.Thread(
         target=_fetch,
-        args=(self._iterator, self._requests, self._results, self._received),
+        args=(self._iterator, self._requests, self._results),
         daemon=True,
         name='skd_jax-input',
     )
@@ -423,7 +420,8 @@ class HostSource:
 
     After a wait that was cut short (a signal, a timeout) a worker may be stopped or hung: the
     workers are continued (SIGCONT), asked to stop, and killed if they have not within a second.
-    What a killed worker held in shared memory is freed.
+    Shared memory that no batch of this process still uses is freed: what a killed worker held,
+    and what grain failed to free.
     """
     if self._iterator is None:
       return
@@ -452,7 +450,7 @@ class HostSource:
       # would keep their segments until the interpreter exits, past the resource tracker's count.
       gc.collect()
       _finish_frees()
-      _unlink_orphans(set(self._received))
+      _unlink_orphans()
     self._iterator, self._in_flight = None, False
 
   def _worker(self, step: int) -> str:
