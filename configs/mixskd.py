@@ -38,17 +38,12 @@ test set at 91.0% accuracy. One seed: no effect on top-1 claimed.
 """
 
 from skd_jax import config_lib
-from skd_jax.errors import ConfigError
 
 VARIANTS = ('selfkd_lib', 'official')
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, quick=False, variant='selfkd_lib')
-  if arg.variant not in VARIANTS:
-    raise ConfigError(
-        f'--config argument: variant must be one of {sorted(VARIANTS)}, got {arg.variant!r}'
-    )
+  arg = config_lib.parse_arg(arg, quick=False, variant=VARIANTS)
   config = config_lib.base_config(arg.quick, protocol='selfkd_lib')
   if arg.variant == 'official' and not arg.quick:
     config.batch_size = 64

@@ -18,9 +18,11 @@ from skd_jax.errors import ConfigError
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses ``'quick,k=v'`` into a ConfigDict; bare words become ``True``.
 
-  Values are converted to the type of the matching default.
+  Values are converted to the type of the matching default. A tuple of strings as a default is a
+  choice: its first entry is the default, and a value must be one of its entries.
   """
-  parsed = ml_collections.ConfigDict(defaults)
+  choices = {k: v for k, v in defaults.items() if isinstance(v, tuple)}
+  parsed = ml_collections.ConfigDict({k: v[0] if k in choices else v for k, v in defaults.items()})
   for token in (arg or '').split(','):
     if not token:
       continue
@@ -29,7 +31,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       raise ConfigError(
           f'--config argument: unknown option {key!r}; expected one of ' f'{sorted(defaults)}'
       )
-    parsed[key] = type(defaults[key])(value) if value else True
+    if key in choices and value not in choices[key]:
+      raise ConfigError(
+          f'--config argument: {key} must be one of {sorted(choices[key])}, got {value!r}'
+      )
+    parsed[key] = type(parsed[key])(value) if value else True
   return parsed
 
 

@@ -112,6 +112,20 @@ def test_unknown_config_argument_is_a_config_error():
     importlib.import_module('configs.pskd').get_config('fast')
 
 
+@pytest.mark.parametrize('config', ['ddgsd', 'mixskd'])
+@pytest.mark.parametrize('arg', ['variant=torch', 'variant', 'quick,variant=Official'])
+def test_a_variant_outside_a_configs_choices_is_one_config_error(config, arg):
+  with pytest.raises(ConfigError, match=r"^--config argument: variant must be one of \['"):
+    importlib.import_module(f'configs.{config}').get_config(arg)
+
+
+def test_a_choice_defaults_to_its_first_entry_and_takes_any_other():
+  assert config_lib.parse_arg(None, quick=False, variant=('a', 'b')).to_dict() == dict(
+      quick=False, variant='a'
+  )
+  assert config_lib.parse_arg('variant=b', quick=False, variant=('a', 'b')).variant == 'b'
+
+
 @pytest.mark.parametrize('value', [0.0, -1.0, float('inf')])
 def test_an_input_timeout_must_be_a_positive_number_of_seconds(value):
   config = importlib.import_module('configs.pskd').get_config('quick')
