@@ -44,8 +44,9 @@ def _label_and_batch_terms():
   """The terms added with the import-path protocol, all at once: a virtual teacher (TF-KD reg),
   votes of the classifier over the feature map (Zipf's LS), a linear weak head (USKD, groups of 4
   that span devices), ensembles over the whole batch (BAKE), classifiers on the shallow stages
-  (BYOT, and DKS's beside them), a self-teacher over several stages (FRSKD) and a second draw of
-  the augmentation (DDGSD's 'again' group), beside the cross-entropy."""
+  (BYOT, and DKS's beside them), a self-teacher over several stages (FRSKD), a second draw of
+  the augmentation (DDGSD's 'again' group) and images mixed across the batch with their own
+  branches and self-teacher (MixSKD), beside the cross-entropy."""
   config = runs.config('byot')
   config.loss.tfkd_reg = dict(weight=0.1)
   config.loss.zipf_ls = dict(weight=0.1)
@@ -54,6 +55,7 @@ def _label_and_batch_terms():
   config.loss.dks = dict(weight=0.5)
   config.loss.frskd = dict(weight=0.5, width=1, depth=1)
   config.loss.ddgsd = dict(weight=0.5)
+  config.loss.mixskd = dict(weight=0.5)
   return config
 
 
@@ -89,7 +91,7 @@ def test_the_terms_added_since_resume_bit_identically_after_a_preemption(tmp_pat
   _, expected = runs.restore(tmp_path / 'straight', 10)
   jax.tree.map(np.testing.assert_array_equal, state, expected)
   records = runs.records(tmp_path / 'resumed', 'train')
-  for term in ('byot', 'tfkd_reg', 'zipf_ls', 'uskd', 'bake', 'dks', 'frskd', 'ddgsd'):
+  for term in ('byot', 'tfkd_reg', 'zipf_ls', 'uskd', 'bake', 'dks', 'frskd', 'ddgsd', 'mixskd'):
     assert all(np.isfinite(r[f'loss/{term}']) for r in records), term
 
 
