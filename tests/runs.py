@@ -6,11 +6,13 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
 from skd_jax import events
+from skd_jax import export
 from skd_jax import train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
@@ -76,4 +78,20 @@ def fashion_mnist(directory, num_train, num_test):
       shape = b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
       with open(os.path.join(directory, f'{split}-{kind}-ubyte'), 'wb') as f:
         f.write(bytes([0, 0, 0x08, array.ndim]) + shape + array.astype(np.uint8).tobytes())
+  return str(directory)
+
+
+def untrained_teacher(directory) -> str:
+  """Exports an untrained small ResNet of another width for :func:`config`'s data into
+  ``directory``; returns it (any fixed network will do as a frozen teacher in a test)."""
+  spec = export.ModelSpec(
+      name='small_resnet',
+      options={'dtype': 'float32', 'strides': (2, 2, 2), 'widths': (8, 8, 8)},
+      num_classes=10,
+      input_shape=(32, 32, 3),
+      mean=(0.5, 0.5, 0.5),
+      std=(0.25, 0.25, 0.25),
+  )
+  variables = spec.module().init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
+  export.save_model(os.path.join(directory, 'model'), spec=spec, **variables)
   return str(directory)

@@ -17,7 +17,6 @@ import tensorflow_datasets as tfds
 import runs
 import skd_jax
 from skd_jax import checkpoints
-from skd_jax import export
 from skd_jax import losses
 from skd_jax import preemption
 from skd_jax import state as state_lib
@@ -233,19 +232,7 @@ def test_a_checkpoint_saved_before_terms_had_parameters_still_restores(tmp_path)
 
 @pytest.fixture(scope='module')
 def teacher(tmp_path_factory):
-  """An untrained small export of another width (any fixed network will do as ``f_pre`` here)."""
-  spec = export.ModelSpec(
-      name='small_resnet',
-      options={'dtype': 'float32', 'strides': (2, 2, 2), 'widths': (8, 8, 8)},
-      num_classes=10,
-      input_shape=(32, 32, 3),
-      mean=(0.5, 0.5, 0.5),
-      std=(0.25, 0.25, 0.25),
-  )
-  variables = spec.module().init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
-  workdir = tmp_path_factory.mktemp('teacher')
-  export.save_model(workdir / 'model', spec=spec, **variables)
-  return str(workdir)
+  return runs.untrained_teacher(tmp_path_factory.mktemp('teacher'))
 
 
 def _config(teacher_workdir, **aikd_settings):

@@ -40,13 +40,19 @@ def _all_new_state():
   return config
 
 
-def _label_and_batch_terms():
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory):
+  return runs.untrained_teacher(tmp_path_factory.mktemp('teacher'))
+
+
+def _label_and_batch_terms(teacher_workdir):
   """The terms added with the import-path protocol, all at once: a virtual teacher (TF-KD reg),
   votes of the classifier over the feature map (Zipf's LS), a linear weak head (USKD, groups of 4
   that span devices), ensembles over the whole batch (BAKE), classifiers on the shallow stages
   (BYOT, and DKS's beside them), a self-teacher over several stages (FRSKD), a second draw of
-  the augmentation (DDGSD's 'again' group) and images mixed across the batch with their own
-  branches and self-teacher (MixSKD), beside the cross-entropy."""
+  the augmentation (DDGSD's 'again' group), images mixed across the batch with their own
+  branches and self-teacher (MixSKD) and a discriminator on term-owned parameters with its own
+  optimizer against a frozen teacher (AI-KD), beside the cross-entropy."""
   config = runs.config('byot')
   config.loss.tfkd_reg = dict(weight=0.1)
   config.loss.zipf_ls = dict(weight=0.1)
@@ -56,16 +62,20 @@ def _label_and_batch_terms():
   config.loss.frskd = dict(weight=0.5, width=1, depth=1)
   config.loss.ddgsd = dict(weight=0.5)
   config.loss.mixskd = dict(weight=0.5)
+  config.teacher.workdir = teacher_workdir
+  config.loss.aikd = dict(weight=0.1, hidden=(16,), learning_rate=1e-3)
   return config
 
 
-_COMPOSED = {'all_new_state': _all_new_state, 'label_and_batch_terms': _label_and_batch_terms}
-
-
 @pytest.mark.parametrize('name', ['all_new_state', 'label_and_batch_terms', 'cskd_lsskd'])
-def test_methods_train_on_1_and_8_devices_with_the_same_losses(tmp_path, name):
+def test_methods_train_on_1_and_8_devices_with_the_same_losses(tmp_path, teacher, name):
   """Every kind of state at once, every term added since, and partners with rotated views."""
-  config = _COMPOSED[name]() if name in _COMPOSED else runs.config(name)
+  if name == 'all_new_state':
+    config = _all_new_state()
+  elif name == 'label_and_batch_terms':
+    config = _label_and_batch_terms(teacher)
+  else:
+    config = runs.config(name)
   config.num_epochs = 1
   runs.run(config, tmp_path / 'one', devices=1)
   runs.run(config, tmp_path / 'eight', devices=8)
@@ -77,13 +87,15 @@ def test_methods_train_on_1_and_8_devices_with_the_same_losses(tmp_path, name):
   np.testing.assert_allclose([r['loss'] for r in one], [r['loss'] for r in eight], rtol=1e-2)
 
 
-def test_the_terms_added_since_resume_bit_identically_after_a_preemption(tmp_path, monkeypatch):
-  runs.run(_label_and_batch_terms(), tmp_path / 'straight')
+def test_the_terms_added_since_resume_bit_identically_after_a_preemption(
+    tmp_path, teacher, monkeypatch
+):
+  runs.run(_label_and_batch_terms(teacher), tmp_path / 'straight')
   with monkeypatch.context() as patch:
     patch.setattr(preemption, 'reached', lambda step: step == 7)
     with pytest.raises(train.Preempted, match='at step 7'):
-      runs.run(_label_and_batch_terms(), tmp_path / 'resumed')
-  runs.run(_label_and_batch_terms(), tmp_path / 'resumed')
+      runs.run(_label_and_batch_terms(teacher), tmp_path / 'resumed')
+  runs.run(_label_and_batch_terms(teacher), tmp_path / 'resumed')
   assert runs.without_time(runs.records(tmp_path / 'resumed')) == runs.without_time(
       runs.records(tmp_path / 'straight')
   )
@@ -91,8 +103,12 @@ def test_the_terms_added_since_resume_bit_identically_after_a_preemption(tmp_pat
   _, expected = runs.restore(tmp_path / 'straight', 10)
   jax.tree.map(np.testing.assert_array_equal, state, expected)
   records = runs.records(tmp_path / 'resumed', 'train')
-  for term in ('byot', 'tfkd_reg', 'zipf_ls', 'uskd', 'bake', 'dks', 'frskd', 'ddgsd', 'mixskd'):
+  terms = ('byot', 'tfkd_reg', 'zipf_ls', 'uskd', 'bake', 'dks', 'frskd', 'ddgsd', 'mixskd', 'aikd')
+  for term in terms:
     assert all(np.isfinite(r[f'loss/{term}']) for r in records), term
+  assert all(np.isfinite(r['objective/aikd']) for r in records)
+  # The discriminator and its Adam state were checkpointed and resumed with the rest.
+  assert set(state['term_params']) == set(state['term_opt_state']) == {'aikd'}
 
 
 def test_a_preempted_run_with_every_kind_of_state_resumes_bit_identically(tmp_path, monkeypatch):
