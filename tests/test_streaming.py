@@ -300,6 +300,20 @@ def test_segments_no_array_maps_are_freed_even_one_a_worker_never_sized():
     os.unlink(os.path.join('/dev/shm', made[2]))
 
 
+def _left_after_four_steps_and_close(tmp_path) -> set[str]:
+  """Streams 4 steps with 2 workers, closes, and returns the segments of ours still there."""
+  before = _segments()
+  records = idx.FashionMnistRecords(runs.fashion_mnist(tmp_path, 96, 32), 'train')
+  source = streaming.HostSource(
+      records, train.make_mesh(jax.devices()[:1]), seed=0, batch_size=8, workers=2, prefetch=1
+  )
+  for step in range(4):
+    source.step_args(step)
+  source.close()
+  assert not _workers(os.getpid())
+  return _segments() - before
+
+
 @pytest.mark.slow
 def test_close_frees_a_received_batch_grain_failed_to_free(tmp_path, monkeypatch):
   # grain's free of a received batch raised OSError(EBADF) in SharedMemory.close, after unmapping
@@ -316,15 +330,7 @@ def test_close_frees_a_received_batch_grain_failed_to_free(tmp_path, monkeypatch
     raise OSError(errno.EBADF, 'Bad file descriptor')
 
   monkeypatch.setattr(grain_python.SharedMemoryArray, 'close_shm_async', classmethod(fail_once))
-  before = _segments()
-  records = idx.FashionMnistRecords(runs.fashion_mnist(tmp_path, 96, 32), 'train')
-  source = streaming.HostSource(
-      records, train.make_mesh(jax.devices()[:1]), seed=0, batch_size=8, workers=2, prefetch=1
-  )
-  for step in range(4):
-    source.step_args(step)
-  source.close()
-  assert failed and not _segments() - before
+  assert not _left_after_four_steps_and_close(tmp_path) and failed
 
 
 @pytest.mark.slow
@@ -334,15 +340,7 @@ def test_close_returns_once_every_received_batch_is_freed(tmp_path, monkeypatch)
   free = grain_python.SharedMemoryArray.close_shm_async
   slow = lambda cls, *args: time.sleep(0.3) or free(*args)
   monkeypatch.setattr(grain_python.SharedMemoryArray, 'close_shm_async', classmethod(slow))
-  before = _segments()
-  records = idx.FashionMnistRecords(runs.fashion_mnist(tmp_path, 96, 32), 'train')
-  source = streaming.HostSource(
-      records, train.make_mesh(jax.devices()[:1]), seed=0, batch_size=8, workers=2, prefetch=1
-  )
-  for step in range(4):
-    source.step_args(step)
-  source.close()
-  assert not _workers(os.getpid()) and not _segments() - before
+  assert not _left_after_four_steps_and_close(tmp_path)
 
 
 @pytest.mark.slow
