@@ -145,12 +145,12 @@ def _unlink_orphans() -> None:
   """
   prefix = _SEGMENT_PREFIX.format(os.getpid())
   try:
-    names = [n for n in os.listdir('/dev/shm') if n.startswith(prefix)]
+    names = {n for n in os.listdir('/dev/shm') if n.startswith(prefix)}
     with open('/proc/self/maps') as f:
       mapped = set(re.findall(r' /dev/shm/(\S+)', f.read()))
   except OSError:  # no /dev/shm or /proc: not Linux
     return
-  for name in set(names) - mapped:
+  for name in names - mapped:
     # Unlinked by path, not mapped: a worker killed between creating a segment and sizing it
     # leaves an empty one, which SharedMemory cannot open. The tracker may not know the name yet
     # (the worker registers after sizing): registering first keeps its books balanced.
