@@ -139,6 +139,44 @@ def test_the_mixed_view_uses_the_lam_and_perm_the_loss_redraws_from_the_same_key
   assert float(other) != float(lam)
 
 
+def _tiny_network(term):
+  """The small ResNet of SPEC with the term's heads, and random values of its variables' shapes
+  (compiling the initialisers takes ~25 s here)."""
+  nets = networks.Networks(SPEC, {term.name: term.heads()})
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(
+      lambda v: jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype),
+      jax.eval_shape(nets.init, jax.random.key(0)),
+  )
+  return nets, variables
+
+
+@pytest.mark.parametrize('mix_ce', [False, True])
+def test_the_self_teacher_learns_only_from_the_mixup_cross_entropy(mix_ce):
+  """METHODS.md §3.11 pitfall 1: the official CIFAR loss (mix_ce False) uses the self-teacher h
+  only as a stop-gradient teacher, so h never gets a gradient (it stays at its initialisation,
+  shrunk by weight decay) while the backbone is distilled towards it; with the MixCE terms (the
+  default, the ImageNet script's loss) h is trained."""
+  term = _term(mix_ce=mix_ce)
+  nets, variables = _tiny_network(term)
+  method = terms_lib.Combined((term,))
+  images = jax.random.randint(jax.random.key(5), (4, 16, 16, 1), 0, 256).astype(jnp.uint8)
+  labels, key = jnp.array([0, 1, 2, 3]), jax.random.key(6)
+
+  def mean_loss(params):
+    views = method.views(images, key)
+    logits, outputs, _ = nets.apply_student(
+        params, variables['batch_stats'], views.reshape(8, 16, 16, 1)
+    )
+    inputs = terms_lib.TermInputs.from_forward(logits, outputs, labels, 0, num_views=2, key=key)
+    return jnp.mean(method(inputs).losses['mixskd'])
+
+  grads = jax.jit(jax.grad(mean_loss))(variables['params'])
+  largest = lambda tree: max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(tree))
+  assert largest(grads['backbone']) > 0 and largest(grads['mixskd']['branch1']) > 0
+  assert (largest(grads['mixskd']['teacher']) > 0) == mix_ce
+
+
 def test_the_term_is_mixskd_loss_of_the_networks_outputs_on_both_views():
   """One train-mode call of the network over both views (example-major, so BatchNorm sees
   [x; x~] together); the term's loss is mixskd_loss of the N = 3 exits (two branches, then the
@@ -146,13 +184,7 @@ def test_the_term_is_mixskd_loss_of_the_networks_outputs_on_both_views():
   term = _term(mix_ce=True)
   (request,) = term.heads()
   assert (request.kind, request.stages) == ('mixskd', (1, 2, 3))
-  nets = networks.Networks(SPEC, {'mixskd': term.heads()})
-  # Random values of the initial variables' shapes: compiling the initialisers takes ~25 s here.
-  rng = np.random.default_rng(0)
-  variables = jax.tree.map(
-      lambda v: jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype),
-      jax.eval_shape(nets.init, jax.random.key(0)),
-  )
+  nets, variables = _tiny_network(term)
   assert {'mixskd', 'backbone'} == set(variables['params'])
   assert {'branch1', 'branch2', 'teacher'} <= set(variables['params']['mixskd'])
   assert 'mixskd' not in nets.inference(variables['params'], variables['batch_stats'])['params']
@@ -220,6 +252,7 @@ def test_the_config_is_valid_and_quick_is_the_baselines_setup_but_the_loss(arg):
   method = terms_lib.build(config.loss, terms_lib.Context(10, config.num_epochs, 128, num_stages=4))
   (term,) = method.terms
   assert (term.name, term.alpha, term.temperature, term.mix_ce) == ('mixskd', 0.4, 3.0, False)
+  assert _term().mix_ce  # the term's own default: METHODS.md's, the loss function's
   assert method.num_views == 2 and len(term.heads()) == 1
   if arg and 'quick' in arg:
     baseline = importlib.import_module('configs.baseline').get_config('quick')

@@ -81,7 +81,7 @@ class MixSKD(terms.LossTerm):
   weight: float = 1.0
   alpha: float = terms.setting(0.4, low=1e-3, high=1e3)
   temperature: float = terms.setting(3.0, low=1e-3, high=1e3)
-  mix_ce: bool = terms.setting(False)
+  mix_ce: bool = terms.setting(True)
   discriminators: bool = terms.setting(True)
   name: str = 'mixskd'
   num_views = 2
