@@ -16,6 +16,9 @@ the final width; Self-KD-Lib's (``models/resnet.py`` ``CIFAR_ResNet18_byot``) re
 later stages with one block each (``branch_layers=[[1, 1], [1]]``) where ours use the backbone's
 stage sizes (two blocks for ResNet-18), and its feature hint compares the unpooled last feature
 maps where ours compares pooled features.
+
+The settings' defaults (alpha 0.5, T 3 with T², no feature term) are no published setting:
+``configs/byot.py`` sets Self-KD-Lib's; the paper's and the journal code's are in docs/methods.md.
 """
 
 import dataclasses
