@@ -16,7 +16,11 @@ bias or activation, pooling, Dense), so the teacher of the mixture of maps is th
 originals' teacher outputs, ``t^ = h(F^) = mixskd_mix(h(F), lam, perm)``, and ``t~ = h(F~)`` is
 the head's output on the mixed view: :func:`skd_jax.losses.mixskd_loss` with the ``K = N`` exits
 (branches first, the backbone last). The term includes every exit's cross-entropy: do not add a
-``cross_entropy`` term.
+``cross_entropy`` term. ``mix_ce`` (default True, METHODS.md §3.11, the ImageNet script's loss)
+adds the mixup cross-entropies, the self-teacher's only training signal: the official CIFAR script
+leaves them out (``configs/mixskd.py`` follows it), so its self-teacher never learns. With them,
+two of three runs of the small ResNet at lr 0.1 without warm-up collapsed to chance in the
+noisy-label study (docs/methods.md).
 
 The discriminators (``discriminators=True``) are the official ones' stand-in: fixed random
 ``Linear(d, 128) -> ReLU -> Linear(128, 2)`` per exit, never trained, drawn from a fixed key
