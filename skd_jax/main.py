@@ -16,6 +16,11 @@ so a second run of the same config starts in seconds, whatever its seed. Rerunni
 run prints its summary from ``summary.json`` without loading data or compiling
 (``skd_jax.train.finished_summary``).
 
+On a CPU, a single-process run splits each batch over one JAX device per CPU it may use (the
+largest count dividing the batch sizes; ``skd_jax.mesh.cpu_devices``): XLA keeps several CPUs
+busier that way than by spreading each operation over threads. ``JAX_NUM_CPU_DEVICES=1`` keeps
+one device (any value there is used as given); GPUs and TPUs are unaffected.
+
 In a run of several processes, when one process dies or fails at any moment (a step, a save,
 evaluation, start-up; process 0 included), every other one exits 1 with one line: at once when
 its next collective fails (:func:`_exit_for_lost_process`) or the failed process left through
@@ -71,6 +76,7 @@ from ml_collections import config_flags
 from skd_jax import compilation_cache
 from skd_jax import config_lib
 from skd_jax import generations
+from skd_jax import mesh
 from skd_jax import peers
 from skd_jax import terms
 from skd_jax import train
@@ -243,6 +249,7 @@ def _initialize_distributed(config) -> None:
   if not (isinstance(timeout, int) and not isinstance(timeout, bool) and timeout >= 1):
     raise ConfigError(f'distributed_timeout_seconds: expected an integer >= 1, got {timeout!r}')
   if not given and not config.distributed:
+    _use_every_cpu(config)
     return
   try:
     peers.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, timeout)
@@ -255,6 +262,21 @@ def _initialize_distributed(config) -> None:
         '--process_id'
     ) from None
   preemption.join_processes()
+
+
+def _use_every_cpu(config) -> None:
+  """Makes a single process's CPU backend one device per CPU it may use (``mesh.cpu_devices``),
+  unless ``JAX_NUM_CPU_DEVICES`` (``jax_num_cpu_devices``) already says how many. Runs on an
+  accelerator do not use the CPU devices; invalid batch sizes are left to validation."""
+  sizes = (config.get('batch_size'), config.get('eval_batch_size'))
+  if jax.config.jax_num_cpu_devices != -1 or not all(
+      isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes
+  ):
+    return
+  try:
+    jax.config.update('jax_num_cpu_devices', mesh.cpu_devices(sizes))
+  except RuntimeError:  # the config's own code already ran JAX: keep what JAX made
+    pass
 
 
 def _exit_for_lost_process(error: Exception, timeout: int):

@@ -26,7 +26,10 @@ def tiny_fashion_mnist(tmp_path_factory):
 
 
 def _main(*args, devices=1, **kwargs):
+  """The command line in a new process; ``devices`` None: as many CPU devices as it chooses."""
   env = {**os.environ, 'JAX_NUM_CPU_DEVICES': str(devices), 'PYTHONPATH': REPO}
+  if devices is None:
+    del env['JAX_NUM_CPU_DEVICES']
   return subprocess.Popen(
       [sys.executable, '-m', 'skd_jax.main', *args],
       cwd=REPO,
@@ -192,6 +195,36 @@ def test_sigterm_saves_exits_cleanly_and_rerun_finishes(tmp_path, tiny_fashion_m
     assert fact in stderr, fact
   compiled = stderr.index('Compiled the train and evaluation steps')
   assert compiled < stderr.index(f'step {max(saved) + 1}/120 (epoch ') and 'img/s, ETA' in stderr
+
+
+@pytest.mark.parametrize(
+    'devices, batch_size, want',
+    [(None, 8, 2), (None, 9, 1), (1, 8, 1)],
+    ids=['one per cpu', 'a count dividing the batch', 'as told'],
+)
+def test_a_cpu_run_splits_the_batch_over_one_device_per_cpu(
+    tmp_path, tiny_fashion_mnist, devices, batch_size, want
+):
+  cpus = set(sorted(os.sched_getaffinity(0))[:2])
+  want = min(want, len(cpus))  # a 1-CPU machine makes one device
+  proc = _main(
+      '--config=configs/pskd.py:quick',
+      f'--workdir={tmp_path / "wd"}',
+      f'--config.data.dir={tiny_fashion_mnist}',
+      f'--config.batch_size={batch_size}',
+      '--config.eval_batch_size=16',
+      devices=devices,
+      preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+  )
+  lines = []
+  for line in proc.stderr:  # stop it once the devices are logged: a signal in start-up
+    lines.append(line)
+    if 'Devices: ' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  lines += proc.communicate(timeout=120)[1].splitlines()
+  assert proc.returncode == 0, ''.join(lines)
+  assert any(f'Devices: {want} x cpu in 1 process(es)' in line for line in lines), ''.join(lines)
 
 
 def _free_port():
