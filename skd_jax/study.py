@@ -47,8 +47,8 @@ the study then starts no more runs and exits 0; rerun the same command to contin
 
 ``--parallel=K`` runs K runs at a time, each its own process. On a CPU the study splits this
 machine's cores between them (each process is pinned to its own share, with
-``os.sched_setaffinity``; XLA sizes its thread pools to the cores it may use); with fewer cores
-than K they share all of them. XLA's CPU reductions split their work by thread count, so a
+``os.sched_setaffinity``; XLA sizes its thread pools to the cores it may use, and the command
+line makes one CPU device per core of the share); with fewer cores than K they share all of them. XLA's CPU reductions split their work by thread count, so a
 run's numbers depend on its share: runs under the same K on the same machine agree bit for bit,
 under another K up to float rounding. Accelerators are not split: K processes would share them.
 
