@@ -81,6 +81,7 @@ from skd_jax import peers
 from skd_jax import terms
 from skd_jax import train
 from skd_jax.errors import ConfigError, Diverged, InputError, Preempted, SaveError
+from skd_jax.models.spec import is_positive_int
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -234,8 +235,9 @@ def _parse_flags(argv):
   return argv
 
 
-def _initialize_distributed(config) -> None:
-  """Starts ``jax.distributed`` from the explicit flags, or by auto-detection if asked to."""
+def _initialize_distributed(config) -> bool:
+  """Starts ``jax.distributed`` from the explicit flags, or by auto-detection if asked to; returns
+  whether it did."""
   explicit = {
       '--coordinator_address': _COORDINATOR.value,
       '--num_processes': _NUM_PROCESSES.value,
@@ -249,8 +251,7 @@ def _initialize_distributed(config) -> None:
   if not (isinstance(timeout, int) and not isinstance(timeout, bool) and timeout >= 1):
     raise ConfigError(f'distributed_timeout_seconds: expected an integer >= 1, got {timeout!r}')
   if not given and not config.distributed:
-    _use_every_cpu(config)
-    return
+    return False
   try:
     peers.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, timeout)
   except (ValueError, RuntimeError, TypeError) as e:
@@ -262,6 +263,7 @@ def _initialize_distributed(config) -> None:
         '--process_id'
     ) from None
   preemption.join_processes()
+  return True
 
 
 def _use_every_cpu(config) -> None:
@@ -269,9 +271,7 @@ def _use_every_cpu(config) -> None:
   unless ``JAX_NUM_CPU_DEVICES`` (``jax_num_cpu_devices``) already says how many. Runs on an
   accelerator do not use the CPU devices; invalid batch sizes are left to validation."""
   sizes = (config.get('batch_size'), config.get('eval_batch_size'))
-  if jax.config.jax_num_cpu_devices != -1 or not all(
-      isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes
-  ):
+  if jax.config.jax_num_cpu_devices != -1 or not all(map(is_positive_int, sizes)):
     return
   try:
     jax.config.update('jax_num_cpu_devices', mesh.cpu_devices(sizes))
@@ -337,7 +337,8 @@ def main(argv):
   pylogging.getLogger('skd_jax').setLevel(pylogging.INFO)
   compilation_cache.enable(_COMPILATION_CACHE.value)
   try:
-    _initialize_distributed(_CONFIG.value)
+    if not _initialize_distributed(_CONFIG.value):
+      _use_every_cpu(_CONFIG.value)
     if _GENERATIONS.value is None:
       summary = train.finished_summary(_CONFIG.value, _WORKDIR.value)
       if summary is None:

@@ -30,9 +30,9 @@ def cpu_devices(batch_sizes: Sequence[int], cpus: int | None = None) -> int:
   XLA's CPU backend spreads one convolution over several threads poorly; ``k`` devices, each
   running its share of the batch, keep ``k`` CPUs busy (on a 2-core CPU two devices make the
   quick small ResNet's step 1.3-1.4x and CIFAR ResNet-18's 1.9x faster than one; README
-  "Throughput"; more cores were not measured). The batch is
-  split along :data:`AXIS` as on any mesh, and BatchNorm's statistics stay those of the global
-  batch, so only the order of the sums changes.
+  "Throughput"; more cores were not measured). The batch is split along :data:`AXIS` as on any
+  mesh, and BatchNorm's statistics stay those of the global batch, so only the order of the sums
+  changes.
 
   >>> cpu_devices([128, 1000], cpus=8)
   8

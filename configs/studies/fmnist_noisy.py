@@ -13,8 +13,8 @@ and its final ECE is 13.9 to 15.7%, so regularising methods have something to fi
 
 81 runs (27 entries); a cross-entropy run takes about 2 minutes on a 2-core CPU. Methods keep
 their reference hyperparameters (their configs' defaults); the regime's settings below are the only
-overrides, the same for every entry (LSSKD's and CS-KD + LSSKD's quick configs train 2 epochs: here 20, like the
-others). To run part of it, e.g. the costly LSSKD entries on one seed:
+overrides, the same for every entry (LSSKD's and CS-KD + LSSKD's quick configs train 2 epochs:
+here 20, like the others). To run part of it, e.g. the costly LSSKD entries on one seed:
 
   python -m skd_jax.study --study=configs/studies/fmnist_noisy.py --workdir=studies/fmnist_noisy \
       --entries=lsskd,cskd_lsskd --seeds=0
