@@ -11,7 +11,7 @@ and its final ECE is 13.9 to 15.7%, so regularising methods have something to fi
 
   python -m skd_jax.study --study=configs/studies/fmnist_noisy.py --workdir=studies/fmnist_noisy
 
-81 runs (27 entries); a cross-entropy run takes about 2 minutes on a 2-core CPU. Methods keep
+87 runs (29 entries); a cross-entropy run takes about 2 minutes on a 2-core CPU. Methods keep
 their reference hyperparameters (their configs' defaults); the regime's settings below are the only
 overrides, the same for every entry (LSSKD's and CS-KD + LSSKD's quick configs train 2 epochs:
 here 20, like the others). To run part of it, e.g. the costly LSSKD entries on one seed:
@@ -21,7 +21,8 @@ here 20, like the others). To run part of it, e.g. the costly LSSKD entries on o
 
 Teacher KD, TF-KD (self) and AI-KD are taught by the cross-entropy run of the same seed, trained in
 this regime (so by a teacher that memorised the noise). `mixskd_mix_ce` is MixSKD with the mixup
-cross-entropies that its config (the official CIFAR loss) leaves out.
+cross-entropies that its config (the official CIFAR loss) leaves out; `mixskd_warmup2` and
+`mixskd_mix_ce_warmup2` are the two with a 2-epoch learning-rate warm-up.
 """
 
 import ml_collections
@@ -87,6 +88,16 @@ def get_config():
           overrides={**REGIME, 'loss.mixskd.mix_ce': True},
       )
   )
+  # Both MixSKD losses again with the learning rate warmed up linearly over the first 2 epochs (the
+  # official scripts warm up for 5 of 200-240; the quick configs not at all).
+  for name, mix_ce in (('mixskd_warmup2', False), ('mixskd_mix_ce_warmup2', True)):
+    c.entries.append(
+        dict(
+            name=name,
+            config='configs/mixskd.py:quick',
+            overrides={**REGIME, 'loss.mixskd.mix_ce': mix_ce, 'optim.warmup_epochs': 2},
+        )
+    )
   c.seeds = [0, 1, 2]
   c.baseline = 'baseline'
   return c
