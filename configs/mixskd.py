@@ -34,7 +34,13 @@ stages):
 Measured (2-core CPU, 1,852 s wall on 2026-12-06 with the test suite running beside it, 266 to
 300 img/s; training 1,804 s): top-1 91.02%, NLL 0.751, ECE 37.5, AURC 18.2 (baseline 91.35%, ECE
 0.50). The predictions are far less confident than accurate: mean max-probability 0.535 on the
-test set at 91.0% accuracy. One seed: no effect on top-1 claimed.
+test set at 91.0% accuracy. One seed: no effect on top-1 claimed. In the noisy-label study the
+underconfidence goes with the missing mixup cross-entropies (ECE 26.1% without them, 3.5% with
+them, both with a 2-epoch warm-up), and with them the small ResNet needs that warm-up (without it
+2 of 3 runs collapsed to chance; docs/methods.md, MixSKD):
+
+  python -m skd_jax.main --config=configs/mixskd.py:quick --workdir=/tmp/mixskd_mix_ce \
+      --config.loss.mixskd.mix_ce=true --config.optim.warmup_epochs=2
 """
 
 from skd_jax import config_lib
