@@ -25,7 +25,7 @@ Offline Fashion-MNIST (`quick`, the baseline's setup; generation 1 is the quick 
 
   python -m skd_jax.main --config=configs/aikd.py:quick --workdir=/tmp/aikd_quick --generations=2
 
-Measured (2026-12-07, idle 2-core CPU, 474 s wall for both stages, 8 epochs each, seed 0):
+Measured (2-core CPU, 474 s wall for both stages of 8 epochs, idle, 2026-12-07, seed 0):
 top-1 91.22%, NLL 0.235, ECE 0.69, AURC 11.9; generation 1 (cross-entropy) 91.63%; the same
 without the adversarial term (loss.aikd.weight=0) 91.26%. One seed: noise-level differences
 (docs/methods.md, AI-KD).
