@@ -248,7 +248,7 @@ def _initialize_distributed(config) -> bool:
     missing = ', '.join(k for k in explicit if k not in given)
     raise ConfigError(f'{missing}: expected together with {", ".join(given)}')
   timeout = config.distributed_timeout_seconds
-  if not (isinstance(timeout, int) and not isinstance(timeout, bool) and timeout >= 1):
+  if not is_positive_int(timeout):
     raise ConfigError(f'distributed_timeout_seconds: expected an integer >= 1, got {timeout!r}')
   if not given and not config.distributed:
     return False
