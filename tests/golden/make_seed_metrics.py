@@ -6,7 +6,9 @@ of the main, partner and previous examples, the terms' key). The file was writte
 before the seed became an argument of the compiled programs (9df05bd), so
 ``tests/test_startup.py`` checks that this change left every number of a given seed as it was.
 
-  PYTHONPATH=. python tests/golden/make_seed_metrics.py
+  PYTHONPATH=. python tests/golden/make_seed_metrics.py [OUT]
+
+writes the records to ``OUT`` instead (the test runs it so, compiled as users compile).
 """
 
 import json
@@ -35,14 +37,14 @@ def config():
   return c
 
 
-def main():
+def main(path=PATH):
   with tempfile.TemporaryDirectory() as workdir:
     runs.run(config(), workdir, devices=DEVICES)
     records = runs.without_time(runs.records(workdir))
-  with open(PATH, 'w') as f:
+  with open(path, 'w') as f:
     json.dump(records, f, indent=1)
     f.write('\n')
 
 
 if __name__ == '__main__':
-  main()
+  main(*sys.argv[1:])
