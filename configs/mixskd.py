@@ -41,6 +41,10 @@ them, both with a 2-epoch warm-up), and with them the small ResNet needs that wa
 
   python -m skd_jax.main --config=configs/mixskd.py:quick --workdir=/tmp/mixskd_mix_ce \
       --config.loss.mixskd.mix_ce=true --config.optim.warmup_epochs=2
+
+That command, 2026-12-07 on the idle 2-core CPU (748 s wall, two CPU devices): top-1 91.28%, ECE
+2.56, NLL 0.258, AURC 12.5, the self-teacher at 90.0% train top-1 (one seed: calibrated, top-1
+within noise of the baseline).
 """
 
 from skd_jax import config_lib
