@@ -8,7 +8,7 @@ before the seed became an argument of the compiled programs (9df05bd), so
 
   PYTHONPATH=. python tests/golden/make_seed_metrics.py [OUT]
 
-writes the records to ``OUT`` instead (the test runs it so, compiled as users compile).
+With ``OUT`` it writes the records there instead (the test does so, compiled as users compile).
 """
 
 import json
