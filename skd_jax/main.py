@@ -45,6 +45,7 @@ import logging as pylogging
 import os
 import re
 import sys
+import warnings
 
 # What the `train` extra brings (setup.cfg), by the name each is imported as.
 _TRAIN_EXTRA = (
@@ -311,12 +312,16 @@ class _WithoutOrbax(pylogging.Filter):
     return record.name.startswith('skd_jax') or not about_orbax
 
 
-def _quiet_closed_loops(unraisablehook):
-  """An unraisable hook without the errors of writes that finish after a failed save gave up.
+def _quiet_failed_writes() -> None:
+  """Keeps what a failed orbax save leaves behind off stderr: the trainer reports it in one line.
 
   When one write of an orbax save fails, orbax closes the save's event loop while tensorstore is
-  still finishing the others; each then reports "Event loop is closed" as unraisable.
+  still finishing the others: each then reports "Event loop is closed" as unraisable, and a write
+  that never started is a coroutine never awaited, which Python reports as the process exits,
+  after the error line. skd_jax has no coroutines of its own.
   """
+  warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
+  unraisablehook = sys.unraisablehook
 
   def hook(unraisable):
     if not (
@@ -324,7 +329,7 @@ def _quiet_closed_loops(unraisablehook):
     ):
       unraisablehook(unraisable)
 
-  return hook
+  sys.unraisablehook = hook
 
 
 def main(argv):
@@ -333,7 +338,7 @@ def main(argv):
   # Our progress at INFO; the libraries' at WARNING.
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_handler().addFilter(_WithoutOrbax())
-  sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+  _quiet_failed_writes()
   pylogging.getLogger('skd_jax').setLevel(pylogging.INFO)
   compilation_cache.enable(_COMPILATION_CACHE.value)
   try:
