@@ -19,6 +19,15 @@ from skd_jax import config_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """The runs here share a persistent compilation cache, as users' runs do by default (the rest
+  of the suite's command-line runs have it off): a rerun loads what its first run compiled."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('SKD_JAX_COMPILATION_CACHE', str(tmp_path_factory.mktemp('xla_cache')))
+    yield
+
+
 @pytest.fixture(scope='module')
 def tiny_fashion_mnist(tmp_path_factory):
   """96 train and 32 test images: 12 steps per epoch at batch size 8."""
