@@ -21,8 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
-  """The runs here share a persistent compilation cache, as users' runs do by default (the rest
-  of the suite's command-line runs have it off): a rerun loads what its first run compiled."""
+  """The runs here share a persistent compilation cache, as users' runs do by default (conftest.py
+  turns it off for the command-line runs the tests start): a rerun loads what its first run
+  compiled."""
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv('SKD_JAX_COMPILATION_CACHE', str(tmp_path_factory.mktemp('xla_cache')))
     yield

@@ -113,8 +113,8 @@ def setup(tmp_path_factory):
 
 
 def _env(setup, read_log, **variables):
-  """The runs share a persistent compilation cache, as users' runs do (``SKD_JAX_COMPILATION_CACHE``
-  is off for the rest of the suite's command-line runs): only process 0 writes it, so the two
+  """The runs share a persistent compilation cache, as users' runs do by default (conftest.py
+  turns it off for the command-line runs the tests start): only process 0 writes it, so the two
   processes of a run find the same programs there, or process 1 finds what process 0 just
   compiled, and catches up."""
   read_log.mkdir(exist_ok=True)
