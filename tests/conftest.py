@@ -15,7 +15,7 @@ The tests build the same train and evaluation steps many times (a run and its re
 same config on several tests), so the suite shares one persistent compilation cache, removed at
 the end. Only this process uses it. The command-line runs the tests start have their own
 persistent cache (``skd_jax.compilation_cache``) off unless a test turns it on: test_startup.py
-and test_study.py test it, and test_main.py and test_multiprocess.py run with a folder of their
+tests it, and test_main.py, test_multiprocess.py and test_study.py run with a folder of their
 own, as users' runs have it on by default (in a run of several processes only process 0 writes
 it, so a rerun's processes find the same programs there).
 """

@@ -41,8 +41,10 @@ def _write(path, text):
 
 
 def _study(*args, cache, report=False):
-  """Starts ``python -m skd_jax.study`` on tiny runs (2 epochs of 20 steps, widths 4/8/8)."""
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_COMPILATION_CACHE_DIR': cache}
+  """Starts ``python -m skd_jax.study`` on tiny runs (2 epochs of 20 steps, widths 4/8/8), which
+  share the persistent compilation ``cache`` (conftest.py turns it off for the suite's other
+  command-line runs)."""
+  env = {**os.environ, 'PYTHONPATH': REPO, 'SKD_JAX_COMPILATION_CACHE': cache}
   env.pop('JAX_NUM_CPU_DEVICES', None)
   return subprocess.Popen(
       [
