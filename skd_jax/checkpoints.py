@@ -5,10 +5,11 @@ A checkpoint is an orbax step directory with two items: ``state`` (the whole tra
 measurements of the steps not logged yet).
 
 * **Fingerprint.** Before each save every array of the state is reduced on its devices to a 32-bit
-  checksum (a position-weighted sum of its bits, in wrapping uint32 arithmetic, so it is exact
-  and independent of the sharding), and every floating-point array is checked to be finite. A
-  non-finite state is never saved. On restore the checksums are recomputed: a flipped bit, a
-  truncated or rewritten data file gives a different checksum, or orbax fails to read it.
+  checksum (a sum of its bits times odd, position-dependent weights, in wrapping uint32
+  arithmetic, so it is exact and independent of the sharding), and every floating-point array is
+  checked to be finite. A non-finite state is never saved. On restore the checksums are
+  recomputed: any change to one element (a flipped bit, wherever it lies) gives a different
+  checksum; a truncated or rewritten data file gives one too, or orbax fails to read it.
 * **Fall back.** :meth:`Checkpoints.restore` tries the checkpoints newest first and returns the
   first that restores and matches its fingerprint. Each one skipped is logged in one line with
   the reason and moved aside into ``broken_directory`` (never deleted), so it can be inspected and
@@ -25,6 +26,7 @@ measurements of the steps not logged yet).
   run.
 """
 
+import functools
 import logging
 import os
 import re
@@ -51,11 +53,25 @@ def _bits(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-def _checksum(x: jax.Array) -> jax.Array:
+FINGERPRINT_VERSION = 2
+"""The checksum :func:`fingerprint` computes. Version 1 (records written before version 2, a flat
+``{leaf: checksum}`` object) weighted element ``i`` by ``i * g + 1``, which is even at odd ``i``:
+where that weight is a multiple of ``2^k``, a change of the element's bits by a multiple of
+``2^(32 - k)`` (a flipped sign bit, at every odd ``i``) vanished modulo ``2^32``. Such records are
+still verified as they were written."""
+
+_GOLDEN = 0x9E3779B1  # 2^32 / golden ratio: consecutive weights far apart
+
+
+def _checksum(x: jax.Array, version: int) -> jax.Array:
   bits = _bits(x).reshape(-1)
-  # Odd weights: changing any single element changes the sum modulo 2^32; distinct weights make
-  # swapped elements visible too.
-  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.uint32(1)
+  i = jnp.arange(bits.size, dtype=jnp.uint32)
+  if version == 1:
+    weights = i * jnp.uint32(_GOLDEN) + jnp.uint32(1)
+  else:
+    # Odd weights are invertible modulo 2^32, so any change to a single element changes the sum;
+    # distinct weights make swapped elements visible too.
+    weights = i * jnp.uint32((2 * _GOLDEN) % 2**32) + jnp.uint32(1)
   return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
@@ -63,14 +79,14 @@ def _finite(x: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.array(True)
 
 
-@jax.jit
-def _summaries(tree):
-  return jax.tree.map(_checksum, tree), jax.tree.map(_finite, tree)
+@functools.partial(jax.jit, static_argnums=1)
+def _summaries(tree, version):
+  return jax.tree.map(lambda x: _checksum(x, version), tree), jax.tree.map(_finite, tree)
 
 
-def fingerprint(tree) -> tuple[dict[str, int], list[str]]:
-  """Per-leaf checksums (leaf path -> uint32) and the paths of non-finite floating-point leaves."""
-  checksums, finite = jax.device_get(_summaries(tree))
+def _checksums(tree, version: int) -> tuple[dict[str, int], list[str]]:
+  """Leaf path -> uint32 checksum, and the paths of non-finite floating-point leaves."""
+  checksums, finite = jax.device_get(_summaries(tree, version))
   name = lambda path: jax.tree_util.keystr(path, simple=True, separator='/')
   return (
       {name(p): int(c) for p, c in jax.tree_util.tree_leaves_with_path(checksums)},
@@ -78,16 +94,29 @@ def fingerprint(tree) -> tuple[dict[str, int], list[str]]:
   )
 
 
+def fingerprint(tree) -> tuple[dict[str, Any], list[str]]:
+  """The record to save with ``tree`` (JSON: ``{'version': FINGERPRINT_VERSION, 'checksums':
+  {leaf path: uint32}}``) and the paths of its non-finite floating-point leaves."""
+  checksums, non_finite = _checksums(tree, FINGERPRINT_VERSION)
+  return {'version': FINGERPRINT_VERSION, 'checksums': checksums}, non_finite
+
+
 def verify(tree, saved) -> str | None:
   """Why ``tree`` does not match ``saved``, the :func:`fingerprint` recorded with it (e.g. ``'does
   not match its fingerprint in params/head/kernel'``); None when it matches."""
-  if not isinstance(saved, dict):
+  if isinstance(saved, dict) and set(saved) == {'version', 'checksums'}:
+    version, expected = saved['version'], saved['checksums']
+  else:
+    version, expected = 1, saved  # written before fingerprints had versions
+  if not isinstance(expected, dict):
     return 'has no fingerprint'
-  checksums, non_finite = fingerprint(tree)
+  if version not in (1, FINGERPRINT_VERSION):
+    return f'has a fingerprint of version {version!r:.20}, which is not one this skd_jax knows'
+  checksums, non_finite = _checksums(tree, version)
   if non_finite:
     return f'holds non-finite values in {non_finite[0]}'
-  differ = [name for name in checksums if saved.get(name) != checksums[name]]
-  if differ or set(saved) != set(checksums):
+  differ = [name for name in checksums if expected.get(name) != checksums[name]]
+  if differ or set(expected) != set(checksums):
     where = differ[0] if differ else 'its structure'
     more = f' and {len(differ) - 1} more arrays' if len(differ) > 1 else ''
     return f'does not match its fingerprint in {where}{more}'
@@ -171,7 +200,7 @@ class Checkpoints:
       FloatingPointError: a floating-point array of ``state`` is not finite.
       SaveError: the previous save failed.
     """
-    checksums, non_finite = fingerprint(state)
+    record, non_finite = fingerprint(state)
     if non_finite:
       raise FloatingPointError(f'non-finite values in {non_finite[0]} at step {step}')
     self.finish()
@@ -179,7 +208,7 @@ class Checkpoints:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({**meta, 'fingerprint': checksums}),
+            meta=ocp.args.JsonSave({**meta, 'fingerprint': record}),
         ),
         force=True,
     )

@@ -6,12 +6,12 @@ and renamed, so it is there whole or not at all) with two items:
 * ``variables``: ``{'params', 'batch_stats'}`` of the backbone alone: no training-only heads, no
   optimizer or loss state;
 * ``spec``: JSON with what the variables alone do not say (``skd_jax.models.ModelSpec``, also
-  importable from here as ``skd_jax.export.ModelSpec``): the model's name
-  (and, for a model from outside skd_jax, the import path of its module) and its options as given
-  to ``skd_jax.models.get_model``, the number of classes, the input
-  shape and the input normalisation measured on the training split, the fingerprint of the
-  variables (``skd_jax.checkpoints.fingerprint``: one checksum per array) and the SHA-256 of the
-  spec's own fields (``spec_sha256``), so that a changed normalisation is caught too.
+  importable from here as ``skd_jax.export.ModelSpec``): the model's name (and, for a model from
+  outside skd_jax, the import path of its module) and its options as given to
+  ``skd_jax.models.get_model``, the number of classes, the input shape and the input
+  normalisation measured on the training split, the fingerprint of the variables
+  (``skd_jax.checkpoints.fingerprint``: its version and one checksum per array) and the SHA-256 of
+  the spec's own fields (``spec_sha256``), so that a changed normalisation is caught too.
 
 :func:`load_model` reads it back as a :class:`Model`, which is called on uint8 images::
 
@@ -62,7 +62,7 @@ def save_model(path: str | os.PathLike, *, params, batch_stats, spec: ModelSpec)
     FloatingPointError: a parameter or BatchNorm statistic is not finite; nothing is written.
   """
   variables = {'params': params, 'batch_stats': batch_stats}
-  checksums, non_finite = checkpoints.fingerprint(variables)
+  record, non_finite = checkpoints.fingerprint(variables)
   if non_finite:
     raise FloatingPointError(f'model: non-finite values in {non_finite[0]}; nothing was exported')
   fields = spec.to_json()
@@ -72,7 +72,7 @@ def save_model(path: str | os.PathLike, *, params, batch_stats, spec: ModelSpec)
         args=ocp.args.Composite(
             variables=ocp.args.StandardSave(variables),
             spec=ocp.args.JsonSave(
-                {**fields, 'fingerprint': checksums, 'spec_sha256': _digest(fields)}
+                {**fields, 'fingerprint': record, 'spec_sha256': _digest(fields)}
             ),
         ),
         force=True,

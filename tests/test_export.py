@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import skd_jax
+from skd_jax import checkpoints
 from skd_jax import export
 from skd_jax import models
 from skd_jax import networks
@@ -147,6 +148,26 @@ def test_a_flipped_bit_is_refused_naming_the_array_and_as_a_teacher(tmp_path, ex
     networks.load_teacher(str(tmp_path), wanted=True)
 
 
+def test_stored_arrays_one_sign_bit_away_are_refused(tmp_path, exported, variables):
+  """A sign bit flipped at an odd position: the change version-1 fingerprints could not see."""
+  model = _copy(exported, tmp_path)
+  kernel = variables['params']['stage3_block1']['conv2']['kernel']
+  flipped = {**variables, 'params': {**variables['params']}}
+  flipped['params']['stage3_block1'] = {
+      **flipped['params']['stage3_block1'],
+      'conv2': {'kernel': kernel.reshape(-1).at[1].multiply(-1).reshape(kernel.shape)},
+  }
+  export.save_model(str(tmp_path / 'other'), spec=SPEC, **flipped)
+  shutil.rmtree(model / 'variables')
+  shutil.copytree(tmp_path / 'other' / 'variables', model / 'variables')
+  with pytest.raises(
+      export.ModelError,
+      match=rf'^{model}/variables: does not match its fingerprint in '
+      r'params/stage3_block1/conv2/kernel; the exported model is damaged$',
+  ):
+    skd_jax.load_model(model)
+
+
 def test_a_truncated_data_file_is_one_line(tmp_path, exported):
   model = _copy(exported, tmp_path)
   with open(_largest_data_file(model), 'r+b') as f:
@@ -256,6 +277,24 @@ def test_a_model_exported_without_a_fingerprint_loads_with_a_warning(tmp_path, e
   with caplog.at_level(logging.WARNING, logger='skd_jax.export'):
     assert skd_jax.load_model(model).spec == SPEC
   assert 'exported without a fingerprint' in caplog.text and 'cannot be verified' in caplog.text
+
+
+def test_a_model_fingerprinted_before_versions_still_loads_and_is_still_checked(
+    tmp_path, exported, variables
+):
+  """Models exported by earlier skd_jax hold a flat version-1 fingerprint."""
+  old = {
+      export._leaf_name(p): int(checkpoints._checksum(x, 1))
+      for p, x in jax.tree_util.tree_leaves_with_path(variables)
+  }
+  for fingerprint, loads in ((old, True), ({**old, 'params/head/bias': 1}, False)):
+    model = _copy(exported, tmp_path / str(loads))
+    _edit_spec(model, lambda spec: {**spec, 'fingerprint': fingerprint})
+    if loads:
+      assert skd_jax.load_model(model).spec == SPEC
+    else:
+      with pytest.raises(export.ModelError, match='does not match its fingerprint in params/head'):
+        skd_jax.load_model(model)
 
 
 # resnet152 has resnet50's kinds of layers, three times as many: 4 s more.

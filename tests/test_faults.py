@@ -5,6 +5,7 @@ Every interrupted run below is finished by rerunning it, and must then equal one
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import shutil
 import sys
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,15 +229,68 @@ def test_a_failed_write_is_named_by_its_os_error_code_wherever_it_stands(message
   assert checkpoints_lib._cause(ValueError(message)) == 'File too large (errno 27)'
 
 
-def test_the_fingerprint_sees_a_single_flipped_bit_and_swapped_elements():
-  x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
-  checksums, non_finite = checkpoints_lib.fingerprint({'x': x, 'k': jax.random.key(0)})
-  assert set(checksums) == {'x', 'k'} and non_finite == []
-  flipped = jax.lax.bitcast_convert_type(
-      jax.lax.bitcast_convert_type(x, jnp.uint32).at[2, 1].add(1), jnp.float32
+def _every_single_bit_flip(x):
+  """``x`` once per bit of its elements with that bit flipped: ``[x.size * bits, *x.shape]``."""
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+  bits = np.asarray(x).view(unsigned).reshape(-1)
+  width = 8 * x.dtype.itemsize
+  flips = np.repeat(bits[None], bits.size * width, axis=0)
+  for n in range(bits.size * width):
+    flips[n, n // width] ^= unsigned(1) << unsigned(n % width)
+  return jnp.asarray(flips.view(x.dtype).reshape(-1, *x.shape))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.int8])
+def test_the_fingerprint_sees_every_single_bit_flip_and_swapped_elements(dtype):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 13)) * 50).astype(dtype)
+  record, non_finite = checkpoints_lib.fingerprint({'x': x, 'k': jax.random.key(0)})
+  assert set(record['checksums']) == {'x', 'k'} and non_finite == []
+  checksum = functools.partial(
+      checkpoints_lib._checksum, version=checkpoints_lib.FINGERPRINT_VERSION
   )
-  assert checkpoints_lib.fingerprint({'x': flipped})[0]['x'] != checksums['x']
-  assert checkpoints_lib.fingerprint({'x': x[::-1]})[0]['x'] != checksums['x']
+  flipped = np.asarray(jax.vmap(checksum)(_every_single_bit_flip(x)))
+  assert (flipped != record['checksums']['x']).all()  # every bit of every element, sign included
+  assert int(checksum(x[::-1])) != record['checksums']['x']
+
+
+def test_version_1_fingerprints_still_verify_and_missed_a_sign_bit_at_odd_positions():
+  x = jnp.linspace(-1, 1, 12, dtype=jnp.float32).reshape(3, 4)
+  record = {'version': 1, 'checksums': {'x': int(checkpoints_lib._checksum(x, 1))}}
+  sign_flipped = x.at[0, 1].multiply(-1)  # element 1: an even weight in version 1
+  assert checkpoints_lib.verify({'x': x}, record) is None
+  assert checkpoints_lib.verify({'x': x}, record['checksums']) is None  # flat, as first written
+  assert checkpoints_lib.verify({'x': sign_flipped}, record) is None  # why version 2 exists
+  assert checkpoints_lib.verify({'x': sign_flipped}, checkpoints_lib.fingerprint({'x': x})[0]) == (
+      'does not match its fingerprint in x'
+  )
+  assert checkpoints_lib.verify({'x': x}, {'version': 3, 'checksums': {}}) == (
+      'has a fingerprint of version 3, which is not one this skd_jax knows'
+  )
+  assert checkpoints_lib.verify({'x': x}, None) == 'has no fingerprint'
+
+
+def test_a_checkpoint_fingerprinted_before_versions_restores_and_is_still_checked(tmp_path):
+  """Checkpoints of earlier skd_jax runs hold a flat version-1 fingerprint: they resume."""
+  state = {'params': jnp.linspace(-1, 1, 12).reshape(3, 4), 'step': jnp.int32(7)}
+  for checksum_of_params, restored in ((None, True), (12345, False)):
+    directory = tmp_path / ('intact' if restored else 'damaged')
+    checkpoints = checkpoints_lib.Checkpoints(str(directory / 'c'), str(directory / 'b'), keep=2)
+    checkpoints.save(5, state, {'pending': []})
+    checkpoints.finish()
+    meta_file = directory / 'c' / '5' / 'meta' / 'metadata'
+    meta = json.loads(meta_file.read_text())
+    assert meta['fingerprint']['version'] == checkpoints_lib.FINGERPRINT_VERSION
+    old = {name: int(checkpoints_lib._checksum(x, 1)) for name, x in state.items()}
+    meta['fingerprint'] = {**old, 'params': checksum_of_params or old['params']}
+    meta_file.write_text(json.dumps(meta))
+    result = checkpoints.restore(train.abstract(state))
+    checkpoints.close()
+    if restored:
+      step, back, meta = result
+      assert step == 5 and meta == {'pending': []}
+      chex.assert_trees_all_equal(back, state)
+    else:
+      assert result is None and os.listdir(directory / 'b') == ['5']
 
 
 # ----------------------------------------------------------------------------------------------
