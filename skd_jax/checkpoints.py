@@ -70,7 +70,8 @@ def _checksum(x: jax.Array, version: int) -> jax.Array:
     weights = i * jnp.uint32(_GOLDEN) + jnp.uint32(1)
   else:
     # Odd weights are invertible modulo 2^32, so any change to a single element changes the sum;
-    # distinct weights make swapped elements visible too.
+    # distinct weights make two swapped elements visible too, unless their bits differ by a
+    # multiple of a large power of two (only a sign bit, say).
     weights = i * jnp.uint32((2 * _GOLDEN) % 2**32) + jnp.uint32(1)
   return jnp.sum(bits * weights, dtype=jnp.uint32)
 
