@@ -136,7 +136,18 @@ def _cause(error: BaseException) -> str:
   if os_error:
     code = int(os_error.group(1))
     return f'{os.strerror(code)} (errno {code})'
-  return text if len(text) <= 200 else text[:197] + '...'
+  return text if len(text) <= 400 else text[:397] + '...'  # with a workdir's long paths
+
+
+def read_error(error: BaseException) -> str:
+  """Why an orbax read failed, in words: the innermost error of the chain a traceback would show
+  (orbax wraps tensorstore's error, which names the file and the byte range, in one that prints a
+  whole tensorstore spec; a JSON decoder's error hides the internals it was raised from)."""
+  while True:
+    inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    if inner is None:
+      return _cause(error)
+    error = inner
 
 
 def _layout(tree) -> dict[str, str]:
@@ -248,7 +259,7 @@ class Checkpoints:
         saved_tree = self._metadata.metadata(self.directory / str(step) / 'state').tree
         saved = _layout(saved_tree)
       except Exception as e:  # pylint: disable=broad-except
-        self._move_aside(step, f'has no readable metadata ({_cause(e)})')
+        self._move_aside(step, f'has no readable metadata ({read_error(e)})')
         continue
       misfit = _misfit(saved, wanted)
       if misfit:
@@ -271,7 +282,7 @@ class Checkpoints:
               {**state, **{k: {} for k in missing}}, abstract_state, keep_empty_nodes=True
           )
       except Exception as e:  # pylint: disable=broad-except
-        reason = f'does not restore ({_cause(e)})'
+        reason = f'does not restore ({read_error(e)})'
       else:
         reason = verify(state, (restored.meta or {}).get('fingerprint'))
       if reason is None:

@@ -220,12 +220,7 @@ def load_model(path: str | os.PathLike) -> Model:
       try:
         return step()
       except Exception as e:  # orbax and tensorstore fail with many types  # pylint: disable=broad-except
-        # Orbax wraps tensorstore's error (which names the file and the byte range) in one that
-        # prints a whole tensorstore spec: the innermost says what went wrong.
-        while e.__cause__ or e.__context__:
-          e = e.__cause__ or e.__context__
-        cause = checkpoints._cause(e)  # pylint: disable=protected-access
-        raise ModelError(f'{item_path}: cannot read ({cause})') from None
+        raise ModelError(f'{item_path}: cannot read ({checkpoints.read_error(e)})') from None
 
     saved = read(
         spec_path,

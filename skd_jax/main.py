@@ -312,21 +312,28 @@ class _WithoutOrbax(pylogging.Filter):
     return record.name.startswith('skd_jax') or not about_orbax
 
 
-def _quiet_failed_writes() -> None:
-  """Keeps what a failed orbax save leaves behind off stderr: the trainer reports it in one line.
+def _quiet_failed_io() -> None:
+  """Keeps what a failed orbax save or read leaves behind off stderr: the trainer reports the
+  failure itself, in one line (a failed save stops the run; a checkpoint that does not restore is
+  skipped, and the log says why).
 
   When one write of an orbax save fails, orbax closes the save's event loop while tensorstore is
   still finishing the others: each then reports "Event loop is closed" as unraisable, and a write
   that never started is a coroutine never awaited, which Python reports as the process exits,
-  after the error line. skd_jax has no coroutines of its own.
+  after the error line. When one read of a restore fails, the reads still pending are closed, and
+  orbax turns the GeneratorExit each receives into an exception that Python reports as
+  unraisable, with a whole tensorstore spec (some 60 lines per array). skd_jax has no coroutines
+  of its own.
   """
   warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
   unraisablehook = sys.unraisablehook
 
   def hook(unraisable):
-    if not (
+    loop_closed = (
         unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed'
-    ):
+    )
+    read_closed = isinstance(getattr(unraisable.exc_value, '__cause__', None), GeneratorExit)
+    if not (loop_closed or read_closed):
       unraisablehook(unraisable)
 
   sys.unraisablehook = hook
@@ -338,7 +345,7 @@ def main(argv):
   # Our progress at INFO; the libraries' at WARNING.
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_handler().addFilter(_WithoutOrbax())
-  _quiet_failed_writes()
+  _quiet_failed_io()
   pylogging.getLogger('skd_jax').setLevel(pylogging.INFO)
   compilation_cache.enable(_COMPILATION_CACHE.value)
   try:

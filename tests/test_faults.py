@@ -229,6 +229,28 @@ def test_a_failed_write_is_named_by_its_os_error_code_wherever_it_stands(message
   assert checkpoints_lib._cause(ValueError(message)) == 'File too large (errno 27)'
 
 
+def _raised(make):
+  try:
+    make()
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+
+
+def _wrapped_read():
+  try:
+    raise ValueError('OUT_OF_RANGE: Error reading "w/0": Requested byte range [0, 9) is not valid')
+  except BaseException as e:
+    raise Exception('Encountered error while reading array index. TensorStore({\n...') from e
+
+
+def test_a_failed_read_is_named_by_the_innermost_error_a_traceback_would_show():
+  """Not orbax's wrapper with a tensorstore spec, not the '0' of a JSON decoder's internals."""
+  assert checkpoints_lib.read_error(_raised(_wrapped_read)).startswith('OUT_OF_RANGE: Error rea')
+  assert checkpoints_lib.read_error(_raised(lambda: json.loads(''))) == (
+      'Expecting value: line 1 column 1 (char 0)'
+  )
+
+
 def _every_single_bit_flip(x):
   """``x`` once per bit of its elements with that bit flipped: ``[x.size * bits, *x.shape]``."""
   unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]

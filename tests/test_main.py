@@ -319,14 +319,24 @@ def test_a_failed_save_stops_the_run_at_once_in_one_line_and_keeps_the_last_chec
   assert json.loads(stdout)['steps'] == 6 * 60
 
 
-_LEFT_BY_A_FAILED_SAVE = """
+_LEFT_BY_FAILED_IO = """
 import sys
 from skd_jax import main
 
-main._quiet_failed_writes()
+main._quiet_failed_io()
 
 async def write_fragment():  # an orbax write that never started
   pass
+
+class Suspend:
+  def __await__(self):
+    yield
+
+async def read_shard():  # as orbax reads an array: any exception, GeneratorExit too, rewrapped
+  try:
+    await Suspend()
+  except BaseException as e:
+    raise Exception('Encountered error while reading array index') from e
 
 class Raises:
   def __init__(self, error):
@@ -336,21 +346,25 @@ class Raises:
     raise self.error
 
 never_awaited = write_fragment()
+pending_read = read_shard()
+pending_read.send(None)
 print('error: the one line', file=sys.stderr)
 # After the error line, as the process exits:
 del never_awaited  # Python reports a coroutine that never ran
+del pending_read  # closed while waiting (another read failed): raises instead of exiting
 Raises(RuntimeError('Event loop is closed'))  # a write that ended after orbax closed its loop
 Raises(ValueError('any other unraisable error'))  # still reported
 sys.exit(1)
 """
 
 
-def test_what_a_failed_save_leaves_behind_stays_off_stderr():
-  """What a failed orbax save leaves behind prints nothing after the one-line error: a write
-  coroutine that never ran, writes that end after orbax closed the save's event loop. The test
-  above meets them by chance (it once failed on the first); here they are made on purpose."""
+def test_what_failed_orbax_saves_and_reads_leave_behind_stays_off_stderr():
+  """What a failed orbax save or read leaves behind prints nothing after the one-line error: a
+  write coroutine that never ran, writes that end after orbax closed the save's event loop, reads
+  closed while pending. The command-line tests meet them by chance (the failed save once failed
+  on the first); here they are made on purpose."""
   proc = subprocess.run(
-      [sys.executable, '-c', _LEFT_BY_A_FAILED_SAVE],
+      [sys.executable, '-c', _LEFT_BY_FAILED_IO],
       env={**os.environ, 'PYTHONPATH': REPO},
       capture_output=True,
       text=True,
@@ -361,3 +375,34 @@ def test_what_a_failed_save_leaves_behind_stays_off_stderr():
   assert 'ValueError: any other unraisable error' in proc.stderr
   assert 'Event loop is closed' not in proc.stderr, proc.stderr
   assert 'never awaited' not in proc.stderr, proc.stderr
+  assert 'reading array index' not in proc.stderr, proc.stderr
+
+
+def test_a_checkpoint_that_does_not_restore_is_skipped_in_one_line(tmp_path, tiny_fashion_mnist):
+  """Orbax's reads of a truncated checkpoint fail together: one log line says which and why."""
+  workdir = tmp_path / 'wd'
+  args = (
+      '--config=configs/pskd.py:quick',
+      f'--workdir={workdir}',
+      f'--config.data.dir={tiny_fashion_mnist}',
+      '--config.batch_size=8',
+      '--config.num_epochs=2',
+  )
+  proc = _main(*args)
+  assert proc.wait(timeout=600) == 0
+  (workdir / 'summary.json').unlink()  # as if stopped after its last checkpoint
+  data = [p for p in (workdir / 'checkpoints' / '24' / 'state').rglob('*') if p.is_file()]
+  largest = max(data, key=lambda p: p.stat().st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+  stdout, stderr = _main(*args).communicate(timeout=600)
+  assert json.loads(stdout)['steps'] == 24, stderr
+  assert 'Traceback' not in stderr and 'Exception ignored' not in stderr, stderr
+  skipped = [l for l in stderr.splitlines() if 'Skipped the checkpoint' in l]
+  assert len(skipped) == 1, stderr
+  assert re.search(
+      r'Skipped the checkpoint at step 24: it does not restore \(OUT_OF_RANGE: Error reading "'
+      r'[^"]+" in OCDBT database at local file "\S+/checkpoints/24/state/": ',
+      skipped[0],
+  ), skipped[0]
+  assert 'Resumed from the checkpoint at step 12' in stderr
+  assert os.listdir(workdir / 'broken_checkpoints') == ['24']
