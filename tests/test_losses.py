@@ -132,9 +132,51 @@ def test_jit_matches_eager_and_output_is_per_example(name):
   np.testing.assert_allclose(jax.jit(fn)(logits, y, past), eager, rtol=1e-6)
 
 
-def test_integer_logits_are_rejected():
-  with pytest.raises(TypeError, match='floating'):
+def test_integer_logits_are_rejected_naming_the_argument():
+  with pytest.raises(
+      TypeError, match=r'^logits: expected a floating-point array, got int32\[1, 2\]$'
+  ):
     losses.soft_target_cross_entropy(jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)))
+
+
+_ONE_HOT_LOSSES = {
+    'label_smoothing': lambda z, y: losses.label_smoothing_cross_entropy(z, y),
+    'pskd': lambda z, y: losses.pskd_cross_entropy(z, y, jax.nn.softmax(z), alpha=0.5),
+    'drg': lambda z, y: losses.drg_loss(z, z, y),
+    'lsskd': lambda z, y: losses.lsskd_loss(z, [z], y),
+    'tfkd_reg': lambda z, y: losses.tfkd_reg_loss(z, y),
+    'zipf_ls': lambda z, y: losses.zipf_ls_loss(z, y, jax.nn.softmax(z)),
+    'byot': lambda z, y: losses.byot_loss(z, [z], y),
+    'dks': lambda z, y: losses.dks_loss(z, [z], y),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_ONE_HOT_LOSSES))
+def test_class_indices_where_one_hot_rows_are_expected_are_refused_with_the_fix(name):
+  """The commonest slip with a loss taking ``[B, C]`` one-hot labels: ``[B]`` integer indices."""
+  with pytest.raises(
+      TypeError,
+      match=r'^(labels|one_hot): expected a floating-point array, got int32\[4\]; one-hot rows '
+      r'of integer class indices: jax.nn.one_hot\(labels, num_classes\)$',
+  ):
+    _ONE_HOT_LOSSES[name](jnp.zeros((4, 10)), jnp.array([0, 3, 9, 2]))
+
+
+_INDEX_LOSSES = {
+    'uskd': lambda z, y: losses.uskd_loss(z, z, y),
+    'ddgsd': lambda z, y: losses.ddgsd_loss(z, z, z, z, y),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_INDEX_LOSSES))
+def test_float_labels_where_class_indices_are_expected_are_refused(name):
+  """``jnp.asarray(labels, jnp.int32)`` would truncate them: 0.5 became class 0."""
+  z = jax.random.normal(jax.random.key(11), (4, 10))
+  with pytest.raises(
+      TypeError, match=r'^labels: expected integer class indices, got float32\[4\]$'
+  ):
+    _INDEX_LOSSES[name](z, jnp.array([0.5, 3.0, 9.0, 2.0]))
+  chex.assert_shape(_INDEX_LOSSES[name](z, jnp.array([0, 3, 9, 2])), (4,))
 
 
 def test_losses_import_without_tfds_orbax_or_tensorflow():

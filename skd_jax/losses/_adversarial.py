@@ -34,7 +34,7 @@ def adversarial_loss(fake_logits: jax.typing.ArrayLike) -> jax.Array:
   Returns:
     ``[...]`` float32 per-example loss.
   """
-  return jax.nn.softplus(-_as_float32(fake_logits))
+  return jax.nn.softplus(-_as_float32(fake_logits, 'fake_logits'))
 
 
 def discriminator_loss(
@@ -62,7 +62,7 @@ def discriminator_loss(
   Returns:
     ``[...]`` float32 per-example loss.
   """
-  real, fake = _as_float32(real_logits), _as_float32(fake_logits)
+  real, fake = _as_float32(real_logits, 'real_logits'), _as_float32(fake_logits, 'fake_logits')
   if real.shape != fake.shape:
     raise ValueError(f'real_logits {real.shape} and fake_logits {fake.shape} must have one shape')
   return jax.nn.softplus(-real) + jax.nn.softplus(fake)

@@ -77,8 +77,8 @@ def byot_loss(
     raise ValueError(
         f'feature_reduction: expected one of {FEATURE_REDUCTIONS}, got ' f'{feature_reduction!r}'
     )
-  teacher = jax.lax.stop_gradient(_as_float32(logits))
-  targets = _as_float32(one_hot)
+  teacher = jax.lax.stop_gradient(_as_float32(logits, 'logits'))
+  targets = _as_float32(one_hot, 'one_hot')
   if targets.shape != teacher.shape:
     raise ValueError(f'one_hot {targets.shape} and logits {teacher.shape} must have one shape')
   log_soft = jax.nn.log_softmax(teacher / temperature, axis=-1)
@@ -86,7 +86,7 @@ def byot_loss(
   scale = temperature**2 if t2_scaling else 1.0
   ce = kd = 0.0
   for z in head_logits:
-    z = _as_float32(z)
+    z = _as_float32(z, 'head_logits')
     if z.shape != teacher.shape:
       raise ValueError(f'head logits {z.shape} and logits {teacher.shape} must have one shape')
     ce = ce - jnp.sum(targets * jax.nn.log_softmax(z, axis=-1), axis=-1)
@@ -95,10 +95,10 @@ def byot_loss(
   if feature_weight:
     if features is None or head_features is None or len(head_features) != len(head_logits):
       raise ValueError('feature_weight > 0 needs features and one head_features per head')
-    deep = jax.lax.stop_gradient(_as_float32(features))
+    deep = jax.lax.stop_gradient(_as_float32(features, 'features'))
     reduce = jnp.sum if feature_reduction == 'sum' else jnp.mean
     for f in head_features:
-      f = _as_float32(f)
+      f = _as_float32(f, 'head_features')
       if f.shape != deep.shape:
         raise ValueError(f'head features {f.shape} and features {deep.shape} must have one shape')
       loss = loss + feature_weight * reduce(jnp.square(f - deep), axis=-1)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._distillation import distillation_kl
+from skd_jax.losses._soft_targets import _as_indices
 
 MMD_KINDS = ('vector', 'scalar')
 
@@ -87,7 +88,7 @@ def ddgsd_loss(
   z2 = jnp.asarray(other_logits, jnp.float32)
   f1 = jnp.asarray(features, jnp.float32)
   f2 = jnp.asarray(other_features, jnp.float32)
-  labels = jnp.asarray(labels, jnp.int32)
+  labels = _as_indices(labels, 'labels')
   if z1.ndim != 2 or z2.shape != z1.shape or labels.shape != z1.shape[:1]:
     raise ValueError(
         f'logits {z1.shape}, other_logits {z2.shape} and labels {labels.shape}: expected '

@@ -40,8 +40,8 @@ def distillation_kl(
   Returns:
     ``[...]`` float32 per-example loss.
   """
-  logits = _as_float32(logits)
-  teacher = jax.lax.stop_gradient(_as_float32(teacher_logits))
+  logits = _as_float32(logits, 'logits')
+  teacher = jax.lax.stop_gradient(_as_float32(teacher_logits, 'teacher_logits'))
   if logits.shape != teacher.shape:
     raise ValueError(
         f'logits {logits.shape} and teacher_logits {teacher.shape} must have one ' 'shape'
@@ -86,6 +86,7 @@ def drg_loss(
   Returns:
     ``[B]`` float32 per-example loss.
   """
+  labels = _as_float32(labels, 'labels')
   return soft_target_cross_entropy(aux_logits, labels) + alpha * distillation_kl(
       logits, aux_logits, temperature=temperature
   )
@@ -126,7 +127,9 @@ def dsr_loss(
     ``[B]`` float32 per-example loss.
   """
   return distillation_kl(
-      jnp.sort(_as_float32(logits), axis=-1), previous_sorted_logits, temperature=temperature
+      jnp.sort(_as_float32(logits, 'logits'), axis=-1),
+      previous_sorted_logits,
+      temperature=temperature,
   )
 
 
@@ -149,7 +152,7 @@ def rotation_joint_labels(labels: jax.typing.ArrayLike, num_rotations: int = 4) 
   Returns:
     ``[B, R, R*C]`` float32 joint labels, ``[:, k]`` for the copy rotated ``k`` times.
   """
-  labels = _as_float32(labels)
+  labels = _as_float32(labels, 'labels')
   joint = jnp.einsum('bc,kj->bkcj', labels, jnp.eye(num_rotations, dtype=jnp.float32))
   return joint.reshape(labels.shape[0], num_rotations, -1)
 
@@ -180,7 +183,7 @@ def aggregate_joint_logits(
   Returns:
     ``[B, C]`` float32 class scores.
   """
-  s = _as_float32(joint_logits)
+  s = _as_float32(joint_logits, 'joint_logits')
   batch, rotations, joint = s.shape
   s = s.reshape(batch, rotations, joint // rotations, rotations)
   if mode == 'matched':
@@ -250,7 +253,7 @@ def lsskd_loss(
     raise ValueError(f"pairing: expected 'deepest' or 'adjacent', got {pairing!r}")
   if not head_logits:
     raise ValueError('head_logits: expected at least one head')
-  heads = [_as_float32(s) for s in head_logits]
+  heads = [_as_float32(s, 'head_logits') for s in head_logits]
   depth = len(heads)
   teacher = (lambda l: depth - 1) if pairing == 'deepest' else (lambda l: l + 1)
   joint = rotation_joint_labels(labels, heads[0].shape[1])
@@ -264,7 +267,7 @@ def lsskd_loss(
   if feature_weight:
     if head_features is None:
       raise ValueError('head_features: needed when feature_weight > 0')
-    features = [_as_float32(f) for f in head_features]
+    features = [_as_float32(f, 'head_features') for f in head_features]
     loss += feature_weight * sum(
         jnp.mean(jnp.sum((features[l] - jax.lax.stop_gradient(features[teacher(l)])) ** 2, -1), -1)
         for l in range(depth - 1)

@@ -65,13 +65,13 @@ def dks_loss(
   """
   if not head_logits:
     raise ValueError('head_logits: expected at least one auxiliary branch')
-  final = _as_float32(logits)
-  targets = _as_float32(one_hot)
+  final = _as_float32(logits, 'logits')
+  targets = _as_float32(one_hot, 'one_hot')
   if targets.shape != final.shape:
     raise ValueError(f'one_hot {targets.shape} and logits {final.shape} must have one shape')
   branches = [final]
   for z in head_logits:
-    z = _as_float32(z)
+    z = _as_float32(z, 'head_logits')
     if z.shape != final.shape:
       raise ValueError(f'head logits {z.shape} and logits {final.shape} must have one shape')
     branches.append(z)

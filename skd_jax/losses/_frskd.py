@@ -28,7 +28,7 @@ def frskd_attention_map(features: jax.typing.ArrayLike) -> jax.Array:
   Returns:
     ``[B, H * W]`` float32 maps of unit L2 norm (zero for an all-zero map).
   """
-  f = _as_float32(features)
+  f = _as_float32(features, 'features')
   if f.ndim != 4:
     raise ValueError(f'features: expected [B, H, W, C], got shape {f.shape}')
   a = jnp.mean(jnp.square(f), axis=-1).reshape(f.shape[0], -1)
@@ -95,8 +95,8 @@ def frskd_loss(
   Raises:
     ValueError: on shape mismatches or an empty or unequal number of feature maps.
   """
-  z, z_t = _as_float32(logits), _as_float32(teacher_logits)
-  targets = _as_float32(one_hot)
+  z, z_t = _as_float32(logits, 'logits'), _as_float32(teacher_logits, 'teacher_logits')
+  targets = _as_float32(one_hot, 'one_hot')
   if not z.shape == z_t.shape == targets.shape:
     raise ValueError(
         f'logits {z.shape}, teacher_logits {z_t.shape} and one_hot {targets.shape} must have one '

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._distillation import distillation_kl
+from skd_jax.losses._soft_targets import _as_indices
 
 
 def mixskd_mix(x: jax.typing.ArrayLike, lam, perm: jax.typing.ArrayLike) -> jax.Array:
@@ -118,7 +119,7 @@ def mixskd_loss(
   logits, mixed_logits = f32(logits), f32(mixed_logits)
   maps, mixed_maps = f32(maps), f32(mixed_maps)
   t_hat, t_tilde = f32((teacher_of_mixture, teacher_of_mixed))
-  labels, perm = jnp.asarray(labels, jnp.int32), jnp.asarray(perm, jnp.int32)
+  labels, perm = _as_indices(labels, 'labels'), _as_indices(perm, 'perm')
   if not len(logits) == len(mixed_logits) == len(maps) == len(mixed_maps) >= 1:
     raise ValueError('logits, mixed_logits, maps and mixed_maps: expected K >= 1 exits each')
   kd = lambda student, teacher: distillation_kl(student, teacher, temperature=temperature)

@@ -10,11 +10,25 @@ import jax.numpy as jnp
 import optax
 
 
-def _as_float32(x: jax.typing.ArrayLike) -> jax.Array:
+def _as_float32(x: jax.typing.ArrayLike, name: str) -> jax.Array:
+  """``x`` as float32; a TypeError naming the argument ``name`` if it is not floating-point."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f'expected a floating-point array, got dtype {x.dtype}')
+    hint = ''
+    if name in ('labels', 'one_hot', 'targets'):
+      hint = '; one-hot rows of integer class indices: jax.nn.one_hot(labels, num_classes)'
+    raise TypeError(
+        f'{name}: expected a floating-point array, got {x.dtype.name}{list(x.shape)}{hint}'
+    )
   return x.astype(jnp.float32)
+
+
+def _as_indices(x: jax.typing.ArrayLike, name: str) -> jax.Array:
+  """``x`` as int32; a TypeError naming ``name`` if it is not integer (a float would truncate)."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f'{name}: expected integer class indices, got {x.dtype.name}{list(x.shape)}')
+  return x.astype(jnp.int32)
 
 
 def soft_target_cross_entropy(
@@ -41,7 +55,7 @@ def soft_target_cross_entropy(
   Returns:
     ``[...]`` float32 per-example cross-entropy.
   """
-  logits, targets = _as_float32(logits), _as_float32(targets)
+  logits, targets = _as_float32(logits, 'logits'), _as_float32(targets, 'targets')
   if logits.shape != targets.shape:
     raise ValueError(f'logits {logits.shape} and targets {targets.shape} must have one shape')
   return optax.losses.softmax_cross_entropy(logits, targets)
@@ -74,7 +88,7 @@ def label_smoothing_targets(
   Returns:
     ``[..., C]`` float32 targets.
   """
-  labels = _as_float32(labels)
+  labels = _as_float32(labels, 'labels')
   num_classes = labels.shape[-1]
   if variant == 'uniform':
     return optax.smooth_labels(labels, epsilon)
@@ -161,8 +175,8 @@ def pskd_targets(
   Returns:
     ``[B, C]`` float32 targets.
   """
-  labels = _as_float32(labels)
-  past = jax.lax.stop_gradient(_as_float32(past_predictions))
+  labels = _as_float32(labels, 'labels')
+  past = jax.lax.stop_gradient(_as_float32(past_predictions, 'past_predictions'))
   alpha = jnp.asarray(alpha, jnp.float32)
   if alpha.ndim:
     alpha = alpha[..., None]

@@ -36,7 +36,7 @@ def tfkd_reg_targets(
   Returns:
     ``[..., C]`` float32 target distributions.
   """
-  labels = _as_float32(labels)
+  labels = _as_float32(labels, 'labels')
   num_classes = labels.shape[-1]
   u = correct_prob * labels + (1.0 - correct_prob) / (num_classes - 1) * (1.0 - labels)
   return jax.nn.softmax(u / temperature, axis=-1)
@@ -80,7 +80,7 @@ def tfkd_reg_loss(
   Returns:
     ``[B]`` float32 per-example loss.
   """
-  logits, labels = _as_float32(logits), _as_float32(labels)
+  logits, labels = _as_float32(logits, 'logits'), _as_float32(labels, 'labels')
   if logits.shape != labels.shape:
     raise ValueError(f'logits {logits.shape} and labels {labels.shape} must have one shape')
   num_classes = labels.shape[-1]

@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from skd_jax.losses._soft_targets import _as_indices
+
 # Added to the denominators of the ranking score, as the official code.
 _RANK_EPSILON = 1e-6
 
@@ -94,7 +96,7 @@ def uskd_loss(
   """
   logits = jnp.asarray(logits, jnp.float32)
   weak_logits = jnp.asarray(weak_logits, jnp.float32)
-  labels = jnp.asarray(labels, jnp.int32)
+  labels = _as_indices(labels, 'labels')
   if logits.ndim != 2 or weak_logits.shape != logits.shape or labels.shape != logits.shape[:1]:
     raise ValueError(
         f'logits {logits.shape}, weak_logits {weak_logits.shape} and labels {labels.shape}: '

@@ -25,7 +25,7 @@ def dense_class_votes(dense_logits: jax.typing.ArrayLike) -> jax.Array:
   Returns:
     ``[B, C]`` float32 counts (summing to ``P``), with no gradient.
   """
-  dense_logits = jax.lax.stop_gradient(_as_float32(dense_logits))
+  dense_logits = jax.lax.stop_gradient(_as_float32(dense_logits, 'dense_logits'))
   num_classes = dense_logits.shape[-1]
   votes = jax.nn.one_hot(jnp.argmax(dense_logits, axis=-1), num_classes, dtype=jnp.float32)
   return jnp.sum(votes, axis=-2)
@@ -60,8 +60,8 @@ def zipf_targets(
   Returns:
     ``[B, C]`` float32 distributions, zero on the label.
   """
-  scores = jax.lax.stop_gradient(_as_float32(scores))
-  labels = _as_float32(labels)
+  scores = jax.lax.stop_gradient(_as_float32(scores, 'scores'))
+  labels = _as_float32(labels, 'labels')
   if scores.shape != labels.shape:
     raise ValueError(f'scores {scores.shape} and labels {labels.shape} must have one shape')
   # 1 + the number of strictly larger scores, from a sort: O(C log C) per example.
@@ -108,7 +108,7 @@ def zipf_ls_loss(
   Returns:
     ``[B]`` float32 per-example loss.
   """
-  logits, labels = _as_float32(logits), _as_float32(labels)
+  logits, labels = _as_float32(logits, 'logits'), _as_float32(labels, 'labels')
   if logits.shape != labels.shape:
     raise ValueError(f'logits {logits.shape} and labels {labels.shape} must have one shape')
   targets = zipf_targets(scores, labels, power=power)
