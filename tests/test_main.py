@@ -35,6 +35,18 @@ def tiny_fashion_mnist(tmp_path_factory):
   return runs.fashion_mnist(tmp_path_factory.mktemp('fmnist'), 96, 32)
 
 
+def _quick(workdir, data_dir, num_epochs, *extra):
+  """Arguments of the quick PS-KD config on a small Fashion-MNIST at batch size 8."""
+  return (
+      '--config=configs/pskd.py:quick',
+      f'--workdir={workdir}',
+      f'--config.data.dir={data_dir}',
+      '--config.batch_size=8',
+      f'--config.num_epochs={num_epochs}',
+      *extra,
+  )
+
+
 def _main(*args, devices=1, **kwargs):
   """The command line in a new process; ``devices`` None: as many CPU devices as it chooses."""
   env = {**os.environ, 'JAX_NUM_CPU_DEVICES': str(devices), 'PYTHONPATH': REPO}
@@ -171,14 +183,7 @@ def test_missing_config_file_exits_2(tmp_path):
 
 def test_sigterm_saves_exits_cleanly_and_rerun_finishes(tmp_path, tiny_fashion_mnist):
   workdir = tmp_path / 'wd'
-  args = (
-      '--config=configs/pskd.py:quick',
-      f'--workdir={workdir}',
-      f'--config.data.dir={tiny_fashion_mnist}',
-      '--config.batch_size=8',
-      '--config.num_epochs=10',
-      '--config.log_every_steps=1',
-  )
+  args = _quick(workdir, tiny_fashion_mnist, 10, '--config.log_every_steps=1')
   proc = _main(*args)
   metrics = workdir / 'metrics.jsonl'
   deadline = time.time() + 180
@@ -249,14 +254,7 @@ def test_sigint_to_one_of_two_processes_stops_both_at_one_step_and_the_rerun_fin
 ):
   """SIGINT reaches JAX's preemption service only through our handler; SIGTERM goes there anyway."""
   workdir = tmp_path / 'wd'
-  args = (
-      '--config=configs/pskd.py:quick',
-      f'--workdir={workdir}',
-      f'--config.data.dir={tiny_fashion_mnist}',
-      '--config.batch_size=8',
-      '--config.num_epochs=10',
-      '--config.log_every_steps=1',
-  )
+  args = _quick(workdir, tiny_fashion_mnist, 10, '--config.log_every_steps=1')
 
   def start():
     cluster = (f'--coordinator_address=localhost:{_free_port()}', '--num_processes=2')
@@ -284,14 +282,8 @@ def test_sigint_to_one_of_two_processes_stops_both_at_one_step_and_the_rerun_fin
 def test_a_failed_save_stops_the_run_at_once_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
   """The disk fills up after the first checkpoint (a file-size limit gives the same write error)."""
   workdir = tmp_path / 'wd'
-  args = (
-      '--config=configs/pskd.py:quick',
-      f'--workdir={workdir}',
-      f'--config.data.dir={runs.fashion_mnist(tmp_path, 480, 32)}',  # epochs of 60 steps
-      '--config.batch_size=8',
-      '--config.num_epochs=6',
-      '--config.log_every_steps=1',
-  )
+  data = runs.fashion_mnist(tmp_path, 480, 32)  # epochs of 60 steps
+  args = _quick(workdir, data, 6, '--config.log_every_steps=1')
   proc = _main(*args)
   _read_until(proc, 'epoch 1/6:')  # the first evaluation; its checkpoint follows
   deadline = time.time() + 60
@@ -381,13 +373,7 @@ def test_what_failed_orbax_saves_and_reads_leave_behind_stays_off_stderr():
 def test_a_checkpoint_that_does_not_restore_is_skipped_in_one_line(tmp_path, tiny_fashion_mnist):
   """Orbax's reads of a truncated checkpoint fail together: one log line says which and why."""
   workdir = tmp_path / 'wd'
-  args = (
-      '--config=configs/pskd.py:quick',
-      f'--workdir={workdir}',
-      f'--config.data.dir={tiny_fashion_mnist}',
-      '--config.batch_size=8',
-      '--config.num_epochs=2',
-  )
+  args = _quick(workdir, tiny_fashion_mnist, 2)
   proc = _main(*args)
   assert proc.wait(timeout=600) == 0
   (workdir / 'summary.json').unlink()  # as if stopped after its last checkpoint
