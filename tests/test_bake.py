@@ -87,9 +87,43 @@ def test_padding_slots_do_not_change_the_real_examples_losses():
   valid = jnp.array([True] * 4 + [False] * 2)
   padded = losses.bake_loss(z, f, valid=valid)
   np.testing.assert_allclose(padded[:4], real, rtol=1e-5)
-  # A batch with one real example: no neighbours, its target is (1 - omega) p, finite.
-  alone = losses.bake_loss(z, f, valid=jnp.array([True] + [False] * 5))
-  assert np.isfinite(np.asarray(alone)).all()
+
+
+def _official_targets(z, f, temperature=4.0, omega=0.5):
+  """``knowledge_ensemble`` of yxgeee/BAKE in NumPy: softmax of ``ff^T - 1e9 I``, explicit inverse."""
+  f = np.asarray(f, np.float64)
+  f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+  w = f @ f.T - 1e9 * np.eye(len(f))
+  w = np.exp(w - w.max(1, keepdims=True))
+  w = w / w.sum(1, keepdims=True)
+  w = (1 - omega) * np.linalg.inv(np.eye(len(f)) - omega * w)
+  return w @ _softmax(np.asarray(z) / temperature)
+
+
+@pytest.mark.parametrize('batch', [1, 2, 5])
+def test_targets_match_the_official_ensemble_down_to_a_batch_of_one(batch):
+  """Alone in its batch, an example's row of the official softmax is all on the diagonal: q = p."""
+  z, f = _random(6, batch=batch)
+  np.testing.assert_allclose(losses.bake_targets(z, f), _official_targets(z, f), atol=1e-6)
+  if batch == 1:
+    np.testing.assert_allclose(losses.bake_loss(z, f), [0.0], atol=1e-6)
+
+
+def test_an_example_whose_neighbours_are_all_padding_keeps_its_own_prediction():
+  z, f = _random(5)
+  valid = jnp.array([True] + [False] * 5)
+  q = losses.bake_targets(z, f, valid=valid)
+  np.testing.assert_allclose(q[0], _softmax(z[0] / 4.0), rtol=1e-5)
+  np.testing.assert_allclose(losses.bake_loss(z, f, valid=valid)[0], 0.0, atol=1e-6)
+  np.testing.assert_allclose(jnp.sum(q, -1), 1.0, rtol=1e-5)
+
+
+def test_a_temperature_or_omega_out_of_range_is_refused_naming_it():
+  z, f = _random(7)
+  with pytest.raises(ValueError, match=r'^temperature: expected a number in \(0, inf\), got 0.0$'):
+    losses.bake_loss(z, f, temperature=0.0)
+  with pytest.raises(ValueError, match=r'^omega: expected a number in \[0, 1\), got 1.0$'):
+    losses.bake_targets(z, f, omega=1.0)
 
 
 def test_no_gradient_flows_through_the_ensembled_targets():

@@ -91,6 +91,10 @@ def test_dsr_loss_is_invariant_to_class_permutations():
     np.testing.assert_allclose(
         losses.dsr_loss(jnp.take_along_axis(z, rows, -1), prev), base, rtol=1e-6
     )
+    # Either argument, as the docstring says: previous rows given unsorted give the same loss.
+    np.testing.assert_allclose(
+        losses.dsr_loss(z, jnp.take_along_axis(prev, rows, -1)), base, rtol=1e-6
+    )
 
 
 def test_dsr_gradient_flows_through_the_sort():

@@ -179,6 +179,107 @@ def test_float_labels_where_class_indices_are_expected_are_refused(name):
   chex.assert_shape(_INDEX_LOSSES[name](z, jnp.array([0, 3, 9, 2])), (4,))
 
 
+_Z = jnp.array([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])
+_Y = jnp.eye(3)[jnp.array([0, 1])]
+_F = jnp.ones((2, 2, 2, 3))
+
+# Each call once silently broadcast, truncated, gave NaN or a value out of its range.
+_REFUSED = {
+    'sd_dropout batch': (
+        lambda: losses.sd_dropout_loss(_Z, _Z[:1]),
+        r'^logits_u \(2, 3\) and logits_v \(1, 3\) must have one shape$',
+    ),
+    'sd_dropout classes': (
+        lambda: losses.sd_dropout_loss(_Z, _Z[:, :1]),
+        r'^logits_u \(2, 3\) and logits_v \(2, 1\) must have one shape$',
+    ),
+    'frskd feature batch': (
+        lambda: losses.frskd_loss(_Z, _Z, _Y, [_F[:1]], [_F[:1]]),
+        r'^features \(1, 2, 2, 3\) and teacher_features \(1, 2, 2, 3\): expected \[B, H, W\] '
+        r'equal, with the B = 2 of logits$',
+    ),
+    'pskd history rows': (
+        lambda: losses.pskd_cross_entropy(_Z, _Y, jnp.array([[0.2, 0.3, 0.5]]), alpha=0.5),
+        r'^labels \(2, 3\) and past_predictions \(1, 3\) must have one shape$',
+    ),
+    'pskd alpha shape': (
+        lambda: losses.pskd_targets(_Y, _Y, alpha=jnp.array([[0.1], [0.2]])),
+        r'^alpha: expected a scalar or shape \(2,\), got \(2, 1\)$',
+    ),
+    'pskd alpha range': (
+        lambda: losses.pskd_targets(_Y, _Y, alpha=1.5),
+        r'^alpha: expected a number in \[0, 1\], got 1.5$',
+    ),
+    'beta_smoothing confidence': (
+        lambda: losses.beta_smoothing_targets(_Y, jnp.array([[0.9], [0.2]]), jnp.array([0.7, 0.4])),
+        r'^confidence: expected shape \[B\] = \(2,\), got \(2, 1\)$',
+    ),
+    'beta_smoothing draws': (
+        lambda: losses.beta_smoothing_targets(_Y, jnp.array([0.9, 0.2]), jnp.array([0.7])),
+        r'^draws: expected shape \[B\] = \(2,\), got \(1,\)$',
+    ),
+    'mixskd discriminators': (
+        lambda: losses.mixskd_loss(
+            [_Z],
+            [_Z],
+            [_F],
+            [_F],
+            _Z,
+            _Z,
+            jnp.array([0, 1]),
+            lam=0.5,
+            perm=jnp.array([1, 0]),
+            discriminators=[],
+        ),
+        r'^discriminators: expected one per exit \(1\), got 0$',
+    ),
+    'dsr shapes': (
+        lambda: losses.dsr_loss(_Z, _Z[:, :2]),
+        r'^logits \(2, 3\) and previous_sorted_logits \(2, 2\) must have one shape$',
+    ),
+    'epsilon': (
+        lambda: losses.label_smoothing_targets(_Y, epsilon=1.5),
+        r'^epsilon: expected a number in \[0, 1\], got 1.5$',
+    ),
+    'temperature 0': (
+        lambda: losses.distillation_kl(_Z, _Z, temperature=0.0),
+        r'^temperature: expected a number in \(0, inf\), got 0.0$',
+    ),
+    'temperature nan': (
+        lambda: losses.sd_dropout_loss(_Z, _Z, temperature=float('nan')),
+        r'^temperature: expected a number in \(0, inf\), got nan$',
+    ),
+}
+_TEMPERATURES = {
+    'distillation_kl': lambda t: losses.distillation_kl(_Z, _Z, temperature=t),
+    'drg': lambda t: losses.drg_loss(_Z, _Z, _Y, temperature=t),
+    'dsr': lambda t: losses.dsr_loss(_Z, _Z, temperature=t),
+    'sd_dropout': lambda t: losses.sd_dropout_loss(_Z, _Z, temperature=t),
+    'byot': lambda t: losses.byot_loss(_Z, [_Z], _Y, temperature=t),
+    'dks': lambda t: losses.dks_loss(_Z, [_Z], _Y, temperature=t),
+    'frskd': lambda t: losses.frskd_loss(_Z, _Z, _Y, [_F], [_F], temperature=t),
+    'tfkd_reg': lambda t: losses.tfkd_reg_loss(_Z, _Y, temperature=t),
+    'tfkd_reg_targets': lambda t: losses.tfkd_reg_targets(_Y, temperature=t),
+    'bake': lambda t: losses.bake_loss(_Z, _Z, temperature=t),
+    'ddgsd': lambda t: losses.ddgsd_loss(_Z, _Z, _Z, _Z, jnp.array([0, 1]), temperature=t),
+    'lsskd': lambda t: losses.lsskd_loss(_Z, [jnp.zeros((2, 4, 12))], _Y, temperature=t),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_REFUSED))
+def test_arguments_of_the_wrong_shape_or_range_are_refused_naming_them(name):
+  call, message = _REFUSED[name]
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+@pytest.mark.parametrize('name', sorted(_TEMPERATURES))
+def test_every_temperature_must_be_positive_and_a_traced_one_is_taken_as_is(name):
+  with pytest.raises(ValueError, match=r'^temperature: expected a number in \(0, inf\), got -1.0$'):
+    _TEMPERATURES[name](-1.0)
+  np.testing.assert_allclose(jax.jit(_TEMPERATURES[name])(2.0), _TEMPERATURES[name](2.0), rtol=1e-6)
+
+
 def test_losses_import_without_tfds_orbax_or_tensorflow():
   import subprocess, sys
 

@@ -10,6 +10,7 @@ upcasts to float32 and returns one value per example.
 import jax
 
 from skd_jax.losses._soft_targets import _as_float32
+from skd_jax.losses._soft_targets import _check_shapes
 
 
 def adversarial_loss(fake_logits: jax.typing.ArrayLike) -> jax.Array:
@@ -63,6 +64,5 @@ def discriminator_loss(
     ``[...]`` float32 per-example loss.
   """
   real, fake = _as_float32(real_logits, 'real_logits'), _as_float32(fake_logits, 'fake_logits')
-  if real.shape != fake.shape:
-    raise ValueError(f'real_logits {real.shape} and fake_logits {fake.shape} must have one shape')
+  _check_shapes(real_logits=real, fake_logits=fake)
   return jax.nn.softplus(-real) + jax.nn.softplus(fake)

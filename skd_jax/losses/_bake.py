@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from skd_jax.losses._soft_targets import _check_number
+
 
 def bake_targets(
     logits: jax.typing.ArrayLike,
@@ -21,7 +23,9 @@ def bake_targets(
 
   .. math:: Q = (1 - \omega)\,(I - \omega A)^{-1} P.
 
-  Padding slots (``valid`` False) take no part in any other example's ensemble. Computed in
+  Padding slots (``valid`` False) take no part in any other example's ensemble; an example with
+  no other valid example in its batch keeps :math:`q_i = p_i` (the official softmax then puts
+  all of row :math:`i`'s weight on :math:`A_{ii}`), so a batch of one has no loss. Computed in
   float32 (float64 under x64) whatever the dtype of the inputs, through a linear solve instead of
   the official explicit inverse. Rows of ``Q`` sum to 1.
 
@@ -33,6 +37,8 @@ def bake_targets(
   >>> [round(float(v), 4) for v in q[0]]  # (0.8 + 0.1, 0.2 + 0.4) / 1.5
   [0.6, 0.4]
   """
+  _check_number(temperature, 'temperature', low=0, open_low=True)
+  _check_number(omega, 'omega', low=0, high=1, open_high=True)
   logits = jax.lax.stop_gradient(jnp.asarray(logits))
   features = jax.lax.stop_gradient(jnp.asarray(features))
   dtype = jnp.promote_types(jnp.result_type(logits, features), jnp.float32)
@@ -44,7 +50,10 @@ def bake_targets(
   eye = jnp.eye(batch, dtype=bool)
   # Cosine similarities lie in [-1, 1]: exp needs no max subtraction.
   weights = jnp.where(valid[None, :] & ~eye, jnp.exp(unit @ unit.T), 0.0)
-  affinity = weights / jnp.maximum(weights.sum(-1, keepdims=True), jnp.finfo(dtype).tiny)
+  total = weights.sum(-1, keepdims=True)
+  # An example with no neighbour (a batch of one valid example) keeps its own prediction, as the
+  # official softmax over a row that is all -1e9 but the diagonal: A_ii = 1, so q_i = p_i.
+  affinity = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), eye)
   probs = jax.nn.softmax(logits / temperature, axis=-1)
   system = jnp.eye(batch, dtype=dtype) - omega * affinity
   return jax.lax.stop_gradient((1.0 - omega) * jnp.linalg.solve(system, probs))

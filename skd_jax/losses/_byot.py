@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._soft_targets import _as_float32
+from skd_jax.losses._soft_targets import _check_number
+from skd_jax.losses._soft_targets import _check_shapes
 
 FEATURE_REDUCTIONS = ('sum', 'mean')
 
@@ -77,18 +79,17 @@ def byot_loss(
     raise ValueError(
         f'feature_reduction: expected one of {FEATURE_REDUCTIONS}, got ' f'{feature_reduction!r}'
     )
+  _check_number(temperature, 'temperature', low=0, open_low=True)
   teacher = jax.lax.stop_gradient(_as_float32(logits, 'logits'))
   targets = _as_float32(one_hot, 'one_hot')
-  if targets.shape != teacher.shape:
-    raise ValueError(f'one_hot {targets.shape} and logits {teacher.shape} must have one shape')
+  _check_shapes(one_hot=targets, logits=teacher)
   log_soft = jax.nn.log_softmax(teacher / temperature, axis=-1)
   soft = jnp.exp(log_soft)
   scale = temperature**2 if t2_scaling else 1.0
   ce = kd = 0.0
   for z in head_logits:
     z = _as_float32(z, 'head_logits')
-    if z.shape != teacher.shape:
-      raise ValueError(f'head logits {z.shape} and logits {teacher.shape} must have one shape')
+    _check_shapes(head_logits=z, logits=teacher)
     ce = ce - jnp.sum(targets * jax.nn.log_softmax(z, axis=-1), axis=-1)
     kd = kd + jnp.sum(soft * (log_soft - jax.nn.log_softmax(z / temperature, axis=-1)), axis=-1)
   loss = (1.0 - alpha) * ce + alpha * scale * kd
@@ -99,7 +100,6 @@ def byot_loss(
     reduce = jnp.sum if feature_reduction == 'sum' else jnp.mean
     for f in head_features:
       f = _as_float32(f, 'head_features')
-      if f.shape != deep.shape:
-        raise ValueError(f'head features {f.shape} and features {deep.shape} must have one shape')
+      _check_shapes(head_features=f, features=deep)
       loss = loss + feature_weight * reduce(jnp.square(f - deep), axis=-1)
   return loss

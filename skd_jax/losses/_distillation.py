@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from skd_jax.losses._soft_targets import _as_float32
+from skd_jax.losses._soft_targets import _check_number
+from skd_jax.losses._soft_targets import _check_shapes
 from skd_jax.losses._soft_targets import soft_target_cross_entropy
 
 
@@ -40,12 +42,10 @@ def distillation_kl(
   Returns:
     ``[...]`` float32 per-example loss.
   """
+  _check_number(temperature, 'temperature', low=0, open_low=True)
   logits = _as_float32(logits, 'logits')
   teacher = jax.lax.stop_gradient(_as_float32(teacher_logits, 'teacher_logits'))
-  if logits.shape != teacher.shape:
-    raise ValueError(
-        f'logits {logits.shape} and teacher_logits {teacher.shape} must have one ' 'shape'
-    )
+  _check_shapes(logits=logits, teacher_logits=teacher)
   kl = optax.losses.kl_divergence_with_log_targets(
       jax.nn.log_softmax(logits / temperature), jax.nn.log_softmax(teacher / temperature)
   )
@@ -120,16 +120,19 @@ def dsr_loss(
   Args:
     logits: ``[B, C]`` logits of the current step.
     previous_sorted_logits: ``[B, C]`` ascending-sorted logits of the previous step
-      (``jnp.sort(z_prev, axis=-1)``; gradients are stopped).
+      (``jnp.sort(z_prev, axis=-1)``; sorted again here, so rows in any order give the same
+      loss; gradients are stopped).
     temperature: :math:`T` (4 in the paper).
 
   Returns:
     ``[B]`` float32 per-example loss.
   """
+  logits = _as_float32(logits, 'logits')
+  previous = _as_float32(previous_sorted_logits, 'previous_sorted_logits')
+  _check_shapes(logits=logits, previous_sorted_logits=previous)
+  # Sorting sorted rows changes nothing; unsorted ones (a caller's slip) still give the loss.
   return distillation_kl(
-      jnp.sort(_as_float32(logits, 'logits'), axis=-1),
-      previous_sorted_logits,
-      temperature=temperature,
+      jnp.sort(logits, axis=-1), jnp.sort(previous, axis=-1), temperature=temperature
   )
 
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._soft_targets import _as_float32
+from skd_jax.losses._soft_targets import _check_number
+from skd_jax.losses._soft_targets import _check_shapes
 
 
 def dks_loss(
@@ -65,15 +67,14 @@ def dks_loss(
   """
   if not head_logits:
     raise ValueError('head_logits: expected at least one auxiliary branch')
+  _check_number(temperature, 'temperature', low=0, open_low=True)
   final = _as_float32(logits, 'logits')
   targets = _as_float32(one_hot, 'one_hot')
-  if targets.shape != final.shape:
-    raise ValueError(f'one_hot {targets.shape} and logits {final.shape} must have one shape')
+  _check_shapes(one_hot=targets, logits=final)
   branches = [final]
   for z in head_logits:
     z = _as_float32(z, 'head_logits')
-    if z.shape != final.shape:
-      raise ValueError(f'head logits {z.shape} and logits {final.shape} must have one shape')
+    _check_shapes(head_logits=z, logits=final)
     branches.append(z)
   ce = sum(-jnp.sum(targets * jax.nn.log_softmax(z, axis=-1), axis=-1) for z in branches[1:])
   students = [jax.nn.log_softmax(z / temperature, axis=-1) for z in branches]

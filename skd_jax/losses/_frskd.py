@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._soft_targets import _as_float32
+from skd_jax.losses._soft_targets import _check_number
+from skd_jax.losses._soft_targets import _check_shapes
 
 
 def frskd_attention_map(features: jax.typing.ArrayLike) -> jax.Array:
@@ -95,13 +97,10 @@ def frskd_loss(
   Raises:
     ValueError: on shape mismatches or an empty or unequal number of feature maps.
   """
+  _check_number(temperature, 'temperature', low=0, open_low=True)
   z, z_t = _as_float32(logits, 'logits'), _as_float32(teacher_logits, 'teacher_logits')
   targets = _as_float32(one_hot, 'one_hot')
-  if not z.shape == z_t.shape == targets.shape:
-    raise ValueError(
-        f'logits {z.shape}, teacher_logits {z_t.shape} and one_hot {targets.shape} must have one '
-        'shape'
-    )
+  _check_shapes(logits=z, teacher_logits=z_t, one_hot=targets)
   if not features or len(features) != len(teacher_features):
     raise ValueError('features and teacher_features: expected as many maps (at least one)')
   ce = -jnp.sum(targets * jax.nn.log_softmax(z_t, axis=-1), axis=-1)
@@ -111,8 +110,11 @@ def frskd_loss(
   )
   attention = 0.0
   for f, t in zip(features, teacher_features):
-    if f.shape[:3] != t.shape[:3]:
-      raise ValueError(f'features {f.shape} and teacher_features {t.shape}: unequal [B, H, W]')
+    if not f.shape[:3] == t.shape[:3] == (z.shape[0], *f.shape[1:3]):
+      raise ValueError(
+          f'features {f.shape} and teacher_features {t.shape}: expected [B, H, W] equal, with '
+          f'the B = {z.shape[0]} of logits'
+      )
     a_f = frskd_attention_map(f)
     a_t = frskd_attention_map(jax.lax.stop_gradient(t))
     attention = attention + jnp.mean(jnp.square(a_f - a_t), axis=-1)

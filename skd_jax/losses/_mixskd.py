@@ -136,6 +136,10 @@ def mixskd_loss(
     f_hat = mixskd_mix(f, lam, perm)
     loss = loss + jnp.mean(((f_hat - f_tilde) ** 2).reshape(batch, -1), axis=-1)
   if discriminators is not None:
+    if len(discriminators) != len(maps):
+      raise ValueError(
+          f'discriminators: expected one per exit ({len(maps)}), got {len(discriminators)}'
+      )
     for params, f, f_tilde in zip(discriminators, maps, mixed_maps):
       real = _discriminate(params, mixskd_mix(f, lam, perm))
       fake = _discriminate(params, f_tilde)

@@ -3,6 +3,10 @@
 import jax
 import jax.numpy as jnp
 
+from skd_jax.losses._soft_targets import _as_float32
+from skd_jax.losses._soft_targets import _check_number
+from skd_jax.losses._soft_targets import _check_shapes
+
 
 def sd_dropout_loss(
     logits_u: jax.typing.ArrayLike,
@@ -42,8 +46,11 @@ def sd_dropout_loss(
   Returns:
     ``[B]`` float32 per-example losses.
   """
-  log_u = jax.nn.log_softmax(jnp.asarray(logits_u, jnp.float32) / temperature, axis=-1)
-  log_v = jax.nn.log_softmax(jnp.asarray(logits_v, jnp.float32) / temperature, axis=-1)
+  _check_number(temperature, 'temperature', low=0, open_low=True)
+  logits_u, logits_v = _as_float32(logits_u, 'logits_u'), _as_float32(logits_v, 'logits_v')
+  _check_shapes(logits_u=logits_u, logits_v=logits_v)
+  log_u = jax.nn.log_softmax(logits_u / temperature, axis=-1)
+  log_v = jax.nn.log_softmax(logits_v / temperature, axis=-1)
   teacher_u, teacher_v = log_u, log_v
   if stop_gradient:
     teacher_u, teacher_v = jax.lax.stop_gradient(log_u), jax.lax.stop_gradient(log_v)
@@ -83,9 +90,14 @@ def beta_smoothing_targets(
   Returns:
     ``[B, C]`` float32 target distributions.
   """
-  labels = jnp.asarray(labels, jnp.float32)
+  labels = _as_float32(labels, 'labels')
+  if labels.ndim != 2:
+    raise ValueError(f'labels: expected one-hot rows [B, C], got shape {labels.shape}')
   batch, num_classes = labels.shape
   valid = jnp.ones((batch,), bool) if valid is None else jnp.asarray(valid, bool)
+  for name, x in (('confidence', confidence), ('draws', draws), ('valid', valid)):
+    if jnp.shape(x) != (batch,):
+      raise ValueError(f'{name}: expected shape [B] = ({batch},), got {jnp.shape(x)}')
   # Invalid slots sort last on both sides, so valid example of rank r gets the r-th smallest of
   # the valid draws.
   order = jnp.argsort(jnp.where(valid, jnp.asarray(confidence, jnp.float32), jnp.inf), stable=True)

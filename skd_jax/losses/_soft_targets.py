@@ -5,6 +5,9 @@ row) without reducing over the batch. Logits of any float dtype are upcast to fl
 bfloat16 models still get stable, accurate losses.
 """
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -29,6 +32,32 @@ def _as_indices(x: jax.typing.ArrayLike, name: str) -> jax.Array:
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(f'{name}: expected integer class indices, got {x.dtype.name}{list(x.shape)}')
   return x.astype(jnp.int32)
+
+
+def _check_number(
+    value, name: str, *, low: float, high: float = math.inf, open_low=False, open_high=False
+) -> None:
+  """A ValueError naming ``name`` if ``value``, a Python or NumPy number, is outside its range.
+
+  Arrays (traced ones included) pass unchecked: under ``jit`` a check would need a callback.
+  """
+  if not isinstance(value, numbers.Real):
+    return
+  above = low < value if open_low else low <= value
+  below = value < high if open_high or high == math.inf else value <= high
+  if not (above and below):  # NaN fails both
+    interval = f'{"(" if open_low else "["}{low:g}, {high:g}{")" if open_high else "]"}'
+    if high == math.inf:
+      interval = f'{"(" if open_low else "["}{low:g}, inf)'
+    raise ValueError(f'{name}: expected a number in {interval}, got {value!r}')
+
+
+def _check_shapes(**arrays: jax.Array) -> None:
+  """A ValueError naming the arguments (keywords, in order) unless all have one shape."""
+  shapes = [f'{name} {tuple(x.shape)}' for name, x in arrays.items()]
+  if len({tuple(x.shape) for x in arrays.values()}) > 1:
+    listed = ', '.join(shapes[:-1]) + f' and {shapes[-1]}'
+    raise ValueError(f'{listed} must have one shape')
 
 
 def soft_target_cross_entropy(
@@ -56,8 +85,7 @@ def soft_target_cross_entropy(
     ``[...]`` float32 per-example cross-entropy.
   """
   logits, targets = _as_float32(logits, 'logits'), _as_float32(targets, 'targets')
-  if logits.shape != targets.shape:
-    raise ValueError(f'logits {logits.shape} and targets {targets.shape} must have one shape')
+  _check_shapes(logits=logits, targets=targets)
   return optax.losses.softmax_cross_entropy(logits, targets)
 
 
@@ -88,6 +116,7 @@ def label_smoothing_targets(
   Returns:
     ``[..., C]`` float32 targets.
   """
+  _check_number(epsilon, 'epsilon', low=0, high=1)
   labels = _as_float32(labels, 'labels')
   num_classes = labels.shape[-1]
   if variant == 'uniform':
@@ -177,7 +206,11 @@ def pskd_targets(
   """
   labels = _as_float32(labels, 'labels')
   past = jax.lax.stop_gradient(_as_float32(past_predictions, 'past_predictions'))
+  _check_shapes(labels=labels, past_predictions=past)
+  _check_number(alpha, 'alpha', low=0, high=1)
   alpha = jnp.asarray(alpha, jnp.float32)
+  if alpha.shape not in ((), labels.shape[:-1]):
+    raise ValueError(f'alpha: expected a scalar or shape {labels.shape[:-1]}, got {alpha.shape}')
   if alpha.ndim:
     alpha = alpha[..., None]
   return (1.0 - alpha) * labels + alpha * past

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._soft_targets import _as_float32
+from skd_jax.losses._soft_targets import _check_shapes
 
 
 def dense_class_votes(dense_logits: jax.typing.ArrayLike) -> jax.Array:
@@ -62,8 +63,7 @@ def zipf_targets(
   """
   scores = jax.lax.stop_gradient(_as_float32(scores, 'scores'))
   labels = _as_float32(labels, 'labels')
-  if scores.shape != labels.shape:
-    raise ValueError(f'scores {scores.shape} and labels {labels.shape} must have one shape')
+  _check_shapes(scores=scores, labels=labels)
   # 1 + the number of strictly larger scores, from a sort: O(C log C) per example.
   ascending = jnp.sort(scores, axis=-1)
   larger = scores.shape[-1] - jax.vmap(jnp.searchsorted, in_axes=(0, 0, None))(
@@ -109,8 +109,7 @@ def zipf_ls_loss(
     ``[B]`` float32 per-example loss.
   """
   logits, labels = _as_float32(logits, 'logits'), _as_float32(labels, 'labels')
-  if logits.shape != labels.shape:
-    raise ValueError(f'logits {logits.shape} and labels {labels.shape} must have one shape')
+  _check_shapes(logits=logits, labels=labels)
   targets = zipf_targets(scores, labels, power=power)
   is_label = labels > 0
   log_others = jax.nn.log_softmax(jnp.where(is_label, -jnp.inf, logits), axis=-1)
