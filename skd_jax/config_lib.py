@@ -18,8 +18,9 @@ from skd_jax.errors import ConfigError
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses ``'quick,k=v'`` into a ConfigDict; bare words become ``True``.
 
-  Values are converted to the type of the matching default. A tuple of strings as a default is a
-  choice: its first entry is the default, and a value must be one of its entries.
+  Values are converted to the type of the matching default (a boolean is ``true``/``false``,
+  ``yes``/``no`` or ``1``/``0``). A tuple of strings as a default is a choice: its first entry is
+  the default, and a value must be one of its entries.
   """
   choices = {k: v for k, v in defaults.items() if isinstance(v, tuple)}
   parsed = ml_collections.ConfigDict({k: v[0] if k in choices else v for k, v in defaults.items()})
@@ -35,8 +36,25 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       raise ConfigError(
           f'--config argument: {key} must be one of {sorted(choices[key])}, got {value!r}'
       )
-    parsed[key] = type(parsed[key])(value) if value else True
+    parsed[key] = _parse_value(key, value, parsed[key]) if value else True
   return parsed
+
+
+_BOOLEANS = {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, '0': False}
+
+
+def _parse_value(key: str, value: str, default):
+  """``value`` as the type of ``default``; a ConfigError naming the option otherwise."""
+  if isinstance(default, bool):
+    if value.lower() not in _BOOLEANS:
+      raise ConfigError(f'--config argument: {key} must be true or false, got {value!r}')
+    return _BOOLEANS[value.lower()]
+  try:
+    return type(default)(value)
+  except ValueError:
+    raise ConfigError(
+        f'--config argument: {key} must be of type {type(default).__name__}, got {value!r}'
+    ) from None
 
 
 PROTOCOLS = ('pskd', 'lightskd', 'selfkd_lib')
@@ -307,6 +325,36 @@ def default(key: str) -> object:
 
 
 _DTYPES = ('float32', 'bfloat16')
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_complete(config) -> None:
+  """A ConfigError naming the first key of :func:`base_config` that ``config`` lacks.
+
+  Config files start from ``base_config`` and add to it; a section replaced whole on the command
+  line (``--config.optim='{"lr": 0.1}'``) or a hand-made ConfigDict may lack keys.
+  """
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+        f'--config: expected an ml_collections.ConfigDict, got {type(config).__name__}'
+    )
+
+  def missing(key):
+    return ConfigError(
+        f'{key}: missing; a config starts from config_lib.base_config(), which sets every key '
+        '(replace single keys of a section, e.g. --config.optim.lr=0.1, not the whole section)'
+    )
+
+  for section in ('data', 'model', 'optim', 'loss', 'teacher'):
+    value = config.get(section)
+    if value is None:
+      raise missing(section)
+    if not isinstance(value, ml_collections.ConfigDict):
+      raise ConfigError(f'{section}: expected a section of keys, got {value!r}')
+  present = flatten(config)
+  for key in flatten(base_config(quick=False)):
+    if key not in present:
+      raise missing(key)
 
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
@@ -315,6 +363,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
   Raises:
     ConfigError: naming the first invalid field and what it expects.
   """
+  check_complete(config)
 
   def check(ok, field, expectation):
     if not ok:
@@ -323,20 +372,28 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
   def number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-  def integer(field, low):
+  def integer(field, low, high=None):
     value = config[field]
+    expected = f'in [{low}, {high}]' if high is not None else f'>= {low}'
     check(
-        isinstance(value, int) and not isinstance(value, bool) and value >= low,
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and low <= value <= (value if high is None else high),
         field,
-        f'expected an integer >= {low}, got {value!r}',
+        f'expected an integer {expected}, got {value!r}',
     )
 
   # NaN and infinity pass most range checks (nan > 0 is False, but so is every check's negation),
-  # so every number of the config, loss-term settings included, is checked once here.
+  # so every number of the config, loss-term settings included, is checked once here; a float
+  # beyond float32's range would become infinite in the float32 step.
   for key, value in flatten(config).items():
     values = value if isinstance(value, (tuple, list)) else (value,)
     for v in values:
-      check(not number(v) or math.isfinite(v), key, f'expected a finite number, got {v!r}')
+      if number(v) and not isinstance(v, int):
+        check(math.isfinite(v), key, f'expected a finite number, got {v!r}')
+        check(abs(v) <= _FLOAT32_MAX, key, f'expected a finite number, got {v!r} (inf in float32)')
+
+  integer('seed', 0, 2**63 - 1)
 
   check(
       not config.data.get('module') or config.data.pipeline == 'device',
@@ -395,7 +452,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
       f'expected in [0, num_epochs), got {optim.warmup_epochs}',
   )
   check(
-      all(0 < b < config.num_epochs for b in optim.boundaries),
+      isinstance(optim.boundaries, (tuple, list))
+      and all(number(b) and 0 < b < config.num_epochs for b in optim.boundaries),
       'optim.boundaries',
       f'expected epochs in (0, num_epochs={config.num_epochs}), got {optim.boundaries}',
   )
@@ -423,6 +481,13 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
     )
     integer('data.image_size', 1)
     integer('data.eval_resize', config.data.image_size)
+  if config.data.source == 'idx' and not config.data.module:
+    for split in ('data.train_split', 'data.test_split'):
+      check(
+          config[split] in ('train', 'test'),
+          split,
+          f"expected 'train' or 'test' for Fashion-MNIST idx files, got {config[split]!r}",
+      )
   integer('data.train_examples', 0)
   integer('data.subset_seed', 0)
   check(

@@ -72,6 +72,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from skd_jax import compilation_cache
@@ -189,14 +190,44 @@ def _one_line(error: Exception) -> str:
   return lines[0]
 
 
-def _unknown_key(argv) -> str:
-  """Names the first ``--config.KEY`` that the config file does not define, with a suggestion."""
-  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+def _load_config_file(argv) -> ml_collections.ConfigDict:
+  """Runs the ``--config`` file's ``get_config`` alone: a file that does not load is one line.
+
+  ml_collections loads the file again when the flags are parsed (and then applies the
+  ``--config.KEY`` overrides); this first load is the one whose errors name the file.
+  """
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None and '--config' in argv[:-1]:
+    spec = argv[argv.index('--config') + 1]
+  if not spec:
+    _fail('--config: expected a config file, e.g. --config=configs/pskd.py:quick', 2)
   path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_skd_jax_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  known = config_lib.flatten(module.get_config(arg or None))
+  if not os.path.isfile(path):
+    _fail(f'--config: {path} is not a file', 2)
+  try:
+    module_spec = importlib.util.spec_from_file_location('_skd_jax_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    get_config = getattr(module, 'get_config', None)
+    if not callable(get_config):
+      _fail(f'--config: {path} has no get_config(arg) function', 2)
+    config = get_config(arg or None)
+  except ConfigError as e:  # the file's own refusal (config_lib.parse_arg's), already one line
+    _fail(str(e), 2)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    _fail(f'--config: {path} does not load ({type(e).__name__}: {_one_line(e)})', 2)
+  if not isinstance(config, ml_collections.ConfigDict):
+    _fail(
+        f'--config: {path}: get_config returned {type(config).__name__}, expected an '
+        'ml_collections.ConfigDict (start from config_lib.base_config())',
+        2,
+    )
+  return config
+
+
+def _unknown_key(argv, defined: ml_collections.ConfigDict) -> str:
+  """Names the first ``--config.KEY`` that the config file does not define, with a suggestion."""
+  known = config_lib.flatten(defined)
   where = 'every key is listed by `python -m skd_jax.main --help`'
   for a in argv:
     key = re.match(r'--config\.([\w.]+)', a)
@@ -211,26 +242,18 @@ def _parse_flags(argv):
   if any(a in ('-h', '--help', '-help', '--helpfull', '-?') for a in argv[1:]):
     print(_help())
     sys.exit(0)
+  defined = _load_config_file(argv)
   try:
     argv = flags.FLAGS(argv)
     config = _CONFIG.value
-    config.keys()  # the file loads lazily, on first use: make it load here
-  except OSError as e:
-    # A missing or broken config file: the useful part is the last line of the message.
-    _fail(
-        f'--config: cannot load {flags.FLAGS["config"].config_filename} '
-        f'({str(e).strip().splitlines()[-1].strip()})',
-        2,
-    )
+    config_lib.check_complete(config)
   except (KeyError, AttributeError):
     # ConfigDict reports an unknown --config.KEY as a KeyError (wrapped in an AttributeError),
     # with a message that quotes it twice over.
-    _fail(_unknown_key(argv), 2)
+    _fail(_unknown_key(argv, defined), 2)
   except (flags.Error, ConfigError, ValueError, TypeError) as e:
-    # A bad --config.KEY value or an error raised by get_config: one line, status 2.
+    # A bad --config.KEY value: one line, status 2.
     _fail(_one_line(e), 2)
-  if config is None:
-    _fail('--config: expected a config file, e.g. --config=configs/pskd.py:quick', 2)
   if not _WORKDIR.value:
     _fail('--workdir: expected a directory for checkpoints and metrics', 2)
   return argv

@@ -6,6 +6,7 @@ import re
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -124,6 +125,71 @@ def test_a_choice_defaults_to_its_first_entry_and_takes_any_other():
       quick=False, variant='a'
   )
   assert config_lib.parse_arg('variant=b', quick=False, variant=('a', 'b')).variant == 'b'
+
+
+@pytest.mark.parametrize(
+    'arg, quick',
+    [
+        (None, False),
+        ('quick', True),
+        ('quick=true', True),
+        ('quick=false', False),
+        ('quick=No', False),
+        ('quick=1', True),
+        ('quick=0', False),
+    ],
+)
+def test_a_boolean_config_argument_reads_true_and_false(arg, quick):
+  """``bool('false')`` is True: ``:quick=false`` once ran the quick setup."""
+  assert config_lib.parse_arg(arg, quick=False).quick is quick
+
+
+@pytest.mark.parametrize(
+    'arg, message',
+    [
+        ('quick=2', "quick must be true or false, got '2'"),
+        ('size=big', "size must be of type int, got 'big'"),
+    ],
+)
+def test_a_config_argument_of_the_wrong_type_is_refused_naming_it(arg, message):
+  with pytest.raises(ConfigError, match=f'^--config argument: {re.escape(message)}$'):
+    config_lib.parse_arg(arg, quick=False, size=3)
+
+
+@pytest.mark.parametrize(
+    'key, value, message',
+    [
+        ('seed', -1, 'seed: expected an integer in [0, 9223372036854775807], got -1'),
+        ('seed', 2**63, f'seed: expected an integer in [0, {2**63 - 1}], got {2**63}'),
+        ('optim.lr', 1e300, 'optim.lr: expected a finite number, got 1e+300 (inf in float32)'),
+        ('loss.pskd.weight', -1e39, 'loss.pskd.weight: expected a finite number, got -1e+39'),
+        ('optim.boundaries', ('a',), 'optim.boundaries: expected epochs in (0, num_epochs=8), got'),
+        ('data.train_split', 'bogus', "data.train_split: expected 'train' or 'test' for Fashion"),
+        ('data.test_split', 'validation', "data.test_split: expected 'train' or 'test' for"),
+    ],
+)
+def test_values_that_failed_late_or_silently_are_refused_naming_the_key(key, value, message):
+  """Each one passed validation: a traceback after the data loaded, or a step of infinities."""
+  config = importlib.import_module('configs.pskd').get_config('quick')
+  section, _, name = key.rpartition('.')
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ConfigError, match=f'^{re.escape(message)}'):
+    config_lib.validate(config, device_count=1)
+
+
+def test_a_config_lacking_a_section_or_a_key_of_the_base_config_is_refused_naming_it():
+  """A section replaced whole on the command line, or a ConfigDict made by hand."""
+  config = importlib.import_module('configs.pskd').get_config('quick')
+  config.optim = ml_collections.ConfigDict({'lr': 0.1})
+  with pytest.raises(ConfigError, match=r'^optim.boundaries: missing; a config starts from'):
+    config_lib.validate(config, device_count=1)
+  with pytest.raises(ConfigError, match=r'^data: missing; a config starts from'):
+    config_lib.check_complete(ml_collections.ConfigDict({'seed': 0}))
+  with pytest.raises(ConfigError, match=r'^--config: expected an ml_collections.ConfigDict, got'):
+    config_lib.check_complete({'seed': 0})
+  for name in sorted(os.listdir(os.path.join(os.path.dirname(__file__), '..', 'configs'))):
+    if name.endswith('.py') and name != '__init__.py':
+      config_lib.check_complete(importlib.import_module(f'configs.{name[:-3]}').get_config())
 
 
 @pytest.mark.parametrize('value', [0.0, -1.0, float('inf')])

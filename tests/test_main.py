@@ -93,6 +93,7 @@ def _main(*args, devices=1, **kwargs):
         (['--config.data.pipeline=disk'], 1, "data.pipeline: expected 'device' or 'host'"),
         (['--config.teacher.workdir=/no/run'], 1, 'teacher.workdir: set, but no loss term uses'),
         (['--generations=2'], 1, '--generations: the config has no loss term that uses a teacher'),
+        (['--config.optim={"lr": 0.1}'], 1, 'optim.boundaries: missing; a config starts from'),
     ],
 )
 def test_invalid_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, devices, message):
@@ -104,6 +105,46 @@ def test_invalid_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, 
   assert last.startswith('error: ') and message in last, stderr
   assert 'Traceback' not in stderr
   assert not workdir.exists()
+
+
+_BAD_CONFIG_FILES = {
+    'no_get_config.py': ('x = 1\n', 'has no get_config(arg) function'),
+    'syntax.py': ('def get_config(:\n', 'does not load (SyntaxError: invalid syntax'),
+    'imports.py': ('import no_such_module\n', 'does not load (ModuleNotFoundError: No module'),
+    'raises.py': (
+        'def get_config(arg=None):\n  raise RuntimeError("no such protocol")\n',
+        'does not load (RuntimeError: no such protocol)',
+    ),
+    'returns_int.py': (
+        'def get_config(arg=None):\n  return 3\n',
+        ': get_config returned int, expected an ml_collections.ConfigDict',
+    ),
+}
+
+
+def test_a_config_file_that_does_not_load_is_one_line_naming_it(tmp_path, capsys):
+  """Each of these once ended in a traceback with status 1 (only ValueError and TypeError were
+  caught, and the unknown-key path loaded the file again); in-process: no training starts."""
+  from skd_jax import main  # pylint: disable=g-import-not-at-top
+
+  cases = {tmp_path / name: message for name, (_, message) in _BAD_CONFIG_FILES.items()}
+  for name, (text, _) in _BAD_CONFIG_FILES.items():
+    (tmp_path / name).write_text(text)
+  cases[tmp_path / 'missing.py'] = 'is not a file'
+  for path, message in cases.items():
+    with pytest.raises(SystemExit) as exit_:
+      main._load_config_file(['main', f'--config={path}:quick', '--workdir=wd'])
+    line = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and '\n' not in line, line
+    assert line.startswith(f'error: --config: {path}') and message in line, line
+  with pytest.raises(SystemExit):
+    main._load_config_file(['main', '--workdir=wd'])
+  assert capsys.readouterr().err == (
+      'error: --config: expected a config file, e.g. --config=configs/pskd.py:quick\n'
+  )
+  pskd = os.path.join(REPO, 'configs', 'pskd.py')
+  config = main._load_config_file(['main', '--config', f'{pskd}:quick', '--workdir=wd'])
+  assert config.data.source == 'idx'  # '--config PATH' as absl reads it, too
 
 
 @pytest.fixture(scope='module')
