@@ -453,9 +453,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
   )
   check(
       isinstance(optim.boundaries, (tuple, list))
-      and all(number(b) and 0 < b < config.num_epochs for b in optim.boundaries),
+      and all(number(b) and 0 < b < config.num_epochs for b in optim.boundaries)
+      and list(optim.boundaries) == sorted(set(optim.boundaries)),  # (5, 5) would decay once
       'optim.boundaries',
-      f'expected epochs in (0, num_epochs={config.num_epochs}), got {optim.boundaries}',
+      f'expected increasing epochs in (0, num_epochs={config.num_epochs}), got '
+      f'{optim.boundaries}',
   )
   integer('data.crop_padding', 0)
   check(
