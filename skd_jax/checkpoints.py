@@ -150,10 +150,25 @@ def read_error(error: BaseException) -> str:
     error = inner
 
 
+# The layout of a node without arrays (None, {}, an empty tuple, optax's EmptyState).
+_EMPTY = 'empty'
+
+
 def _layout(tree) -> dict[str, str]:
-  """Leaf path -> ``dtype[shape]`` of a state or of its orbax metadata, as orbax stores the tree."""
-  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
-  return {'/'.join(path): f'{leaf.dtype}{list(leaf.shape)}' for path, leaf in flat.items()}
+  """Leaf path -> ``dtype[shape]`` of a state or of its orbax metadata, as orbax stores the tree.
+
+  Nodes without arrays count (as ``'empty'``): orbax restores only onto the tree it saved, empty
+  nodes included, so a term that keeps no state (its carry is None) changes the tree too.
+  """
+  flat = ocp.tree.to_flat_dict(
+      ocp.tree.serialize_tree(tree, keep_empty_nodes=True), keep_empty_nodes=True
+  )
+  return {
+      '/'.join(map(str, path)): (
+          f'{leaf.dtype}{list(leaf.shape)}' if jax.tree_util.all_leaves([leaf]) else _EMPTY
+      )
+      for path, leaf in flat.items()
+  }
 
 
 def _misfit(saved: dict[str, str], wanted: dict[str, str]) -> str | None:
@@ -172,8 +187,9 @@ def _restore_target(saved_tree, abstract_state) -> tuple[Any, list[str]]:
   """What to restore a checkpoint onto, and the state's fields it lacks.
 
   A checkpoint saved before a field of the state was added (``term_params``, say) lacks that
-  field; where the field is empty in this run (no array: the :func:`_layout` check has passed),
-  the checkpoint is restored without it and the field is added back empty.
+  field; where the field is empty in this run (an empty dict, no array), the checkpoint is
+  restored without it and the field is added back empty. The :func:`_misfit` check leaves these
+  fields out; any other difference of the tree, empty nodes included, does not fit.
   """
   wanted = ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True)
   if not isinstance(wanted, dict) or not hasattr(saved_tree, 'keys'):
@@ -261,14 +277,14 @@ class Checkpoints:
       except Exception as e:  # pylint: disable=broad-except
         self._move_aside(step, f'has no readable metadata ({read_error(e)})')
         continue
-      misfit = _misfit(saved, wanted)
+      target, missing = _restore_target(saved_tree, abstract_state)
+      misfit = _misfit(saved, {k: v for k, v in wanted.items() if k not in missing})
       if misfit:
         raise ConfigError(
             f'checkpoint: {self.directory / str(step)} does not fit this run: {misfit}; it was '
             'saved with another config, training set or number of devices; resume as it was '
             'saved or use a new --workdir'
         )
-      target, missing = _restore_target(saved_tree, abstract_state)
       try:
         restored = self._manager.restore(
             step,

@@ -5,6 +5,7 @@ paper need. The argument after the colon (``--config=configs/pskd.py:quick``) is
 :func:`parse_arg`; ``quick`` switches to the offline Fashion-MNIST setup.
 """
 
+import json
 import math
 
 import ml_collections
@@ -311,17 +312,34 @@ def resumable(key: str) -> bool:
   return any(key == k or (k.endswith('.*') and key.startswith(k[:-1])) for k in RESUMABLE)
 
 
-def default(key: str) -> object:
-  """The default of ``key``: its value in :func:`base_config`, or a loss term's default setting
-  (``loss.TERM.SETTING``); None for keys without one.
+MISSING = object()
+"""What :func:`recorded` gives for a key a recorded configuration neither has nor implies."""
+
+
+def recorded(flat: dict[str, object], key: str) -> object:
+  """The value of ``key`` in the run whose flattened configuration (a ``config.json``) is
+  ``flat``: its own, or for a key it lacks, the default of a key a newer skd_jax added; else
+  :data:`MISSING`.
 
   A run resumed by a newer skd_jax meets keys its ``config.json`` lacks; at their defaults they
-  do what the older version did (a new key's default never changes what is trained).
+  do what the older version did (a new key's default never changes what is trained). Only keys
+  skd_jax defines have one: those of :func:`base_config`, and the settings of a built-in loss
+  term the run has (``loss.TERM.SETTING``, ``loss.TERM`` without a ``module``). Keys the user
+  names have none: a loss term the run has not (whatever its settings, its defaults included), a
+  plug-in term's settings, the model's options (``model.*`` beyond :func:`base_config`'s).
   """
+  if key in flat:
+    return flat[key]
   defaults = flatten(base_config(quick=False))
-  for term, settings in terms.settings().items():
-    defaults.update({f'loss.{term}.{name}': value for name, value in settings.items()})
-  return defaults.get(key)
+  parts = key.split('.')
+  if len(parts) == 3 and parts[0] == 'loss':
+    term = f'loss.{parts[1]}.'
+    if any(k.startswith(term) for k in flat) and f'{term}module' not in flat:
+      defaults = {f'{term}{k}': v for k, v in terms.settings().get(parts[1], {}).items()}
+  if key not in defaults:
+    return MISSING
+  # As config.json holds it (a tuple as a list).
+  return json.loads(ml_collections.ConfigDict({'v': defaults[key]}).to_json_best_effort())['v']
 
 
 _DTYPES = ('float32', 'bfloat16')

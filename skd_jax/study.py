@@ -356,17 +356,12 @@ def _is_free(key: str, free: list[str]) -> bool:
 
 def _recorded(run_config: dict[str, Any], key: str) -> Any:
   """``run_config``'s value of ``key``. A key it lacks was added by a newer skd_jax and has its
-  default, which does what the older version did (``config_lib.default``), unless it is a setting
-  of a loss term that ``run_config`` does not use (None: no such term)."""
+  default, which does what the older version did, unless the user names it, e.g. a setting of a
+  loss term that ``run_config`` does not use (None: no such key; ``config_lib.recorded``)."""
   from skd_jax import config_lib  # pylint: disable=g-import-not-at-top
 
-  if key in run_config:
-    return run_config[key]
-  if key.startswith('loss.'):
-    term = key.split('.')[1]
-    if not any(k.startswith(f'loss.{term}.') for k in run_config):
-      return None
-  return config_lib.default(key)
+  value = config_lib.recorded(run_config, key)
+  return None if value is config_lib.MISSING else value
 
 
 def _has_runs(workdir: str, name: str) -> bool:

@@ -273,11 +273,12 @@ class Workdir:
     self._data = None  # the identity of the training set now, once checked
     if saved is not None:
       saved = config_lib.flatten(saved)
-      # Keys newer than the run's skd_jax are no change at their defaults (see config_lib.default).
+      # Keys newer than the run's skd_jax are no change at their defaults; keys the user names (a
+      # loss term added, even at its default settings) are (see config_lib.recorded).
       differ = sorted(
           k
           for k in saved.keys() | now.keys()
-          if saved.get(k) != now.get(k) and (k in saved or now[k] != config_lib.default(k))
+          if config_lib.recorded(saved, k) != now.get(k, config_lib.MISSING)
       )
       refused = [k for k in differ if not config_lib.resumable(k)]
       if refused:

@@ -197,6 +197,8 @@ def test_a_checkpoint_that_does_not_fit_is_refused_and_kept_and_a_damaged_one_mo
           r'rows/pskd is bfloat16\[40, 10\] there and float32\[40, 10\] here',
       ),
       ({**state, 'carry': {'dsr': jnp.zeros(2)}}, r'it lacks carry/dsr \(float32\[2\] here\)'),
+      # a term without state: no array more, but another tree (orbax would not restore it)
+      ({**state, 'carry': {'cross_entropy': None}}, r'it lacks carry/cross_entropy \(empty here\)'),
       ({'params': state['params']}, 'it holds rows/pskd, which this run has not'),
   ]
   for abstract_state, misfit in misfits:
@@ -210,6 +212,49 @@ def test_a_checkpoint_that_does_not_fit_is_refused_and_kept_and_a_damaged_one_mo
   assert checkpoints.restore(train.abstract(state)) is None
   checkpoints.close()
   assert os.listdir(tmp_path / 'c') == [] and os.listdir(tmp_path / 'b') == ['5']
+
+
+def _with_cross_entropy(config):
+  config.loss.cross_entropy = {'weight': 1.0}  # a term without state, at its default settings
+  return config
+
+
+def test_a_term_added_on_resume_is_refused_and_nothing_is_written(tmp_path, uninterrupted):
+  """Before, a term the run lacks at its default settings was taken for a key of a newer skd_jax:
+  the intact checkpoints were moved aside and the run started over with the new loss."""
+  workdir = tmp_path / 'wd'
+  shutil.copytree(uninterrupted[0], workdir)
+  (workdir / 'summary.json').unlink()  # as if stopped after its last checkpoint
+  before = {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  with pytest.raises(
+      ConfigError,
+      match=r'^workdir: \S+ holds a run with a different config: loss.cross_entropy.weight '
+      r'\(None -> 1.0\); only ',
+  ) as refused:
+    runs.run(_with_cross_entropy(runs.config(CONFIG)), workdir)
+  assert '\n' not in str(refused.value)
+  after = {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  assert after == before
+
+
+def test_a_checkpoint_of_another_tree_does_not_fit_and_stays(tmp_path, uninterrupted):
+  """A term without state adds no array, only an empty node: before, orbax's refusal of the tree
+  counted as damage and the intact checkpoints were moved to broken_checkpoints/."""
+  workdir = tmp_path / 'wd'
+  shutil.copytree(uninterrupted[0], workdir)
+  saved = sorted(os.listdir(workdir / 'checkpoints'))
+  # A config.json that lets the run reach the checkpoints (as if the term had been in it).
+  config = json.loads((workdir / 'config.json').read_text())
+  config['loss']['cross_entropy'] = {'weight': 1.0}
+  (workdir / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(
+      ConfigError,
+      match=r'^checkpoint: \S+/checkpoints/10 does not fit this run: it lacks '
+      r'carry/cross_entropy \(empty here\); ',
+  ):
+    runs.run(_with_cross_entropy(runs.config(CONFIG)), workdir)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == saved
+  assert not (workdir / 'broken_checkpoints').exists()
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,41 @@ def test_keys_newer_than_the_run_resume_at_their_defaults_and_are_refused_otherw
     workdir_lib.Workdir(str(tmp_path), config, is_main=True)
 
 
+def test_a_loss_term_added_or_removed_is_refused_even_at_its_default_settings(tmp_path):
+  """Only keys skd_jax adds are implied at their defaults: a term the run lacks is a change, even
+  one that keeps no state (before, cross_entropy at its default weight was taken for no change,
+  and the run restarted from scratch over the workdir)."""
+  config = _config()
+  config.loss = {'pskd': {'weight': 1.0, 'alpha_T': 0.8}}
+  workdir_lib.Workdir(str(tmp_path), config, is_main=True).begin(0)
+  (tmp_path / 'metrics.jsonl').write_text('{"kind": "train", "step": 2}\n')
+  before = _contents(tmp_path)
+  added = ml_collections.ConfigDict(config.to_dict())
+  added.loss.cross_entropy = {'weight': 1.0}  # cross_entropy's default weight
+  removed = ml_collections.ConfigDict(config.to_dict())
+  del removed.loss['pskd']
+  removed.loss.cross_entropy = {'weight': 1.0}
+  plugin = _config()
+  plugin.loss = {'pskd': {'module': 'mylab.pskd', 'weight': 1.0}}
+  plugin_setting = ml_collections.ConfigDict(plugin.to_dict())
+  plugin_setting.loss.pskd.alpha_T = 0.8  # the built-in pskd's default, not the plug-in's
+  for now, message in [
+      (added, r'loss.cross_entropy.weight \(None -> 1.0\); only '),
+      (removed, r'loss.cross_entropy.weight \(None -> 1.0\), loss.pskd.alpha_T \(0.8 -> None\), '),
+  ]:
+    with pytest.raises(
+        ConfigError,
+        match=f'^workdir: {tmp_path} holds a run with a different config: {message}',
+    ) as refused:
+      workdir_lib.Workdir(str(tmp_path), now, is_main=True)
+    assert '\n' not in str(refused.value)
+    assert _contents(tmp_path) == before  # nothing written
+  shutil.rmtree(tmp_path)
+  workdir_lib.Workdir(str(tmp_path), plugin, is_main=True).begin(0)
+  with pytest.raises(ConfigError, match=r'different config: loss.pskd.alpha_T \(None -> 0.8\); '):
+    workdir_lib.Workdir(str(tmp_path), plugin_setting, is_main=True)
+
+
 def _identity(examples=40, labels='7e37e8558ec9' + '0' * 52):
   return {
       'source': 'idx',
