@@ -351,6 +351,9 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
   spe = job.steps_per_epoch
   total = config.num_epochs * spe
   window = train_log.Window(pending)
+  # The measurements are fetched at log steps only; unbounded, log_every_steps small steps would be
+  # in flight at once, which aborts a multi-device CPU run (mesh_lib.MAX_IN_FLIGHT).
+  in_flight = mesh_lib.InFlight()
   progress = train_log.Progress(config, start, total, spe)
   result = None
   try:
@@ -373,6 +376,7 @@ def _train(config, job, workdir, checkpoints) -> dict[str, Any]:
             f'{e}; stopped, saved a checkpoint at step {step}; rerun the same command to continue'
         ) from None
       state, measured = job.step_fn(state, args, job.teacher)
+      in_flight.add(measured)
       done = step + 1
       window.add(done, measured)
       checkpoints.poll()

@@ -1,6 +1,10 @@
 """Tests for skd_jax.metrics: hand-computed values for every metric."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -411,3 +415,58 @@ def test_summarize_validates():
     metrics.summarize({**good, 'nll': np.ones((3, 1))})
   with pytest.raises(ValueError, match='at least one'):
     metrics.summarize({key: np.ones(0) for key in good})
+
+
+# 1,599 test examples on 8 CPU devices, evaluated in one batch and in 200 of 8; each batch's
+# program gathers its examples across the devices (eval_step), and 100 matrix products keep the
+# devices behind the host. XLA's timeouts for a stuck collective are cut from 20 + 40 s to 10 + 10 s.
+_MANY_BATCHES = r"""
+import json
+import jax
+import jax.numpy as jnp
+import numpy as np
+from skd_jax import evaluation, mesh as mesh_lib
+from skd_jax.data import sources
+
+class Networks:
+  @staticmethod
+  def apply_inference(w, images):
+    x = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
+    x = jax.lax.fori_loop(0, 100, lambda _, x: jnp.tanh(x @ w), x)
+    return x[:, :4], None
+
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (1599, 16, 16, 1), np.uint8)
+labels = rng.integers(0, 4, 1599).astype(np.int32)
+mesh = mesh_lib.make_mesh()
+data = sources.to_devices(images, labels, mesh)
+w = jnp.asarray(rng.normal(size=(256, 256)) / 16, jnp.float32)
+results = []
+for batch_size in (1600, 8):
+  fn = jax.jit(lambda v, *a, b=batch_size: evaluation.eval_step(
+      v, *a, networks=Networks, mesh=mesh, batch_size=b))
+  results.append(evaluation.evaluate(fn, sources.DeviceEvalSet(data, batch_size), {'': w}))
+print(json.dumps(results))
+"""
+
+
+def test_evaluate_many_small_batches_on_several_devices_completes_and_agrees_with_one_batch():
+  # Unbounded, evaluate dispatched all 200 batches at once and XLA aborted the process.
+  flags = os.environ.get('XLA_FLAGS', '') + (
+      ' --xla_cpu_collective_call_warn_stuck_timeout_seconds=10'
+      ' --xla_cpu_collective_call_terminate_timeout_seconds=10'
+  )
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, '-c', _MANY_BATCHES],
+      env={**os.environ, 'JAX_NUM_CPU_DEVICES': '8', 'XLA_FLAGS': flags, 'PYTHONPATH': repo},
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  whole, batched = json.loads(proc.stdout.splitlines()[-1])
+  assert whole['top1'] == batched['top1'] and whole.keys() == batched.keys()
+  for key in ('top5', 'nll', 'ece', 'aurc'):
+    assert batched[key] == pytest.approx(whole[key], rel=1e-5), key
