@@ -43,12 +43,11 @@ def _check_number(
   """
   if not isinstance(value, numbers.Real):
     return
+  open_high = open_high or high == math.inf
   above = low < value if open_low else low <= value
-  below = value < high if open_high or high == math.inf else value <= high
+  below = value < high if open_high else value <= high
   if not (above and below):  # NaN fails both
     interval = f'{"(" if open_low else "["}{low:g}, {high:g}{")" if open_high else "]"}'
-    if high == math.inf:
-      interval = f'{"(" if open_low else "["}{low:g}, inf)'
     raise ValueError(f'{name}: expected a number in {interval}, got {value!r}')
 
 
