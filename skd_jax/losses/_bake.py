@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._soft_targets import _check_number
+from skd_jax.losses._soft_targets import _check_temperature
 
 
 def bake_targets(
@@ -37,7 +38,7 @@ def bake_targets(
   >>> [round(float(v), 4) for v in q[0]]  # (0.8 + 0.1, 0.2 + 0.4) / 1.5
   [0.6, 0.4]
   """
-  _check_number(temperature, 'temperature', low=0, open_low=True)
+  _check_temperature(temperature)
   _check_number(omega, 'omega', low=0, high=1, open_high=True)
   logits = jax.lax.stop_gradient(jnp.asarray(logits))
   features = jax.lax.stop_gradient(jnp.asarray(features))

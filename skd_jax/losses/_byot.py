@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._soft_targets import _as_float32
-from skd_jax.losses._soft_targets import _check_number
 from skd_jax.losses._soft_targets import _check_shapes
+from skd_jax.losses._soft_targets import _check_temperature
 
 FEATURE_REDUCTIONS = ('sum', 'mean')
 
@@ -79,7 +79,7 @@ def byot_loss(
     raise ValueError(
         f'feature_reduction: expected one of {FEATURE_REDUCTIONS}, got ' f'{feature_reduction!r}'
     )
-  _check_number(temperature, 'temperature', low=0, open_low=True)
+  _check_temperature(temperature)
   teacher = jax.lax.stop_gradient(_as_float32(logits, 'logits'))
   targets = _as_float32(one_hot, 'one_hot')
   _check_shapes(one_hot=targets, logits=teacher)

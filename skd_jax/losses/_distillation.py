@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from skd_jax.losses._soft_targets import _as_float32
-from skd_jax.losses._soft_targets import _check_number
 from skd_jax.losses._soft_targets import _check_shapes
+from skd_jax.losses._soft_targets import _check_temperature
 from skd_jax.losses._soft_targets import soft_target_cross_entropy
 
 
@@ -42,7 +42,7 @@ def distillation_kl(
   Returns:
     ``[...]`` float32 per-example loss.
   """
-  _check_number(temperature, 'temperature', low=0, open_low=True)
+  _check_temperature(temperature)
   logits = _as_float32(logits, 'logits')
   teacher = jax.lax.stop_gradient(_as_float32(teacher_logits, 'teacher_logits'))
   _check_shapes(logits=logits, teacher_logits=teacher)

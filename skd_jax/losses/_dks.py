@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._soft_targets import _as_float32
-from skd_jax.losses._soft_targets import _check_number
 from skd_jax.losses._soft_targets import _check_shapes
+from skd_jax.losses._soft_targets import _check_temperature
 
 
 def dks_loss(
@@ -67,7 +67,7 @@ def dks_loss(
   """
   if not head_logits:
     raise ValueError('head_logits: expected at least one auxiliary branch')
-  _check_number(temperature, 'temperature', low=0, open_low=True)
+  _check_temperature(temperature)
   final = _as_float32(logits, 'logits')
   targets = _as_float32(one_hot, 'one_hot')
   _check_shapes(one_hot=targets, logits=final)

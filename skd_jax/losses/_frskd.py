@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._soft_targets import _as_float32
-from skd_jax.losses._soft_targets import _check_number
 from skd_jax.losses._soft_targets import _check_shapes
+from skd_jax.losses._soft_targets import _check_temperature
 
 
 def frskd_attention_map(features: jax.typing.ArrayLike) -> jax.Array:
@@ -97,7 +97,7 @@ def frskd_loss(
   Raises:
     ValueError: on shape mismatches or an empty or unequal number of feature maps.
   """
-  _check_number(temperature, 'temperature', low=0, open_low=True)
+  _check_temperature(temperature)
   z, z_t = _as_float32(logits, 'logits'), _as_float32(teacher_logits, 'teacher_logits')
   targets = _as_float32(one_hot, 'one_hot')
   _check_shapes(logits=z, teacher_logits=z_t, one_hot=targets)

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._soft_targets import _as_float32
-from skd_jax.losses._soft_targets import _check_number
 from skd_jax.losses._soft_targets import _check_shapes
+from skd_jax.losses._soft_targets import _check_temperature
 
 
 def sd_dropout_loss(
@@ -46,7 +46,7 @@ def sd_dropout_loss(
   Returns:
     ``[B]`` float32 per-example losses.
   """
-  _check_number(temperature, 'temperature', low=0, open_low=True)
+  _check_temperature(temperature)
   logits_u, logits_v = _as_float32(logits_u, 'logits_u'), _as_float32(logits_v, 'logits_v')
   _check_shapes(logits_u=logits_u, logits_v=logits_v)
   log_u = jax.nn.log_softmax(logits_u / temperature, axis=-1)

@@ -51,6 +51,11 @@ def _check_number(
     raise ValueError(f'{name}: expected a number in {interval}, got {value!r}')
 
 
+def _check_temperature(temperature) -> None:
+  """A ValueError unless a concrete ``temperature`` is > 0 (at 0 every softened loss is NaN)."""
+  _check_number(temperature, 'temperature', low=0, open_low=True)
+
+
 def _check_shapes(**arrays: jax.Array) -> None:
   """A ValueError naming the arguments (keywords, in order) unless all have one shape."""
   shapes = [f'{name} {tuple(x.shape)}' for name, x in arrays.items()]

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 
 from skd_jax.losses._soft_targets import _as_float32
-from skd_jax.losses._soft_targets import _check_number
 from skd_jax.losses._soft_targets import _check_shapes
+from skd_jax.losses._soft_targets import _check_temperature
 
 
 def tfkd_reg_targets(
@@ -38,7 +38,7 @@ def tfkd_reg_targets(
   Returns:
     ``[..., C]`` float32 target distributions.
   """
-  _check_number(temperature, 'temperature', low=0, open_low=True)
+  _check_temperature(temperature)
   labels = _as_float32(labels, 'labels')
   num_classes = labels.shape[-1]
   u = correct_prob * labels + (1.0 - correct_prob) / (num_classes - 1) * (1.0 - labels)
@@ -83,7 +83,7 @@ def tfkd_reg_loss(
   Returns:
     ``[B]`` float32 per-example loss.
   """
-  _check_number(temperature, 'temperature', low=0, open_low=True)
+  _check_temperature(temperature)
   logits, labels = _as_float32(logits, 'logits'), _as_float32(labels, 'labels')
   _check_shapes(logits=logits, labels=labels)
   num_classes = labels.shape[-1]
